@@ -1,0 +1,18 @@
+//! Generates the wire types and gRPC stubs from `api/*.proto` — the only
+//! source of wire types in the workspace.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // PROTOC comes from .cargo/config.toml (scripts/protoc, the vendored binary);
+    // fail early with a clear message if it cannot be found.
+    protoc_bin_vendored::protoc_bin_path()?;
+    let api = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../api");
+    let protos =
+        ["protocol.proto", "logic.proto", "conn.proto", "queue.proto"].map(|p| api.join(p));
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    tonic_prost_build::configure()
+        .bytes(".")
+        .compile_protos(&protos, &[api])?;
+    Ok(())
+}

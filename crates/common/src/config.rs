@@ -1,0 +1,324 @@
+//! Typed configuration: one TOML per service, every key overridable from the
+//! environment, loaded once at start-up and passed down.
+//!
+//! Layering, lowest first: the service's built-in defaults (a TOML string
+//! compiled into the binary), the file named on the command line (or by
+//! `CHATROOM_CONFIG`), then environment variables `CHATROOM__SECTION__KEY`
+//! (for example `CHATROOM__WS__ADDR=0.0.0.0:8080`). A bad or missing value
+//! stops the process with an error naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Environment variable prefix for overrides.
+pub const ENV_PREFIX: &str = "CHATROOM";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config key `{key}`: {msg}")]
+    Invalid { key: String, msg: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, msg: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Implemented by every service config: checks what serde cannot (ranges,
+/// non-empty lists), naming the offending key.
+pub trait Validate {
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Loads `T` from built-in `defaults`, an optional file and the environment.
+pub fn load<T: DeserializeOwned + Validate>(
+    defaults: &str,
+    file: Option<&Path>,
+) -> Result<T, ConfigError> {
+    load_with_env(defaults, file, std::env::vars())
+}
+
+/// Like [`load`], with the environment given explicitly (tests).
+pub fn load_with_env<T: DeserializeOwned + Validate>(
+    defaults: &str,
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
+    if let Some(file) = file {
+        builder = builder.add_source(
+            config::File::from(file)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    let env: config::Map<String, String> = env.into_iter().collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("discovery.endpoints")
+            .with_list_parse_key("discovery.logic")
+            .with_list_parse_key("discovery.conn")
+            .with_list_parse_key("queue.nsqd_tcp_addresses")
+            .with_list_parse_key("queue.lookupd_http_addresses")
+            .try_parsing(true)
+            .source(Some(env)),
+    );
+    let cfg: T = builder.build()?.try_deserialize()?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The config file named by `--config PATH` or `CHATROOM_CONFIG`, if any.
+pub fn file_from_args() -> Option<PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--config" || a == "-c" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    std::env::var_os("CHATROOM_CONFIG").map(PathBuf::from)
+}
+
+/// Identity of this node in the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique node id; empty means "derive from host name and pid".
+    #[serde(default)]
+    pub id: String,
+}
+
+impl NodeConfig {
+    /// The configured id, or `<prefix>-<host>-<pid>` when none was given.
+    pub fn id_or(&self, prefix: &str) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{prefix}-{host}-{}", std::process::id())
+    }
+}
+
+/// Where logs go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Folder of `live.log` (daily rolling); empty: stdout only.
+    pub dir: PathBuf,
+    /// Default filter when `RUST_LOG` is not set (EnvFilter syntax).
+    pub level: String,
+}
+
+/// A gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub addr: SocketAddr,
+    /// Address other nodes dial (`host:port`); default: `addr`.
+    #[serde(default)]
+    pub advertise: String,
+}
+
+impl GrpcConfig {
+    /// The `http://host:port` URI other nodes should use to reach this one,
+    /// given the address the listener actually bound.
+    pub fn advertise_uri(&self, bound: SocketAddr) -> String {
+        if self.advertise.is_empty() {
+            format!("http://{bound}")
+        } else if self.advertise.starts_with("http://") {
+            self.advertise.clone()
+        } else {
+            format!("http://{}", self.advertise)
+        }
+    }
+}
+
+/// How nodes find each other.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DiscoveryConfig {
+    /// Fixed addresses (`http://host:port`), for standalone and small setups.
+    Static {
+        #[serde(default)]
+        logic: Vec<String>,
+        #[serde(default)]
+        conn: Vec<String>,
+    },
+    /// etcd: nodes register under `<prefix>/<service>/<id>` with a lease.
+    Etcd {
+        endpoints: Vec<String>,
+        #[serde(default = "default_etcd_prefix")]
+        prefix: String,
+        #[serde(default = "default_lease_ttl")]
+        lease_ttl_secs: u64,
+    },
+}
+
+fn default_etcd_prefix() -> String {
+    "/chatroom".into()
+}
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+impl Validate for DiscoveryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            DiscoveryConfig::Static { .. } => Ok(()),
+            DiscoveryConfig::Etcd {
+                endpoints,
+                prefix,
+                lease_ttl_secs,
+            } => {
+                if endpoints.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "discovery.endpoints",
+                        "at least one etcd endpoint is needed",
+                    ));
+                }
+                if prefix.is_empty() || !prefix.starts_with('/') {
+                    return Err(ConfigError::invalid(
+                        "discovery.prefix",
+                        "must start with '/'",
+                    ));
+                }
+                if !(2..=3600).contains(lease_ttl_secs) {
+                    return Err(ConfigError::invalid(
+                        "discovery.lease_ttl_secs",
+                        "must be 2..=3600",
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The message queue between logic and job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum QueueConfig {
+    /// In-process queue (standalone only: logic and job share one process).
+    Memory {
+        #[serde(default = "default_memory_capacity")]
+        capacity: usize,
+    },
+    /// NSQ: logic publishes to nsqd over TCP; job subscribes through
+    /// nsqlookupd (or straight to nsqd addresses).
+    Nsq {
+        #[serde(default = "default_topic")]
+        topic: String,
+        #[serde(default = "default_channel")]
+        channel: String,
+        #[serde(default)]
+        nsqd_tcp_addresses: Vec<String>,
+        #[serde(default)]
+        lookupd_http_addresses: Vec<String>,
+        #[serde(default = "default_max_in_flight")]
+        max_in_flight: u32,
+    },
+}
+
+fn default_memory_capacity() -> usize {
+    65_536
+}
+fn default_topic() -> String {
+    "chatroom-room".into()
+}
+fn default_channel() -> String {
+    "job".into()
+}
+fn default_max_in_flight() -> u32 {
+    256
+}
+
+impl Validate for QueueConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            QueueConfig::Memory { capacity } => {
+                if *capacity == 0 {
+                    return Err(ConfigError::invalid("queue.capacity", "must be > 0"));
+                }
+            }
+            QueueConfig::Nsq {
+                topic,
+                channel,
+                nsqd_tcp_addresses,
+                lookupd_http_addresses,
+                max_in_flight,
+            } => {
+                if !crate::nsq::valid_name(topic) {
+                    return Err(ConfigError::invalid(
+                        "queue.topic",
+                        "1-64 chars of [.a-zA-Z0-9_-]",
+                    ));
+                }
+                if !crate::nsq::valid_name(channel) {
+                    return Err(ConfigError::invalid(
+                        "queue.channel",
+                        "1-64 chars of [.a-zA-Z0-9_-]",
+                    ));
+                }
+                if nsqd_tcp_addresses.is_empty() && lookupd_http_addresses.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "queue.nsqd_tcp_addresses",
+                        "give nsqd_tcp_addresses or lookupd_http_addresses",
+                    ));
+                }
+                if *max_in_flight == 0 {
+                    return Err(ConfigError::invalid("queue.max_in_flight", "must be > 0"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// JWT settings shared by whoever issues or checks tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// HMAC secret (HS256).
+    pub secret: String,
+    /// Lifetime of issued tokens.
+    pub ttl_secs: u64,
+}
+
+impl Validate for TokenConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret.len() < 16 {
+            return Err(ConfigError::invalid(
+                "token.secret",
+                "must be at least 16 bytes",
+            ));
+        }
+        if self.ttl_secs == 0 {
+            return Err(ConfigError::invalid("token.ttl_secs", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds from config as a `Duration`.
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}

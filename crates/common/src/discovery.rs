@@ -1,0 +1,393 @@
+//! Service discovery: who the live conn and logic nodes are.
+//!
+//! With etcd, a node puts `<prefix>/<service>/<id>` = `<uri>` under a lease it
+//! keeps alive; when the process dies the lease ends and the key disappears,
+//! and every watcher drops the node. With static discovery the addresses come
+//! from config and never change (standalone).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::DiscoveryConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd endpoints unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// The kinds of node that register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    Conn,
+    Logic,
+}
+
+impl Service {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Conn => "conn",
+            Service::Logic => "logic",
+        }
+    }
+}
+
+/// One live node: its id and the URI (`http://host:port`) of its gRPC server.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Node {
+    pub id: String,
+    pub uri: String,
+}
+
+/// The set of live nodes of one service, kept current in the background.
+pub type NodesRx = watch::Receiver<Vec<Node>>;
+
+/// Discovery backend chosen by config.
+#[derive(Clone)]
+pub enum Discovery {
+    Static {
+        logic: Vec<String>,
+        conn: Vec<String>,
+    },
+    Etcd(EtcdDiscovery),
+}
+
+#[derive(Clone)]
+pub struct EtcdDiscovery {
+    client: Client,
+    prefix: String,
+    ttl: i64,
+}
+
+impl Discovery {
+    pub async fn connect(cfg: &DiscoveryConfig) -> Result<Self, DiscoveryError> {
+        match cfg {
+            DiscoveryConfig::Static { logic, conn } => Ok(Discovery::Static {
+                logic: logic.clone(),
+                conn: conn.clone(),
+            }),
+            DiscoveryConfig::Etcd {
+                endpoints,
+                prefix,
+                lease_ttl_secs,
+            } => {
+                let opts = etcd_client::ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout(Duration::from_secs(5));
+                let client = Client::connect(endpoints.clone(), Some(opts)).await?;
+                // Fail at start-up, not at first use, when etcd is down.
+                let mut probe = client.clone();
+                tokio::time::timeout(Duration::from_secs(5), probe.status())
+                    .await
+                    .map_err(|_| DiscoveryError::Unreachable(endpoints.join(",")))??;
+                Ok(Discovery::Etcd(EtcdDiscovery {
+                    client,
+                    prefix: prefix.trim_end_matches('/').to_string(),
+                    ttl: *lease_ttl_secs as i64,
+                }))
+            }
+        }
+    }
+
+    /// Announces this node until `shutdown` fires or [`Registration::deregister`].
+    /// Static discovery has nothing to announce.
+    pub async fn register(
+        &self,
+        service: Service,
+        node: Node,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Registration, DiscoveryError> {
+        match self {
+            Discovery::Static { .. } => Ok(Registration { inner: None }),
+            Discovery::Etcd(e) => e.register(service, node, tracker, shutdown).await,
+        }
+    }
+
+    /// The live nodes of `service`, updated until `shutdown`.
+    pub async fn watch(
+        &self,
+        service: Service,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<NodesRx, DiscoveryError> {
+        match self {
+            Discovery::Static { logic, conn } => {
+                let list = match service {
+                    Service::Logic => logic,
+                    Service::Conn => conn,
+                };
+                let nodes = list
+                    .iter()
+                    .map(|u| Node {
+                        id: u.clone(),
+                        uri: normalize_uri(u),
+                    })
+                    .collect();
+                let (tx, rx) = watch::channel(nodes);
+                // Keep the sender alive for as long as the service runs, so
+                // receivers never see a closed channel.
+                tracker.spawn(async move {
+                    shutdown.cancelled().await;
+                    drop(tx);
+                });
+                Ok(rx)
+            }
+            Discovery::Etcd(e) => e.watch(service, tracker, shutdown).await,
+        }
+    }
+}
+
+fn normalize_uri(u: &str) -> String {
+    if u.starts_with("http://") || u.starts_with("https://") {
+        u.to_string()
+    } else {
+        format!("http://{u}")
+    }
+}
+
+/// A live registration; dropping it without `deregister` leaves the key to
+/// expire with its lease.
+pub struct Registration {
+    inner: Option<(CancellationToken, tokio::sync::oneshot::Receiver<()>)>,
+}
+
+impl Registration {
+    /// Removes the key now (revokes the lease) and waits until that is done.
+    pub async fn deregister(self) {
+        if let Some((stop, done)) = self.inner {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(3), done).await;
+        }
+    }
+}
+
+impl EtcdDiscovery {
+    fn key_prefix(&self, service: Service) -> String {
+        format!("{}/{}/", self.prefix, service.as_str())
+    }
+
+    async fn register(
+        &self,
+        service: Service,
+        node: Node,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Registration, DiscoveryError> {
+        let key = format!("{}{}", self.key_prefix(service), node.id);
+        let mut client = self.client.clone();
+        let lease = put_with_lease(&mut client, &key, &node.uri, self.ttl).await?;
+        info!(%key, uri = %node.uri, lease, ttl = self.ttl, "registered in etcd");
+        let stop = shutdown.child_token();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let ttl = self.ttl;
+        let stop2 = stop.clone();
+        tracker.spawn(async move {
+            keep_alive(client, key, node.uri, ttl, lease, stop2).await;
+            let _ = done_tx.send(());
+        });
+        Ok(Registration {
+            inner: Some((stop, done_rx)),
+        })
+    }
+
+    async fn watch(
+        &self,
+        service: Service,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<NodesRx, DiscoveryError> {
+        let prefix = self.key_prefix(service);
+        let mut client = self.client.clone();
+        let (nodes, rev) = list(&mut client, &prefix).await?;
+        let (tx, rx) = watch::channel(to_vec(&nodes));
+        tracker.spawn(watch_loop(client, prefix, nodes, rev, tx, shutdown));
+        Ok(rx)
+    }
+}
+
+async fn put_with_lease(
+    client: &mut Client,
+    key: &str,
+    value: &str,
+    ttl: i64,
+) -> Result<i64, DiscoveryError> {
+    let lease = client.lease_grant(ttl, None).await?.id();
+    client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    Ok(lease)
+}
+
+/// Renews the lease every ttl/3; if the lease is lost (etcd restarted, a long
+/// pause), registers again. Revokes the lease when stopped.
+async fn keep_alive(
+    mut client: Client,
+    key: String,
+    uri: String,
+    ttl: i64,
+    mut lease: i64,
+    stop: CancellationToken,
+) {
+    let period = Duration::from_millis((ttl as u64 * 1000 / 3).max(500));
+    loop {
+        match client.lease_keep_alive(lease).await {
+            Ok((mut keeper, mut stream)) => loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        match client.lease_revoke(lease).await {
+                            Ok(_) => info!(%key, "deregistered from etcd"),
+                            Err(e) => warn!(%key, error = %e, "lease revoke failed; key expires with its lease"),
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(period) => {}
+                }
+                if let Err(e) = keeper.keep_alive().await {
+                    warn!(%key, error = %e, "lease keep-alive send failed");
+                    break;
+                }
+                match stream.message().await {
+                    Ok(Some(resp)) if resp.ttl() > 0 => {
+                        debug!(%key, ttl = resp.ttl(), "lease renewed")
+                    }
+                    Ok(_) => {
+                        warn!(%key, "lease expired; registering again");
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(%key, error = %e, "lease keep-alive failed");
+                        break;
+                    }
+                }
+            },
+            Err(e) => warn!(%key, error = %e, "lease keep-alive could not start"),
+        }
+        // Re-register with a fresh lease, retrying until stopped.
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match put_with_lease(&mut client, &key, &uri, ttl).await {
+                Ok(l) => {
+                    lease = l;
+                    info!(%key, lease, "registered in etcd again");
+                    break;
+                }
+                Err(e) => warn!(%key, error = %e, "etcd registration failed; retrying"),
+            }
+        }
+    }
+}
+
+async fn list(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(BTreeMap<String, String>, i64), DiscoveryError> {
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let mut nodes = BTreeMap::new();
+    for kv in resp.kvs() {
+        if let (Ok(k), Ok(v)) = (kv.key_str(), kv.value_str()) {
+            nodes.insert(k.trim_start_matches(prefix).to_string(), v.to_string());
+        }
+    }
+    Ok((nodes, rev))
+}
+
+fn to_vec(nodes: &BTreeMap<String, String>) -> Vec<Node> {
+    nodes
+        .iter()
+        .map(|(id, uri)| Node {
+            id: id.clone(),
+            uri: uri.clone(),
+        })
+        .collect()
+}
+
+/// Follows the prefix; on any watch failure lists again and resumes, so a
+/// flaky etcd never leaves a stale view for long.
+async fn watch_loop(
+    mut client: Client,
+    prefix: String,
+    mut nodes: BTreeMap<String, String>,
+    mut rev: i64,
+    tx: watch::Sender<Vec<Node>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        match client.watch(prefix.as_str(), Some(opts)).await {
+            Ok(mut stream) => loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                match msg {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            warn!(%prefix, reason = resp.cancel_reason(), "etcd watch cancelled");
+                            break;
+                        }
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            rev = rev.max(kv.mod_revision());
+                            let id = kv
+                                .key_str()
+                                .unwrap_or_default()
+                                .trim_start_matches(prefix.as_str())
+                                .to_string();
+                            match ev.event_type() {
+                                EventType::Put => {
+                                    let uri = kv.value_str().unwrap_or_default().to_string();
+                                    info!(%prefix, %id, %uri, "node up");
+                                    nodes.insert(id, uri);
+                                }
+                                EventType::Delete => {
+                                    info!(%prefix, %id, "node gone");
+                                    nodes.remove(&id);
+                                }
+                            }
+                        }
+                        let _ = tx.send(to_vec(&nodes));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(%prefix, error = %e, "etcd watch failed");
+                        break;
+                    }
+                }
+            },
+            Err(e) => warn!(%prefix, error = %e, "etcd watch could not start"),
+        }
+        // Resync from a fresh listing.
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match list(&mut client, &prefix).await {
+                Ok((n, r)) => {
+                    nodes = n;
+                    rev = r;
+                    let _ = tx.send(to_vec(&nodes));
+                    break;
+                }
+                Err(e) => warn!(%prefix, error = %e, "etcd list failed; retrying"),
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Test doubles and helpers for the cluster tests.
