@@ -1,1 +1,23 @@
-fn main() {}
+//! chatroom-conn: loads config, sets up logging, serves until SIGTERM/ctrl-c.
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let file = chatroom_common::config::file_from_args();
+    let cfg: chatroom_conn::ConnConfig =
+        chatroom_common::config::load(include_str!("default.toml"), file.as_deref()).context("loading config")?;
+    let _log = chatroom_common::telemetry::init("conn", &cfg.log)?;
+    let listeners = chatroom_conn::Listeners::bind(&cfg)
+        .await
+        .with_context(|| format!("binding {} / {}", cfg.ws.addr, cfg.grpc.addr))?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        chatroom_common::stop_signal().await;
+        stop.cancel();
+    });
+    chatroom_conn::run(cfg, listeners, shutdown).await?;
+    Ok(())
+}

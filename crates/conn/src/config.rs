@@ -1,0 +1,110 @@
+//! conn's typed configuration (see `default.toml` for every key).
+
+use std::net::SocketAddr;
+
+use chatroom_common::config::{ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnConfig {
+    pub node: NodeConfig,
+    pub log: LogConfig,
+    pub ws: WsConfig,
+    pub grpc: GrpcConfig,
+    pub discovery: DiscoveryConfig,
+    /// Session shards; more buckets, less lock contention on push.
+    pub buckets: usize,
+    /// How often per-room counts go to logic (and cluster totals come back).
+    pub report_online_ms: u64,
+    /// How long shutdown waits for sessions and pushes to finish.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsConfig {
+    pub addr: SocketAddr,
+    /// Concurrent connections; more are refused at accept.
+    pub max_connections: usize,
+    /// Largest client frame/message accepted.
+    pub max_frame_bytes: usize,
+    /// Initial read buffer per connection (tungstenite's default is 128 KiB).
+    pub read_buffer_bytes: usize,
+    /// Bytes buffered before a write is flushed to the socket.
+    pub write_buffer_bytes: usize,
+    /// Hard cap on a connection's unsent bytes.
+    pub max_write_buffer_bytes: usize,
+    /// Outbound frames queued per session; past this NORMAL pushes are dropped.
+    pub send_queue: usize,
+    /// A client must sign in within this time.
+    pub sign_in_timeout_ms: u64,
+    /// Fallback heartbeat period if logic does not name one.
+    pub heartbeat_secs: u64,
+    /// Missed heartbeat periods before a silent client is closed.
+    pub heartbeat_misses: u32,
+    /// Server-side WebSocket ping period.
+    pub ping_secs: u64,
+}
+
+impl Validate for ConnConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let w = &self.ws;
+        let checks: [(&str, bool, &str); 10] = [
+            ("ws.max_connections", w.max_connections > 0, "must be > 0"),
+            ("ws.max_frame_bytes", (64..=16 << 20).contains(&w.max_frame_bytes), "must be 64..=16777216"),
+            ("ws.read_buffer_bytes", (256..=1 << 20).contains(&w.read_buffer_bytes), "must be 256..=1048576"),
+            (
+                "ws.max_write_buffer_bytes",
+                w.max_write_buffer_bytes > w.write_buffer_bytes,
+                "must be > ws.write_buffer_bytes",
+            ),
+            ("ws.send_queue", (1..=65_536).contains(&w.send_queue), "must be 1..=65536"),
+            ("ws.sign_in_timeout_ms", w.sign_in_timeout_ms > 0, "must be > 0"),
+            ("ws.heartbeat_secs", w.heartbeat_secs > 0, "must be > 0"),
+            ("ws.heartbeat_misses", w.heartbeat_misses > 0, "must be > 0"),
+            ("buckets", (1..=4096).contains(&self.buckets), "must be 1..=4096"),
+            ("report_online_ms", self.report_online_ms >= 100, "must be >= 100"),
+        ];
+        for (key, ok, msg) in checks {
+            if !ok {
+                return Err(ConfigError::invalid(key, msg));
+            }
+        }
+        if w.ping_secs == 0 {
+            return Err(ConfigError::invalid("ws.ping_secs", "must be > 0"));
+        }
+        self.discovery.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<ConnConfig, ConfigError> {
+        chatroom_common::config::load_with_env(
+            include_str!("default.toml"),
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_load_and_env_overrides() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.ws.addr.port(), 8080);
+        let c = load(&[("CHATROOM__WS__ADDR", "127.0.0.1:9999"), ("CHATROOM__WS__SEND_QUEUE", "8")]).unwrap();
+        assert_eq!((c.ws.addr.port(), c.ws.send_queue), (9999, 8));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = load(&[("CHATROOM__WS__SEND_QUEUE", "0")]).unwrap_err().to_string();
+        assert!(e.contains("ws.send_queue"), "{e}");
+        let e = load(&[("CHATROOM__WS__ADDR", "nonsense")]).unwrap_err().to_string();
+        assert!(e.contains("ws.addr") || e.contains("addr"), "{e}");
+        let e = load(&[("CHATROOM__BUCKETS", "0")]).unwrap_err().to_string();
+        assert!(e.contains("buckets"), "{e}");
+    }
+}

@@ -1,0 +1,85 @@
+//! The client protocol's frames: decoding `Req`, encoding `Reply`, and the
+//! `Err` codes conn answers with.
+
+use bytes::Bytes;
+use chatroom_common::proto::protocol::{BroadcastRoomReq, Err, MsgLevel, PackageType, Reply};
+use prost::Message;
+
+/// `Err.code` values. 0 and 100 are the seed's; the rest borrow the meaning
+/// of the HTTP status with the same number.
+pub mod code {
+    pub const OK: i32 = 0;
+    /// Not signed in, or the token was refused.
+    pub const LOGIN_NEEDED: i32 = 100;
+    /// Undecodable frame, text frame, empty room id.
+    pub const BAD_REQUEST: i32 = 400;
+    /// The session is not in the room it addressed.
+    pub const FORBIDDEN: i32 = 403;
+    /// Unknown `PackageType`.
+    pub const UNKNOWN_TYPE: i32 = 404;
+    /// A second SIGN_IN on a signed-in session.
+    pub const CONFLICT: i32 = 409;
+    /// Frame over `ws.max_frame_bytes`.
+    pub const TOO_LARGE: i32 = 413;
+    /// logic is unreachable or failed.
+    pub const UNAVAILABLE: i32 = 503;
+}
+
+/// `Reply{type, data}` encoded.
+pub fn reply(kind: PackageType, data: impl Into<Bytes>) -> Bytes {
+    Reply {
+        r#type: kind as i32,
+        data: data.into(),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// `Reply{UNKNOWN, Err{code, msg}}` encoded.
+pub fn err(code: i32, msg: impl Into<String>) -> Bytes {
+    let e = Err { code, msg: msg.into() };
+    reply(PackageType::Unknown, e.encode_to_vec())
+}
+
+/// The pushed frame for a merged batch: built once per push and shared by
+/// every session of the room.
+pub fn room_batch(room_id: &str, level: MsgLevel, batch: Bytes) -> Bytes {
+    let inner = BroadcastRoomReq {
+        room_id: room_id.to_string(),
+        msg_lv: level as i32,
+        data: batch,
+    };
+    reply(PackageType::Message, inner.encode_to_vec())
+}
+
+/// Human name of a raw package type, for error messages and logs.
+pub fn type_name(raw: i32) -> String {
+    PackageType::try_from(raw)
+        .map(|t| t.as_str_name().to_string())
+        .unwrap_or_else(|_| format!("unknown({raw})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn err_round_trip() {
+        let b = err(code::LOGIN_NEEDED, "login needed");
+        let r = Reply::decode(b).unwrap();
+        assert_eq!(r.r#type, PackageType::Unknown as i32);
+        let e = Err::decode(r.data).unwrap();
+        assert_eq!((e.code, e.msg.as_str()), (100, "login needed"));
+    }
+
+    #[test]
+    fn batch_frame_carries_room_level_and_data() {
+        let data = chatroom_common::batch::encode([&b"a"[..], b"bc"]);
+        let r = Reply::decode(room_batch("r1", MsgLevel::Important, data.clone())).unwrap();
+        assert_eq!(r.r#type, PackageType::Message as i32);
+        let m = BroadcastRoomReq::decode(r.data).unwrap();
+        assert_eq!((m.room_id.as_str(), m.msg_lv, m.data), ("r1", 1, data));
+        assert_eq!(type_name(3), "MESSAGE");
+        assert_eq!(type_name(42), "unknown(42)");
+    }
+}

@@ -1,0 +1,143 @@
+//! gRPC clients for the live logic nodes, kept in step with discovery and
+//! used round-robin; a call that finds a node unreachable tries the next one.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chatroom_common::discovery::{Node, NodesRx};
+use chatroom_common::proto::logic::logic_client::LogicClient;
+use chatroom_common::proto::logic::{
+    HeartbeatReply, HeartbeatReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply, SignInReq,
+    SignOutReply, SignOutReq,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{info, warn};
+
+type Client = LogicClient<Channel>;
+
+pub struct LogicPool {
+    state: Mutex<State>,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+struct State {
+    rx: NodesRx,
+    clients: Vec<(Node, Client)>,
+}
+
+impl LogicPool {
+    pub fn new(rx: NodesRx, timeout: Duration) -> Self {
+        let pool = LogicPool {
+            state: Mutex::new(State { rx, clients: vec![] }),
+            next: AtomicUsize::new(0),
+            timeout,
+        };
+        pool.refresh(true);
+        pool
+    }
+
+    /// Rebuilds the client list when discovery changed; channels to nodes
+    /// that stay are kept.
+    fn refresh(&self, force: bool) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !force && !st.rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let nodes = st.rx.borrow_and_update().clone();
+        let mut clients = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            if let Some((_, c)) = st.clients.iter().find(|(n, _)| *n == node) {
+                clients.push((node, c.clone()));
+                continue;
+            }
+            match Endpoint::from_shared(node.uri.clone()) {
+                Ok(ep) => {
+                    let ch = ep
+                        .connect_timeout(Duration::from_secs(2))
+                        .timeout(self.timeout)
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    info!(id = %node.id, uri = %node.uri, "logic node added");
+                    clients.push((node, LogicClient::new(ch)));
+                }
+                Err(e) => warn!(id = %node.id, uri = %node.uri, error = %e, "bad logic node uri"),
+            }
+        }
+        st.clients = clients;
+    }
+
+    fn pick(&self, skip: usize) -> Option<(usize, Client)> {
+        self.refresh(false);
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.clients.is_empty() {
+            return None;
+        }
+        let i = (self.next.fetch_add(1, Ordering::Relaxed) + skip) % st.clients.len();
+        Some((st.clients.len(), st.clients[i].1.clone()))
+    }
+
+    /// Runs `f` on a logic node; on `Unavailable` retries once on another.
+    async fn call<R, F, Fut>(&self, f: F) -> Result<R, Status>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let Some((n, c)) = self.pick(0) else {
+            return Err(Status::unavailable("no logic node is known"));
+        };
+        match f(c).await {
+            Err(s) if s.code() == Code::Unavailable && n > 1 => {
+                warn!(error = %s.message(), "logic node unavailable; trying another");
+                let Some((_, c)) = self.pick(1) else {
+                    return Err(s);
+                };
+                f(c).await
+            }
+            r => r,
+        }
+        .map(tonic::Response::into_inner)
+    }
+
+    pub async fn sign_in(&self, req: SignInReq) -> Result<SignInReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.sign_in(req).await }
+        })
+        .await
+    }
+
+    pub async fn sign_out(&self, req: SignOutReq) -> Result<SignOutReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.sign_out(req).await }
+        })
+        .await
+    }
+
+    pub async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.heartbeat(req).await }
+        })
+        .await
+    }
+
+    pub async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.receive(req).await }
+        })
+        .await
+    }
+
+    pub async fn report_online(&self, req: ReportOnlineReq) -> Result<ReportOnlineReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.report_online(req).await }
+        })
+        .await
+    }
+}

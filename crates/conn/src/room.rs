@@ -1,0 +1,92 @@
+//! A room's members within one bucket, and the outbound handle of a session
+//! that pushes go through.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chatroom_common::proto::protocol::MsgLevel;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What a session's writer task sends.
+#[derive(Debug)]
+pub enum Outbound {
+    /// An encoded `Reply`, shared by every session it goes to.
+    Frame(Bytes),
+    /// Send a close frame with this code and reason, then stop.
+    Close(u16, &'static str),
+}
+
+/// The push side of a session: its bounded queue and a switch to end it.
+#[derive(Debug)]
+pub struct SessionTx {
+    pub id: u64,
+    pub tx: mpsc::Sender<Outbound>,
+    /// Cancelled to disconnect the session (slow consumer, shutdown).
+    pub kill: CancellationToken,
+}
+
+/// Counts from one push, summed over buckets.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PushStats {
+    pub delivered: u32,
+    /// NORMAL frames dropped because the session's queue was full.
+    pub dropped: u32,
+    /// Sessions disconnected because an IMPORTANT frame did not fit.
+    pub disconnected: u32,
+}
+
+impl std::ops::AddAssign for PushStats {
+    fn add_assign(&mut self, o: Self) {
+        self.delivered += o.delivered;
+        self.dropped += o.dropped;
+        self.disconnected += o.disconnected;
+    }
+}
+
+/// Members of one room in one bucket.
+#[derive(Debug, Default)]
+pub struct Room {
+    members: HashMap<u64, Arc<SessionTx>>,
+}
+
+impl Room {
+    pub fn insert(&mut self, s: Arc<SessionTx>) {
+        self.members.insert(s.id, s);
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        self.members.remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Queues `frame` on every member without ever waiting: a full queue
+    /// drops a NORMAL frame, and disconnects the session for an IMPORTANT one
+    /// (it is too slow to be trusted with messages that must arrive).
+    pub fn push(&self, frame: &Bytes, level: MsgLevel) -> PushStats {
+        let mut st = PushStats::default();
+        for s in self.members.values() {
+            match s.tx.try_send(Outbound::Frame(frame.clone())) {
+                Ok(()) => st.delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => match level {
+                    MsgLevel::Normal => st.dropped += 1,
+                    MsgLevel::Important => {
+                        st.disconnected += 1;
+                        s.kill.cancel();
+                    }
+                },
+                // The session is ending; it leaves the room by itself.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        st
+    }
+}
