@@ -1,1 +1,3 @@
 //! Test doubles and helpers for the cluster tests.
+pub mod client;
+pub mod http;

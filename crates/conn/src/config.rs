@@ -5,6 +5,25 @@ use std::net::SocketAddr;
 use chatroom_common::config::{ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate};
 use serde::Deserialize;
 
+/// Every key with its default; the base layer of every conn config.
+pub const DEFAULTS: &str = include_str!("default.toml");
+
+impl ConnConfig {
+    /// Defaults, then the optional file, then the process environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        chatroom_common::config::load(DEFAULTS, file)
+    }
+
+    /// Defaults plus explicit `CHATROOM__...` overrides only (tests, embedding).
+    pub fn from_overrides<'a>(overrides: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, ConfigError> {
+        chatroom_common::config::load_with_env(
+            DEFAULTS,
+            None,
+            overrides.into_iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnConfig {
@@ -83,11 +102,7 @@ mod tests {
     use super::*;
 
     fn load(env: &[(&str, &str)]) -> Result<ConnConfig, ConfigError> {
-        chatroom_common::config::load_with_env(
-            include_str!("default.toml"),
-            None,
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+        ConnConfig::from_overrides(env.iter().copied())
     }
 
     #[test]

@@ -6,8 +6,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let file = chatroom_common::config::file_from_args();
-    let cfg: chatroom_conn::ConnConfig =
-        chatroom_common::config::load(include_str!("default.toml"), file.as_deref()).context("loading config")?;
+    let cfg = chatroom_conn::ConnConfig::load(file.as_deref()).context("loading config")?;
     let _log = chatroom_common::telemetry::init("conn", &cfg.log)?;
     let listeners = chatroom_conn::Listeners::bind(&cfg)
         .await

@@ -1,0 +1,190 @@
+//! A protobuf WebSocket client speaking the seed's protocol, for tests.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use chatroom_common::proto::protocol::{BroadcastRoomReq, Err, MsgLevel, PackageType, Reply, Req, SignIn};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a client read.
+#[derive(Debug)]
+pub enum Event {
+    Reply(Reply),
+    Closed(Option<CloseFrame>),
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> anyhow::Result<Client> {
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url))
+            .await
+            .context("connect timed out")??;
+        Ok(Client { ws })
+    }
+
+    pub async fn send_req(&mut self, kind: PackageType, data: impl Into<Bytes>) -> anyhow::Result<()> {
+        let req = Req {
+            r#type: kind as i32,
+            data: data.into(),
+        };
+        self.send_raw(req.encode_to_vec()).await
+    }
+
+    pub async fn send_raw(&mut self, bytes: impl Into<Bytes>) -> anyhow::Result<()> {
+        self.ws.send(Message::Binary(bytes.into())).await?;
+        Ok(())
+    }
+
+    /// Signs in and returns the `Err` answer (code 0 on success).
+    pub async fn sign_in(&mut self, token: &str, room: &str) -> anyhow::Result<Err> {
+        let s = SignIn {
+            token: token.into(),
+            room_id: room.into(),
+        };
+        self.send_req(PackageType::SignIn, s.encode_to_vec()).await?;
+        self.expect_err().await
+    }
+
+    /// Connects and signs in, failing unless the answer is code 0.
+    pub async fn signed_in(url: &str, token: &str, room: &str) -> anyhow::Result<Client> {
+        let mut c = Client::connect(url).await?;
+        let e = c.sign_in(token, room).await?;
+        if e.code != 0 {
+            bail!("sign-in refused: {} {}", e.code, e.msg);
+        }
+        Ok(c)
+    }
+
+    pub async fn send_message(&mut self, room: &str, level: MsgLevel, data: &[u8]) -> anyhow::Result<()> {
+        let m = BroadcastRoomReq {
+            room_id: room.into(),
+            msg_lv: level as i32,
+            data: Bytes::copy_from_slice(data),
+        };
+        self.send_req(PackageType::Message, m.encode_to_vec()).await
+    }
+
+    /// The next reply or close, skipping pings; errors after `within`.
+    pub async fn next_event(&mut self, within: Duration) -> anyhow::Result<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("no frame before the deadline")?;
+            match m {
+                Some(Ok(Message::Binary(b))) => return Ok(Event::Reply(Reply::decode(b)?)),
+                Some(Ok(Message::Close(f))) => return Ok(Event::Closed(f)),
+                Some(Ok(Message::Text(t))) => bail!("unexpected text frame: {t}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Ok(Event::Closed(Some(CloseFrame {
+                    code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Abnormal,
+                    reason: e.to_string().into(),
+                }))),
+                None => return Ok(Event::Closed(None)),
+            }
+        }
+    }
+
+    pub async fn next_reply(&mut self) -> anyhow::Result<Reply> {
+        match self.next_event(Duration::from_secs(10)).await? {
+            Event::Reply(r) => Ok(r),
+            Event::Closed(f) => bail!("closed: {f:?}"),
+        }
+    }
+
+    /// The next `Reply{UNKNOWN, Err}`, skipping pushed messages.
+    pub async fn expect_err(&mut self) -> anyhow::Result<Err> {
+        loop {
+            let r = self.next_reply().await?;
+            if r.r#type == PackageType::Unknown as i32 {
+                return Ok(Err::decode(r.data)?);
+            }
+            if r.r#type == PackageType::Message as i32 {
+                continue;
+            }
+            bail!("expected an Err reply, got type {}", r.r#type);
+        }
+    }
+
+    /// Waits for the close frame (replies before it are skipped).
+    pub async fn expect_close(&mut self) -> anyhow::Result<Option<CloseFrame>> {
+        loop {
+            if let Event::Closed(f) = self.next_event(Duration::from_secs(10)).await? {
+                return Ok(f);
+            }
+        }
+    }
+
+    pub async fn heartbeat(&mut self) -> anyhow::Result<Bytes> {
+        self.send_req(PackageType::Heartbeat, Bytes::new()).await?;
+        loop {
+            let r = self.next_reply().await?;
+            if r.r#type == PackageType::Heartbeat as i32 {
+                return Ok(r.data);
+            }
+        }
+    }
+
+    pub async fn members(&mut self) -> anyhow::Result<u64> {
+        self.send_req(PackageType::Members, Bytes::new()).await?;
+        loop {
+            let r = self.next_reply().await?;
+            if r.r#type == PackageType::Members as i32 {
+                return Ok(std::str::from_utf8(&r.data)?.parse()?);
+            }
+        }
+    }
+
+    /// Reads pushed batches until `want` messages arrived; returns them with
+    /// each batch's level. Errors at `within`.
+    pub async fn recv_messages(&mut self, want: usize, within: Duration) -> anyhow::Result<Vec<(MsgLevel, Bytes)>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < want {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                bail!("got {} of {want} messages before the deadline: {out:?}", out.len());
+            }
+            match self.next_event(left).await {
+                Ok(Event::Reply(r)) if r.r#type == PackageType::Message as i32 => {
+                    let m = BroadcastRoomReq::decode(r.data)?;
+                    let level = MsgLevel::try_from(m.msg_lv).unwrap_or(MsgLevel::Normal);
+                    for part in chatroom_common::batch::decode(&m.data) {
+                        out.push((level, Bytes::copy_from_slice(part?)));
+                    }
+                }
+                Ok(Event::Reply(_)) => continue,
+                Ok(Event::Closed(f)) => bail!("closed after {} messages: {f:?}", out.len()),
+                Err(e) => bail!("got {} of {want} messages: {e}", out.len()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Polls `f` until it returns `Some`, or fails at the deadline.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
