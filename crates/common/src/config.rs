@@ -74,6 +74,7 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
             .with_list_parse_key("discovery.conn")
             .with_list_parse_key("queue.nsqd_tcp_addresses")
             .with_list_parse_key("queue.lookupd_http_addresses")
+            .with_list_parse_key("conn.discovery.logic")
             .try_parsing(true)
             .source(Some(env)),
     );
@@ -152,9 +153,10 @@ impl GrpcConfig {
     }
 }
 
-/// How nodes find each other.
+/// How nodes find each other. (Unknown keys are tolerated here so that an
+/// override of `kind` alone works over defaults written for the other kind.)
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum DiscoveryConfig {
     /// Fixed addresses (`http://host:port`), for standalone and small setups.
     Static {
@@ -189,7 +191,7 @@ impl Validate for DiscoveryConfig {
                 prefix,
                 lease_ttl_secs,
             } => {
-                if endpoints.is_empty() {
+                if endpoints.iter().all(|e| e.trim().is_empty()) {
                     return Err(ConfigError::invalid(
                         "discovery.endpoints",
                         "at least one etcd endpoint is needed",
@@ -213,9 +215,10 @@ impl Validate for DiscoveryConfig {
     }
 }
 
-/// The message queue between logic and job.
+/// The message queue between logic and job (unknown keys tolerated, as for
+/// discovery).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum QueueConfig {
     /// In-process queue (standalone only: logic and job share one process).
     Memory {
@@ -278,7 +281,8 @@ impl Validate for QueueConfig {
                         "1-64 chars of [.a-zA-Z0-9_-]",
                     ));
                 }
-                if nsqd_tcp_addresses.is_empty() && lookupd_http_addresses.is_empty() {
+                let none = |v: &Vec<String>| v.iter().all(|a| a.trim().is_empty());
+                if none(nsqd_tcp_addresses) && none(lookupd_http_addresses) {
                     return Err(ConfigError::invalid(
                         "queue.nsqd_tcp_addresses",
                         "give nsqd_tcp_addresses or lookupd_http_addresses",
@@ -321,4 +325,65 @@ impl Validate for TokenConfig {
 /// Milliseconds from config as a `Duration`.
 pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct T {
+        discovery: DiscoveryConfig,
+        queue: QueueConfig,
+    }
+    impl Validate for T {
+        fn validate(&self) -> Result<(), ConfigError> {
+            self.discovery.validate()?;
+            self.queue.validate()
+        }
+    }
+    const D: &str = "[discovery]\nkind = \"static\"\nlogic = [\"http://a:1\"]\n[queue]\nkind = \"memory\"\n";
+
+    fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn env_switches_kinds_and_parses_lists() {
+        let t: T = load_with_env(
+            D,
+            None,
+            env(&[
+                ("CHATROOM__DISCOVERY__KIND", "etcd"),
+                ("CHATROOM__DISCOVERY__ENDPOINTS", "http://127.0.0.1:1,http://127.0.0.1:2"),
+                ("CHATROOM__QUEUE__KIND", "nsq"),
+                ("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", "127.0.0.1:4150"),
+            ]),
+        )
+        .unwrap();
+        match t.discovery {
+            DiscoveryConfig::Etcd { endpoints, lease_ttl_secs, .. } => {
+                assert_eq!(endpoints.len(), 2);
+                assert_eq!(lease_ttl_secs, 10);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(t.queue, QueueConfig::Nsq { ref nsqd_tcp_addresses, .. } if nsqd_tcp_addresses.len() == 1));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = load_with_env::<T>(
+            D,
+            None,
+            env(&[("CHATROOM__DISCOVERY__KIND", "etcd"), ("CHATROOM__DISCOVERY__ENDPOINTS", "")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("discovery.endpoints"), "{e}");
+        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "kafka")])).unwrap_err().to_string();
+        assert!(e.contains("kafka") || e.contains("queue"), "{e}");
+        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "nsq")])).unwrap_err().to_string();
+        assert!(e.contains("queue.nsqd_tcp_addresses"), "{e}");
+    }
 }

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what is missing (apt-get,
+# as root), starts etcd and Redis on temporary ports and folders, builds the
+# binaries the cluster tests spawn, runs `cargo test --workspace` and the
+# protobuf.js protocol test, then stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+log() { printf '\n== %s\n' "$*"; }
+
+need=()
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: need root to apt-get install ${need[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+work=$(mktemp -d /tmp/chatroom-test.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_for() { # what, command...
+  local what=$1; shift
+  for _ in $(seq 1 100); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "scripts/test.sh: $what did not start" >&2
+  return 1
+}
+
+log "starting etcd and redis"
+etcd_port=$(free_port); etcd_peer=$(free_port)
+etcd --name test --data-dir "$work/etcd" \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+  --initial-cluster "test=http://127.0.0.1:$etcd_peer" >"$work/etcd.log" 2>&1 &
+pids+=($!)
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" >"$work/redis.log" 2>&1 &
+pids+=($!)
+wait_for etcd curl -sf "http://127.0.0.1:$etcd_port/health"
+wait_for redis bash -c "exec 3<>/dev/tcp/127.0.0.1/$redis_port && printf 'PING\r\n' >&3 && head -c5 <&3 | grep -q PONG"
+
+export CHATROOM_TEST_ETCD="http://127.0.0.1:$etcd_port"
+export CHATROOM_TEST_REDIS="redis://127.0.0.1:$redis_port/"
+echo "etcd $CHATROOM_TEST_ETCD, redis $CHATROOM_TEST_REDIS"
+
+log "building"
+cargo build --workspace --bins
+export CHATROOM_BIN_DIR="$root/target/debug"
+
+log "cargo test --workspace"
+cargo test --workspace
+
+if [ -f web/package.json ]; then
+  log "protobuf.js protocol test"
+  (cd web && npm ci --no-audit --no-fund --loglevel=error && CHATROOM_BIN="$CHATROOM_BIN_DIR/chatroom" node --test test/)
+fi
+log "all tests passed"
