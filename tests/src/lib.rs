@@ -1,3 +1,4 @@
 //! Test doubles and helpers for the cluster tests.
 pub mod client;
+pub mod cluster;
 pub mod http;
