@@ -57,7 +57,7 @@ pub enum Discovery {
         logic: Vec<String>,
         conn: Vec<String>,
     },
-    Etcd(EtcdDiscovery),
+    Etcd(Box<EtcdDiscovery>),
 }
 
 #[derive(Clone)]
@@ -88,11 +88,11 @@ impl Discovery {
                 tokio::time::timeout(Duration::from_secs(5), probe.status())
                     .await
                     .map_err(|_| DiscoveryError::Unreachable(endpoints.join(",")))??;
-                Ok(Discovery::Etcd(EtcdDiscovery {
+                Ok(Discovery::Etcd(Box::new(EtcdDiscovery {
                     client,
                     prefix: prefix.trim_end_matches('/').to_string(),
                     ttl: *lease_ttl_secs as i64,
-                }))
+                })))
             }
         }
     }

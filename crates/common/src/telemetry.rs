@@ -2,6 +2,8 @@
 //! configured, to `<dir>/live.log` (daily rolling, no ANSI codes). The filter
 //! comes from `RUST_LOG`, else from the config's `log.level`.
 
+use std::io::IsTerminal;
+
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -17,7 +19,9 @@ pub struct LogGuard {
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(service: &str, log: &LogConfig) -> Result<LogGuard, std::io::Error> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let stdout = tracing_subscriber::fmt::layer().with_target(true);
+    // Colours only for a person at a terminal, never into pipes or files.
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let stdout = tracing_subscriber::fmt::layer().with_target(true).with_ansi(ansi);
     let (file_layer, guard) = if log.dir.as_os_str().is_empty() {
         (None, None)
     } else {

@@ -1,1 +1,254 @@
-//! placeholder
+//! The job service: consumes room messages from the queue, merges them per
+//! room into batches and pushes every batch to every conn node that
+//! discovery says is alive. Queue messages are acknowledged only once the
+//! push is settled (see `ack`).
+//!
+//! Tasks, all tracked:
+//! - the consumer: queue -> decoded messages (bounded channel);
+//! - the batching task: owns the per-room [`batcher::Batcher`] and the node
+//!   [`pool::Pool`], follows discovery, hands each flushed batch to the pool;
+//! - one worker per conn node (`node`), pushing its own bounded queue;
+//! - the periodic counter report (`metrics`) and the discovery watch.
+//!
+//! Shutdown: cancelling `shutdown` stops consumption; the consumer hands out
+//! what the queue already gave it and ends; the batching task flushes every
+//! pending room and closes the node queues; node workers push what they hold
+//! for up to `shutdown_grace_ms`, then are stopped, and every batch they did
+//! not push is requeued.
+
+pub mod ack;
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod node;
+pub mod pool;
+mod throttle;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatroom_common::config::Validate;
+use chatroom_common::discovery::{Discovery, NodesRx, Service};
+use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_common::proto::queue::RoomMsg;
+use chatroom_common::queue::{Delivery, MemoryQueue, Subscriber};
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::batcher::Batcher;
+use crate::config::BatchConfig;
+pub use crate::config::{DEFAULT_CONFIG, JobConfig};
+pub use crate::error::JobError;
+pub use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::throttle::LogThrottle;
+
+/// Decoded messages waiting for the batcher. Small: the batcher never
+/// blocks, and the queue (NSQ max-in-flight) bounds what is in flight.
+const INTAKE: usize = 1024;
+
+/// How often the counters are logged (when they changed).
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs job until `shutdown` is cancelled and everything consumed has been
+/// pushed or requeued. `memory_queue` is the in-process queue shared with
+/// logic (standalone); with an NSQ config it is not used.
+pub async fn run(
+    cfg: JobConfig,
+    memory_queue: Option<MemoryQueue>,
+    shutdown: CancellationToken,
+) -> Result<(), JobError> {
+    run_with_metrics(cfg, memory_queue, shutdown, Arc::default()).await
+}
+
+/// [`run`], counting into `metrics` (for an embedding process or tests that
+/// want to read the counters).
+pub async fn run_with_metrics(
+    cfg: JobConfig,
+    memory_queue: Option<MemoryQueue>,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> Result<(), JobError> {
+    cfg.validate()?;
+    let node_id = cfg.node.id_or("job");
+    info!(node = %node_id, "job starting");
+
+    // Background tasks stop with `shutdown`, or when start-up fails below.
+    let stop = shutdown.child_token();
+    let _stop_on_return = stop.clone().drop_guard();
+    let tracker = TaskTracker::new();
+
+    let discovery = Discovery::connect(&cfg.discovery).await?;
+    let nodes = discovery
+        .watch(Service::Conn, &tracker, stop.clone())
+        .await?;
+    let subscriber = Subscriber::start(
+        &cfg.queue,
+        memory_queue.as_ref(),
+        &node_id,
+        &tracker,
+        stop.clone(),
+    )?;
+
+    {
+        let (stop, shutdown) = (stop.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            stop.cancelled().await;
+            if shutdown.is_cancelled() {
+                info!("shutdown: stop consuming; draining what the queue already gave us");
+            }
+        });
+    }
+    let workers = TaskTracker::new();
+    let stop_workers = CancellationToken::new();
+    let pool = Pool::new(
+        cfg.push.clone(),
+        metrics.clone(),
+        workers.clone(),
+        stop_workers.clone(),
+    );
+    let (msg_tx, msg_rx) = mpsc::channel(INTAKE);
+    tracker.spawn(consume(subscriber, msg_tx, metrics.clone()));
+    tracker.spawn(metrics::report_periodically(
+        metrics.clone(),
+        REPORT_EVERY,
+        stop.clone(),
+    ));
+    let batching = tracker.spawn(batch_loop(cfg.batch.clone(), msg_rx, nodes, pool));
+    info!(node = %node_id, "job running");
+
+    // Ends only once the queue is drained after shutdown (or on a panic).
+    let batching = batching.await;
+    stop.cancel();
+
+    let grace = cfg.shutdown_grace();
+    info!(
+        grace_ms = cfg.shutdown_grace_ms,
+        "shutdown: waiting for node workers to push what they hold"
+    );
+    workers.close();
+    if tokio::time::timeout(grace, workers.wait()).await.is_err() {
+        warn!(
+            grace_ms = cfg.shutdown_grace_ms,
+            "shutdown: grace over; stopping node workers, unpushed batches are requeued"
+        );
+        stop_workers.cancel();
+        workers.wait().await;
+    }
+    tracker.close();
+    tracker.wait().await;
+    metrics.snapshot().log_totals();
+    info!(node = %node_id, "job stopped");
+    batching.map_err(JobError::from)
+}
+
+/// One decoded room message with its queue delivery.
+struct Incoming {
+    room_id: String,
+    level: MsgLevel,
+    data: Bytes,
+    delivery: Delivery,
+}
+
+/// Queue -> batcher. Ends when the subscriber is drained after shutdown.
+async fn consume(mut sub: Subscriber, tx: mpsc::Sender<Incoming>, metrics: Arc<Metrics>) {
+    let mut poison_log = LogThrottle::default();
+    while let Some(delivery) = sub.next().await {
+        metrics::inc(&metrics.received);
+        // Decoding from `Bytes` slices `data` out of the body without a copy.
+        let msg = match RoomMsg::decode(delivery.body.clone()) {
+            Ok(m) if !m.room_id.is_empty() => m,
+            bad => {
+                // Finished, never requeued: a poison message would loop.
+                metrics::inc(&metrics.undecodable);
+                if let Some(suppressed) = poison_log.allow() {
+                    let why = bad
+                        .err()
+                        .map_or_else(|| "no room_id".to_owned(), |e| e.to_string());
+                    warn!(error = %why, bytes = delivery.body.len(), attempts = delivery.attempts,
+                        suppressed, "undecodable queue message dropped");
+                }
+                delivery.finish();
+                continue;
+            }
+        };
+        // Unknown (future) levels are treated as NORMAL.
+        let level = MsgLevel::try_from(msg.level).unwrap_or(MsgLevel::Normal);
+        let incoming = Incoming {
+            room_id: msg.room_id,
+            level,
+            data: msg.data,
+            delivery,
+        };
+        if let Err(mpsc::error::SendError(lost)) = tx.send(incoming).await {
+            // The batching task is gone (it only ends after us unless it
+            // crashed); give the message back rather than lose it.
+            lost.delivery.requeue(Duration::ZERO);
+            break;
+        }
+    }
+    info!("shutdown: queue drained; consumer stopped");
+}
+
+/// Owns the per-room batches and the node pool: messages in, batches out.
+async fn batch_loop(
+    cfg: BatchConfig,
+    mut rx: mpsc::Receiver<Incoming>,
+    mut nodes: NodesRx,
+    mut pool: Pool,
+) {
+    let mut batcher: Batcher<Delivery> = Batcher::new(&cfg);
+    let mut out = Vec::new();
+    let initial = nodes.borrow_and_update().clone();
+    pool.update(&initial);
+    info!(conn_nodes = pool.node_count(), "batching started");
+    let mut watching = true;
+    let sleep = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(sleep);
+    loop {
+        let deadline = batcher.next_deadline();
+        if let Some(d) = deadline
+            && sleep.deadline() != d
+        {
+            sleep.as_mut().reset(d);
+        }
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => batcher.push(Instant::now(), &m.room_id, m.level, &m.data, m.delivery, &mut out),
+                None => break,
+            },
+            () = &mut sleep, if deadline.is_some() => batcher.flush_expired(Instant::now(), &mut out),
+            changed = nodes.changed(), if watching => match changed {
+                Ok(()) => {
+                    let now = nodes.borrow_and_update().clone();
+                    pool.update(&now);
+                }
+                // Discovery stops at shutdown: keep pushing to the last
+                // known nodes while draining.
+                Err(_) => {
+                    watching = false;
+                    debug!(conn_nodes = pool.node_count(), "discovery watch ended; keeping the last known conn nodes");
+                }
+            },
+        }
+        for f in out.drain(..) {
+            pool.dispatch(f);
+        }
+    }
+    info!(
+        rooms = batcher.pending_rooms(),
+        "shutdown: flushing pending rooms"
+    );
+    batcher.flush_all(&mut out);
+    for f in out.drain(..) {
+        pool.dispatch(f);
+    }
+    // Dropping the pool closes every node queue.
+    pool.close();
+}

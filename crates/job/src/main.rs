@@ -1,1 +1,23 @@
-fn main() {}
+//! The job binary: loads config, sets up logging and runs the service until
+//! SIGTERM or ctrl-c.
+
+use chatroom_job::{JobConfig, run};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg: JobConfig = chatroom_common::config::load(
+        include_str!("default.toml"),
+        chatroom_common::config::file_from_args().as_deref(),
+    )?;
+    let _log = chatroom_common::telemetry::init("job", &cfg.log)?;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        chatroom_common::stop_signal().await;
+        tracing::info!("stop signal received");
+        on_signal.cancel();
+    });
+    run(cfg, None, shutdown).await?;
+    Ok(())
+}

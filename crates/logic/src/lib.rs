@@ -1,1 +1,234 @@
-//! placeholder
+//! chatroom **logic**: verifies sign-in tokens for conn nodes over gRPC, owns
+//! the business rules for room messages, keeps presence and online counts,
+//! publishes accepted messages to the queue for job, and serves the HTTP API.
+//!
+//! [`run`] is the whole service; the `chatroom-logic` binary, the all-in-one
+//! `chatroom` binary and the tests all start it the same way:
+//!
+//! ```no_run
+//! # async fn demo(cfg: chatroom_logic::LogicConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! let listeners = chatroom_logic::Listeners::bind(&cfg)?;
+//! let grpc_addr = listeners.grpc.local_addr()?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! chatroom_logic::run(cfg, listeners, None, shutdown).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod id;
+pub mod presence;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatroom_common::discovery::{Discovery, Node, Service};
+use chatroom_common::proto::logic::logic_server::LogicServer;
+use chatroom_common::queue::{MemoryQueue, Publisher};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use crate::config::LogicConfig;
+pub use crate::error::LogicError;
+use crate::presence::Presence;
+
+/// The sockets logic serves on, bound before [`run`] so callers can bind
+/// port 0 and learn the real addresses first.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `grpc.addr` and `http.addr`. Must be called inside a Tokio
+    /// runtime (the sockets are registered with it).
+    pub fn bind(cfg: &LogicConfig) -> io::Result<Self> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other(
+                "Listeners::bind must be called inside a Tokio runtime",
+            ));
+        }
+        Ok(Listeners {
+            grpc: bind(cfg.grpc.addr, "grpc.addr")?,
+            http: bind(cfg.http.addr, "http.addr")?,
+        })
+    }
+}
+
+fn bind(addr: std::net::SocketAddr, key: &str) -> io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("{key} = {addr}: {e}")))?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}
+
+/// Runs logic until `shutdown` is cancelled (or a server fails), then
+/// deregisters, stops accepting, lets in-flight requests finish within
+/// `shutdown_grace_ms`, closes the publisher and waits for every task.
+///
+/// `memory_queue` is the in-process queue shared with job (standalone); it
+/// is required when `queue.kind = "memory"`.
+pub async fn run(
+    cfg: LogicConfig,
+    listeners: Listeners,
+    memory_queue: Option<MemoryQueue>,
+    shutdown: CancellationToken,
+) -> Result<(), LogicError> {
+    let node_id = cfg.node.id_or("logic");
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
+
+    // Outside services first: a missing Redis/NSQ/etcd stops start-up with a
+    // clear error instead of failing every request later.
+    let presence = Presence::connect(&cfg.presence).await?;
+    let publisher = Publisher::connect(&cfg.queue, memory_queue.as_ref()).await?;
+    let discovery = Discovery::connect(&cfg.discovery).await?;
+
+    let app = Arc::new(app::App::new(
+        &cfg,
+        node_id.clone(),
+        presence,
+        publisher.clone(),
+    ));
+    let tracker = TaskTracker::new();
+    // Cancelled after deregistration: tells the servers to stop accepting.
+    let stop_serving = CancellationToken::new();
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(LogicServer::new(grpc::LogicService::new(app.clone())))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            stop_serving.clone().cancelled_owned(),
+        );
+    let mut grpc_task: JoinHandle<Result<(), LogicError>> =
+        tracker.spawn(async move { grpc.await.map_err(LogicError::Grpc) });
+
+    let http = axum::serve(listeners.http, http::router(app.clone()))
+        .with_graceful_shutdown(stop_serving.clone().cancelled_owned());
+    let mut http_task: JoinHandle<Result<(), LogicError>> =
+        tracker.spawn(async move { http.await.map_err(LogicError::Http) });
+
+    if let Presence::Memory(m) = &app.presence {
+        let (m, stop) = (m.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(m.sweep_period());
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => m.sweep(tokio::time::Instant::now()),
+                }
+            }
+        });
+    }
+
+    let node = Node {
+        id: node_id.clone(),
+        uri: cfg.grpc.advertise_uri(grpc_addr),
+    };
+    let registration = match discovery
+        .register(Service::Logic, node.clone(), &tracker, shutdown.clone())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            stop_serving.cancel();
+            finish(
+                &tracker,
+                &publisher,
+                grpc_task,
+                http_task,
+                cfg.shutdown_grace_ms,
+            )
+            .await;
+            return Err(e.into());
+        }
+    };
+    info!(node = %node_id, grpc = %grpc_addr, http = %http_addr, uri = %node.uri, "logic started");
+
+    // Until asked to stop, or until a server dies on its own.
+    let mut result = Ok(());
+    tokio::select! {
+        _ = shutdown.cancelled() => info!("logic shutting down"),
+        r = &mut grpc_task => result = server_exit("gRPC", r),
+        r = &mut http_task => result = server_exit("HTTP", r),
+    }
+
+    // conn nodes stop picking us before we stop answering them.
+    registration.deregister().await;
+    stop_serving.cancel();
+    finish(
+        &tracker,
+        &publisher,
+        grpc_task,
+        http_task,
+        cfg.shutdown_grace_ms,
+    )
+    .await;
+    info!("logic stopped");
+    result
+}
+
+/// A server that returned before shutdown is an error even if it says Ok.
+fn server_exit(
+    name: &'static str,
+    r: Result<Result<(), LogicError>, tokio::task::JoinError>,
+) -> Result<(), LogicError> {
+    match r {
+        Ok(Ok(())) => {
+            warn!(server = name, "server stopped unexpectedly");
+            Err(LogicError::Io(io::Error::other(format!(
+                "{name} server stopped unexpectedly"
+            ))))
+        }
+        Ok(Err(e)) => {
+            warn!(server = name, error = %e, "server failed");
+            Err(e)
+        }
+        Err(_) => Err(LogicError::Panicked(name)),
+    }
+}
+
+/// Drains both servers within the grace period, then closes the publisher
+/// and waits for the remaining tasks (discovery, sweeper).
+async fn finish(
+    tracker: &TaskTracker,
+    publisher: &Publisher,
+    grpc: JoinHandle<Result<(), LogicError>>,
+    http: JoinHandle<Result<(), LogicError>>,
+    grace_ms: u64,
+) {
+    let grace = Duration::from_millis(grace_ms);
+    drain("gRPC", grpc, grace).await;
+    drain("HTTP", http, grace).await;
+    publisher.close().await;
+    tracker.close();
+    if tokio::time::timeout(grace.max(Duration::from_secs(1)), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("background tasks did not stop in time");
+    }
+}
+
+/// Waits for a server to finish its in-flight requests; past `grace` it is
+/// aborted (its remaining connections are dropped).
+async fn drain<T>(name: &str, mut task: JoinHandle<T>, grace: Duration) {
+    if task.is_finished() {
+        return;
+    }
+    if tokio::time::timeout(grace, &mut task).await.is_err() {
+        warn!(
+            server = name,
+            grace_ms = grace.as_millis() as u64,
+            "drain timed out; closing connections"
+        );
+        task.abort();
+    }
+}

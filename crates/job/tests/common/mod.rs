@@ -1,0 +1,270 @@
+//! Test doubles and helpers shared by job's integration tests: fake conn
+//! nodes (real tonic servers on 127.0.0.1:0 that record every push), a job
+//! running on a memory queue, and waiting on conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatroom_common::batch::decode;
+use chatroom_common::config::{DiscoveryConfig, QueueConfig, load_with_env};
+use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
+use chatroom_common::proto::conn::{PushRoomReply, PushRoomReq};
+use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_common::proto::queue::RoomMsg;
+use chatroom_common::queue::{MemoryQueue, Publisher};
+use chatroom_job::{DEFAULT_CONFIG, JobConfig, JobError, Metrics, run_with_metrics};
+use prost::Message as _;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+pub const N: MsgLevel = MsgLevel::Normal;
+pub const I: MsgLevel = MsgLevel::Important;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "chatroom_job=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// How a fake conn node answers.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    Ok,
+    /// `Status::unavailable` for the first n calls, then Ok.
+    FailFirst(usize),
+    AlwaysFail,
+    /// Never answers (a stuck node).
+    Hang,
+}
+
+/// One push as a fake node received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Got {
+    pub room: String,
+    pub level: MsgLevel,
+    pub msgs: Vec<String>,
+}
+
+pub fn got(room: &str, level: MsgLevel, msgs: &[&str]) -> Got {
+    Got {
+        room: room.into(),
+        level,
+        msgs: msgs.iter().map(|m| m.to_string()).collect(),
+    }
+}
+
+#[derive(Default)]
+struct State {
+    got: Mutex<Vec<Got>>,
+    calls: AtomicUsize,
+}
+
+struct Svc {
+    mode: Mode,
+    state: Arc<State>,
+}
+
+#[tonic::async_trait]
+impl Conn for Svc {
+    async fn push_room(
+        &self,
+        req: Request<PushRoomReq>,
+    ) -> Result<Response<PushRoomReply>, Status> {
+        let call = self.state.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.mode {
+            Mode::Ok => {}
+            Mode::FailFirst(n) if call > n => {}
+            Mode::FailFirst(_) | Mode::AlwaysFail => {
+                return Err(Status::unavailable("fake conn outage"));
+            }
+            Mode::Hang => std::future::pending::<()>().await,
+        }
+        let req = req.into_inner();
+        let msgs = decode(&req.batch)
+            .map(|m| String::from_utf8(m.expect("well-formed batch").to_vec()).unwrap())
+            .collect();
+        self.state.got.lock().unwrap().push(Got {
+            room: req.room_id,
+            level: MsgLevel::try_from(req.level).expect("known level"),
+            msgs,
+        });
+        Ok(Response::new(PushRoomReply {
+            delivered: 1,
+            dropped: 0,
+        }))
+    }
+}
+
+/// A conn node's gRPC server that records what job pushes to it.
+pub struct FakeConn {
+    pub uri: String,
+    state: Arc<State>,
+    server: JoinHandle<()>,
+}
+
+impl FakeConn {
+    pub async fn start(mode: Mode) -> FakeConn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(State::default());
+        let svc = ConnServer::new(Svc {
+            mode,
+            state: state.clone(),
+        });
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap();
+        });
+        FakeConn { uri, state, server }
+    }
+
+    /// Pushes accepted so far, in arrival order.
+    pub fn got(&self) -> Vec<Got> {
+        self.state.got.lock().unwrap().clone()
+    }
+
+    /// Every message accepted so far, in order, whatever the batching.
+    pub fn msgs(&self) -> Vec<String> {
+        self.got().into_iter().flat_map(|g| g.msgs).collect()
+    }
+
+    /// `PushRoom` calls, failed ones included.
+    pub fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeConn {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A URI where nothing listens.
+pub async fn dead_uri() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+/// Defaults with static discovery of `conn` and test-friendly timings.
+pub fn config(conn: Vec<String>) -> JobConfig {
+    let mut cfg: JobConfig = load_with_env(DEFAULT_CONFIG, None, Vec::new()).unwrap();
+    cfg.node.id = "job-test".into();
+    cfg.discovery = DiscoveryConfig::Static {
+        logic: Vec::new(),
+        conn,
+    };
+    cfg.queue = QueueConfig::Memory { capacity: 1024 };
+    cfg.push.requeue_delay_ms = 20;
+    cfg.push.max_backoff_ms = 100;
+    cfg.push.timeout_ms = 1000;
+    cfg.shutdown_grace_ms = 2000;
+    cfg
+}
+
+pub fn room_msg(room: &str, level: MsgLevel, data: &str) -> Bytes {
+    RoomMsg {
+        id: 0,
+        room_id: room.into(),
+        level: level as i32,
+        data: Bytes::copy_from_slice(data.as_bytes()),
+        uid: "u".into(),
+        ts_ms: 0,
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// A job running on its own memory queue.
+pub struct Job {
+    pub queue: MemoryQueue,
+    pub publisher: Publisher,
+    pub metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), JobError>>,
+}
+
+impl Job {
+    pub async fn start(cfg: JobConfig) -> Job {
+        let queue = MemoryQueue::new(1024);
+        let publisher = Publisher::connect(&cfg.queue, Some(&queue)).await.unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_with_metrics(
+            cfg,
+            Some(queue.clone()),
+            stop.clone(),
+            metrics.clone(),
+        ));
+        Job {
+            queue,
+            publisher,
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn publish(&self, room: &str, level: MsgLevel, data: &str) {
+        self.publisher
+            .publish(room_msg(room, level, data))
+            .await
+            .unwrap();
+    }
+
+    /// Cancels and waits for `run` to return (it must, within `within`).
+    pub async fn stop(self, within: Duration) -> MemoryQueue {
+        self.stop.cancel();
+        tokio::time::timeout(within, self.task)
+            .await
+            .expect("job did not stop in time")
+            .expect("job task panicked")
+            .expect("job returned an error");
+        self.queue
+    }
+}
+
+/// Waits until `cond` holds, failing the test after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Like [`wait_until`] for an async condition.
+pub async fn wait_until_async<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub const SECS5: Duration = Duration::from_secs(5);

@@ -1,0 +1,404 @@
+//! End to end through `run`: a memory queue in, fake conn nodes (real gRPC
+//! servers) out, static discovery.
+
+mod common;
+
+use std::time::Duration;
+
+use chatroom_common::config::QueueConfig;
+use chatroom_common::queue::Subscriber;
+use common::*;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[tokio::test]
+async fn merges_per_room_and_pushes_every_batch_to_every_node() {
+    init_tracing();
+    let (a, b) = (
+        FakeConn::start(Mode::Ok).await,
+        FakeConn::start(Mode::Ok).await,
+    );
+    let mut cfg = config(vec![a.uri.clone(), b.uri.clone()]);
+    cfg.batch.max_messages = 3;
+    cfg.batch.window_ms = 300;
+    let job = Job::start(cfg).await;
+
+    job.publish("a", N, "a1").await;
+    job.publish("b", N, "b1").await;
+    job.publish("a", N, "a2").await;
+    job.publish("a", N, "a3").await; // count flush of a
+    job.publish("b", N, "b2").await;
+    job.publish("b", I, "b3").await; // immediate flush of b, IMPORTANT
+    let c_published = Instant::now();
+    job.publish("c", N, "c1").await; // window flush of c
+
+    let want = vec![
+        got("a", N, &["a1", "a2", "a3"]),
+        got("b", I, &["b1", "b2", "b3"]),
+        got("c", N, &["c1"]),
+    ];
+    for node in [&a, &b] {
+        wait_until("both nodes got three batches", SECS5, || {
+            node.got().len() >= 3
+        })
+        .await;
+    }
+    assert!(
+        c_published.elapsed() >= Duration::from_millis(250),
+        "room c was flushed before its window"
+    );
+    assert_eq!(a.got(), want);
+    assert_eq!(b.got(), want);
+
+    let metrics = job.metrics.clone();
+    let q = job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    assert_eq!((m.received, m.batches, m.pushes_ok), (7, 3, 6));
+    assert_eq!((m.finished, m.requeued, m.push_failures), (7, 0, 0));
+    assert_eq!(q.depth(), 0);
+    assert_eq!(a.got(), want, "nothing more after shutdown");
+}
+
+#[tokio::test]
+async fn failing_stuck_and_dead_nodes_do_not_hold_back_the_healthy_one() {
+    init_tracing();
+    let healthy = FakeConn::start(Mode::Ok).await;
+    let failing = FakeConn::start(Mode::AlwaysFail).await;
+    let stuck = FakeConn::start(Mode::Hang).await;
+    let dead = dead_uri().await;
+    let mut cfg = config(vec![
+        healthy.uri.clone(),
+        failing.uri.clone(),
+        stuck.uri.clone(),
+        dead,
+    ]);
+    cfg.batch.max_messages = 1;
+    cfg.push.timeout_ms = 500;
+    cfg.shutdown_grace_ms = 200;
+    let job = Job::start(cfg).await;
+
+    let started = Instant::now();
+    let sent: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    for m in &sent {
+        job.publish("r", N, m).await;
+    }
+    wait_until("healthy node got all 20", SECS5, || {
+        healthy.msgs().len() == 20
+    })
+    .await;
+    // The stuck node alone would need 20 x 500 ms to time out every push.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "healthy node was slowed down: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(healthy.msgs(), sent, "order kept");
+    // NORMAL batches are tried once per node, never retried.
+    wait_until("failing node saw every batch once", SECS5, || {
+        failing.calls() == 20
+    })
+    .await;
+    assert!(failing.got().is_empty());
+
+    let metrics = job.metrics.clone();
+    job.stop(SECS5).await;
+    assert_eq!(failing.calls(), 20, "no retry of NORMAL batches");
+    let m = metrics.snapshot();
+    assert_eq!(m.retries, 0);
+    assert_eq!(m.pushes_ok, 20);
+    // Every batch reached the healthy node: all finished, none requeued,
+    // even those the stuck node was still holding at shutdown.
+    assert_eq!((m.finished, m.requeued), (20, 0));
+    assert!(
+        m.dropped_normal >= 40,
+        "failing + dead nodes: {}",
+        m.dropped_normal
+    );
+}
+
+#[tokio::test]
+async fn important_is_retried_until_the_node_recovers_normal_is_not() {
+    init_tracing();
+    let healthy = FakeConn::start(Mode::Ok).await;
+    let flaky = FakeConn::start(Mode::FailFirst(3)).await;
+    let mut cfg = config(vec![healthy.uri.clone(), flaky.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    cfg.push.important_retry_ms = 5000;
+    let job = Job::start(cfg).await;
+
+    job.publish("r", N, "n1").await;
+    wait_until(
+        "n1 at the healthy node, one failed call at the flaky one",
+        SECS5,
+        || healthy.msgs() == ["n1"] && flaky.calls() == 1,
+    )
+    .await;
+
+    job.publish("r", I, "i1").await;
+    wait_until("flaky node got i1 after retries", SECS5, || {
+        !flaky.got().is_empty()
+    })
+    .await;
+    assert_eq!(
+        flaky.got(),
+        vec![got("r", I, &["i1"])],
+        "n1 was never retried"
+    );
+    assert_eq!(flaky.calls(), 4, "n1 once, i1 failed twice then succeeded");
+    wait_until("healthy got both", SECS5, || healthy.msgs() == ["n1", "i1"]).await;
+
+    // Later batches still flow to both, in order.
+    job.publish("r", N, "n2").await;
+    wait_until("n2 everywhere", SECS5, || {
+        healthy.msgs().len() == 3 && flaky.msgs() == ["i1", "n2"]
+    })
+    .await;
+
+    let metrics = job.metrics.clone();
+    job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    assert_eq!(
+        (m.retries, m.dropped_normal, m.dropped_important),
+        (2, 1, 0)
+    );
+    assert_eq!((m.finished, m.requeued), (3, 0));
+}
+
+#[tokio::test]
+async fn important_that_no_node_took_goes_back_to_the_queue_and_arrives_once() {
+    init_tracing();
+    let only = FakeConn::start(Mode::FailFirst(2)).await;
+    let mut cfg = config(vec![only.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    let job = Job::start(cfg).await;
+
+    job.publish("r", I, "i1").await;
+    wait_until("i1 delivered", SECS5, || !only.got().is_empty()).await;
+
+    let metrics = job.metrics.clone();
+    job.stop(SECS5).await;
+    assert_eq!(
+        only.got(),
+        vec![got("r", I, &["i1"])],
+        "delivered exactly once"
+    );
+    assert_eq!(only.calls(), 3);
+    let m = metrics.snapshot();
+    // Two failed attempts, each requeued; the worker did not retry on its
+    // own (that would have duplicated the redelivery).
+    assert_eq!(
+        (m.requeued, m.received, m.finished, m.retries),
+        (2, 3, 1, 0)
+    );
+}
+
+#[tokio::test]
+async fn shutdown_flushes_pending_rooms_and_pushes_them() {
+    init_tracing();
+    let a = FakeConn::start(Mode::Ok).await;
+    let mut cfg = config(vec![a.uri.clone()]);
+    cfg.batch.window_ms = 60_000;
+    let job = Job::start(cfg).await;
+
+    for (room, m) in [
+        ("x", "x1"),
+        ("y", "y1"),
+        ("x", "x2"),
+        ("y", "y2"),
+        ("x", "x3"),
+    ] {
+        job.publish(room, N, m).await;
+    }
+    let metrics = job.metrics.clone();
+    let started = Instant::now();
+    let q = job.stop(SECS5).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "did not wait for the window"
+    );
+
+    let mut got = a.got();
+    got.sort_by(|p, q| p.room.cmp(&q.room));
+    assert_eq!(
+        got,
+        vec![got_("x", &["x1", "x2", "x3"]), got_("y", &["y1", "y2"])]
+    );
+    let m = metrics.snapshot();
+    assert_eq!((m.finished, m.requeued), (5, 0));
+    assert_eq!(q.depth(), 0);
+}
+
+fn got_(room: &str, msgs: &[&str]) -> Got {
+    got(room, N, msgs)
+}
+
+#[tokio::test]
+async fn shutdown_requeues_what_could_not_be_pushed_within_the_grace() {
+    init_tracing();
+    let stuck = FakeConn::start(Mode::Hang).await;
+    let mut cfg = config(vec![stuck.uri.clone()]);
+    cfg.batch.window_ms = 60_000;
+    cfg.push.timeout_ms = 30_000;
+    cfg.shutdown_grace_ms = 300;
+    let job = Job::start(cfg.clone()).await;
+
+    let sent = [
+        ("p", N, "p1"),
+        ("q", I, "q1"),
+        ("r", N, "r1"),
+        ("p", N, "p2"),
+    ];
+    for (room, level, m) in sent {
+        job.publish(room, level, m).await;
+    }
+    // q flushed at once (IMPORTANT) and is stuck in a push.
+    wait_until("the stuck node was called", SECS5, || stuck.calls() == 1).await;
+    let metrics = job.metrics.clone();
+    let started = Instant::now();
+    let q = job.stop(SECS5).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "grace was not enforced"
+    );
+    assert_eq!(metrics.snapshot().requeued, 4);
+
+    // Nothing lost: every message is back on the queue, marked redelivered.
+    wait_until("all four requeued", SECS5, || q.depth() == 4).await;
+    let stop = CancellationToken::new();
+    let mut sub = Subscriber::start(
+        &QueueConfig::Memory { capacity: 16 },
+        Some(&q),
+        "check",
+        &TaskTracker::new(),
+        stop.clone(),
+    )
+    .unwrap();
+    stop.cancel();
+    let mut back = Vec::new();
+    while let Some(d) = sub.next().await {
+        assert_eq!(d.attempts, 2);
+        back.push(d.body.clone());
+        d.finish();
+    }
+    let mut want: Vec<_> = sent.iter().map(|(r, l, m)| room_msg(r, *l, m)).collect();
+    back.sort();
+    want.sort();
+    assert_eq!(back, want);
+}
+
+#[tokio::test]
+async fn poison_messages_are_finished_and_do_not_stop_the_flow() {
+    init_tracing();
+    let a = FakeConn::start(Mode::Ok).await;
+    let mut cfg = config(vec![a.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    let job = Job::start(cfg).await;
+
+    job.publisher
+        .publish(bytes::Bytes::from_static(b"\xff\xff not protobuf"))
+        .await
+        .unwrap();
+    job.publish("", N, "no room").await;
+    job.publish("r", N, "ok").await;
+    wait_until("the good message arrives", SECS5, || a.msgs() == ["ok"]).await;
+
+    let metrics = job.metrics.clone();
+    let q = job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    assert_eq!(
+        (m.received, m.undecodable, m.finished, m.requeued),
+        (3, 2, 1, 0)
+    );
+    assert_eq!(q.depth(), 0);
+}
+
+#[tokio::test]
+async fn with_no_conn_nodes_messages_are_finished() {
+    init_tracing();
+    let mut cfg = config(Vec::new());
+    cfg.batch.max_messages = 1;
+    let job = Job::start(cfg).await;
+    job.publish("r", I, "nobody listens").await;
+    let metrics = job.metrics.clone();
+    wait_until("settled", SECS5, || metrics.snapshot().finished == 1).await;
+    let q = job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    assert_eq!((m.no_nodes, m.requeued), (1, 0));
+    assert_eq!(q.depth(), 0);
+}
+
+#[tokio::test]
+async fn a_full_node_queue_costs_only_that_node() {
+    init_tracing();
+    let healthy = FakeConn::start(Mode::Ok).await;
+    let stuck = FakeConn::start(Mode::Hang).await;
+    let mut cfg = config(vec![healthy.uri.clone(), stuck.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    cfg.push.node_queue = 1;
+    cfg.push.timeout_ms = 30_000;
+    cfg.shutdown_grace_ms = 200;
+    let job = Job::start(cfg).await;
+
+    job.publish("r", N, "m0").await;
+    // The stuck node now holds m0 in a push; its queue has room for one.
+    wait_until("stuck node busy", SECS5, || stuck.calls() == 1).await;
+    // One at a time, so the healthy node's own queue of one never fills.
+    for (level, m) in [(N, "m1"), (N, "m2"), (N, "m3"), (N, "m4"), (I, "i5")] {
+        job.publish("r", level, m).await;
+        wait_until("healthy got it", SECS5, || {
+            healthy.msgs().last().map(String::as_str) == Some(m)
+        })
+        .await;
+    }
+    assert_eq!(healthy.msgs(), ["m0", "m1", "m2", "m3", "m4", "i5"]);
+
+    let metrics = job.metrics.clone();
+    job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    // m1 was queued; m2..m4 and i5 found the stuck node's queue full.
+    assert_eq!(
+        (m.overflow, m.dropped_normal, m.dropped_important),
+        (4, 3, 1)
+    );
+    // The healthy node got them all, so nothing is requeued.
+    assert_eq!((m.finished, m.requeued), (6, 0));
+}
+
+#[tokio::test]
+async fn important_retries_end_after_the_window_and_a_broken_node_is_not_waited_on_again() {
+    init_tracing();
+    let healthy = FakeConn::start(Mode::Ok).await;
+    let broken = FakeConn::start(Mode::AlwaysFail).await;
+    let mut cfg = config(vec![healthy.uri.clone(), broken.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    cfg.push.important_retry_ms = 400;
+    let job = Job::start(cfg).await;
+    let metrics = job.metrics.clone();
+
+    let started = Instant::now();
+    job.publish("r", I, "i1").await;
+    wait_until("broken node gave up on i1", SECS5, || {
+        metrics.snapshot().dropped_important == 1
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "gave up early"
+    );
+    let calls = broken.calls();
+    assert!(calls >= 4, "retried with back-off: {calls} calls");
+
+    // The window is spent: the next IMPORTANT batch gets one attempt there.
+    job.publish("r", I, "i2").await;
+    wait_until("i2 dropped for the broken node", SECS5, || {
+        metrics.snapshot().dropped_important == 2
+    })
+    .await;
+    assert_eq!(broken.calls(), calls + 1);
+    assert_eq!(healthy.msgs(), ["i1", "i2"]);
+
+    job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    assert_eq!((m.finished, m.requeued), (2, 0));
+}

@@ -1,0 +1,123 @@
+//! The business rules shared by the gRPC service and the HTTP API: who a
+//! token belongs to, what a valid room message is, and handing accepted
+//! messages to the queue.
+
+use bytes::Bytes;
+use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_common::proto::queue::RoomMsg;
+use chatroom_common::queue::Publisher;
+use chatroom_common::token::{TokenError, Tokens};
+use prost::Message;
+
+use crate::config::{LimitsConfig, LogicConfig};
+use crate::error::ApiError;
+use crate::id::{self, IdGen};
+use crate::presence::Presence;
+
+/// Everything a request needs; one per node, shared behind an `Arc`.
+pub struct App {
+    pub node_id: String,
+    pub tokens: Tokens,
+    pub presence: Presence,
+    pub publisher: Publisher,
+    pub ids: IdGen,
+    pub limits: LimitsConfig,
+    pub heartbeat_secs: u32,
+    pub test_token: bool,
+    pub max_body_bytes: usize,
+}
+
+impl App {
+    pub fn new(
+        cfg: &LogicConfig,
+        node_id: String,
+        presence: Presence,
+        publisher: Publisher,
+    ) -> Self {
+        App {
+            ids: IdGen::new(cfg.id_node(&node_id)),
+            node_id,
+            tokens: Tokens::new(
+                cfg.token.secret.as_bytes(),
+                std::time::Duration::from_secs(cfg.token.ttl_secs),
+            ),
+            presence,
+            publisher,
+            limits: cfg.limits.clone(),
+            heartbeat_secs: cfg.heartbeat_secs,
+            test_token: cfg.http.test_token,
+            max_body_bytes: cfg.http.max_body_bytes,
+        }
+    }
+
+    /// The uid of a valid token (`Bearer ` prefix accepted, in any case).
+    pub fn verify(&self, token: &str) -> Result<String, ApiError> {
+        let token = token.trim();
+        let token = match token.get(..6) {
+            // A bare "Bearer" is an empty token, not a malformed one.
+            Some(p) if p.eq_ignore_ascii_case("bearer") && token.len() == 6 => "",
+            Some(p) if p.eq_ignore_ascii_case("bearer") && token[6..].starts_with(' ') => {
+                &token[7..]
+            }
+            _ => token,
+        };
+        self.tokens
+            .verify(token)
+            .map(|c| c.sub)
+            .map_err(ApiError::LoginNeeded)
+    }
+
+    /// A fresh token for `uid`.
+    pub fn issue(&self, uid: &str) -> Result<String, ApiError> {
+        self.tokens.issue(uid).map_err(|e| match e {
+            TokenError::BadUid => ApiError::BadUid,
+            other => ApiError::Issue(other),
+        })
+    }
+
+    /// Non-empty and not too long. Room ids end up in Redis keys, log lines
+    /// and conn's room maps, so control characters are refused too.
+    pub fn check_room(&self, room: &str) -> Result<(), ApiError> {
+        if room.is_empty() {
+            return Err(ApiError::EmptyRoom);
+        }
+        if room.len() > self.limits.max_room_id_len {
+            return Err(ApiError::RoomTooLong(self.limits.max_room_id_len));
+        }
+        if room.chars().any(char::is_control) {
+            return Err(ApiError::BadRoomChars);
+        }
+        Ok(())
+    }
+
+    /// Checks a room message and publishes it; answers its id.
+    pub async fn publish(
+        &self,
+        uid: &str,
+        room: &str,
+        level: i32,
+        data: Bytes,
+    ) -> Result<u64, ApiError> {
+        self.check_room(room)?;
+        let level = MsgLevel::try_from(level).map_err(|_| ApiError::BadLevel(level))?;
+        if data.is_empty() {
+            return Err(ApiError::MissingMessage);
+        }
+        if data.len() > self.limits.max_message_bytes {
+            return Err(ApiError::MessageTooLarge(self.limits.max_message_bytes));
+        }
+        let msg = RoomMsg {
+            id: self.ids.next_id(),
+            room_id: room.to_string(),
+            level: level as i32,
+            data,
+            uid: uid.to_string(),
+            ts_ms: id::now_ms() as i64,
+        };
+        self.publisher
+            .publish(Bytes::from(msg.encode_to_vec()))
+            .await?;
+        tracing::debug!(id = msg.id, level = ?level, bytes = msg.data.len(), "published");
+        Ok(msg.id)
+    }
+}

@@ -1,0 +1,325 @@
+//! logic's typed configuration (see `default.toml` for every key and its
+//! default, `deploy/logic.toml` for the cluster settings).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chatroom_common::config::{
+    ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, QueueConfig, TokenConfig,
+    Validate,
+};
+use serde::Deserialize;
+
+use crate::id;
+
+/// The built-in defaults (standalone-friendly), lowest config layer.
+pub const DEFAULTS: &str = include_str!("default.toml");
+
+/// Everything logic reads at start-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogicConfig {
+    pub node: NodeConfig,
+    pub log: LogConfig,
+    /// The gRPC server conn nodes call.
+    pub grpc: GrpcConfig,
+    pub http: HttpConfig,
+    pub token: TokenConfig,
+    pub discovery: DiscoveryConfig,
+    pub queue: QueueConfig,
+    pub presence: PresenceConfig,
+    pub limits: LimitsConfig,
+    /// Heartbeat period told to conn (and through it to clients).
+    pub heartbeat_secs: u32,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+    /// Node number inside message ids (0..=1023); -1 derives it from the
+    /// node id, which may collide between two nodes (1 in 1024).
+    pub id_node: i32,
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+    /// Largest request body; more is answered 413.
+    pub max_body_bytes: usize,
+    /// Serve `POST /tk`, which hands a token to anyone who asks.
+    pub test_token: bool,
+}
+
+/// Where sessions and online counts live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceKind {
+    /// In this process: fine for one logic node (standalone).
+    Memory,
+    /// Shared by every logic node.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub kind: PresenceKind,
+    /// `redis://host:port/db` (kind = "redis" only).
+    pub url: String,
+    /// Prefix of every Redis key, so deployments and tests can share a server.
+    pub prefix: String,
+    /// A session not renewed by a heartbeat for this long is forgotten.
+    pub session_ttl_secs: u64,
+    /// A conn node's counts not reported again for this long are dropped
+    /// (the node is presumed dead).
+    pub online_ttl_secs: u64,
+}
+
+impl PresenceConfig {
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_secs)
+    }
+    pub fn online_ttl(&self) -> Duration {
+        Duration::from_secs(self.online_ttl_secs)
+    }
+}
+
+/// What a client may send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest message payload (`BroadcastRoomReq.data`, `/msg` msg).
+    pub max_message_bytes: usize,
+    /// Longest room id, in bytes.
+    pub max_room_id_len: usize,
+}
+
+/// tonic refuses gRPC messages over 4 MiB by default; a payload must fit in
+/// one with room for the envelope.
+const MAX_MESSAGE_BYTES: usize = (4 << 20) - 4096;
+
+impl LogicConfig {
+    /// The node number for message ids.
+    pub fn id_node(&self, node_id: &str) -> u16 {
+        u16::try_from(self.id_node).unwrap_or_else(|_| id::IdGen::node_from_id(node_id))
+    }
+}
+
+impl Validate for LogicConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.http;
+        let p = &self.presence;
+        let l = &self.limits;
+        let checks: [(&str, bool, &str); 11] = [
+            (
+                "http.max_body_bytes",
+                (1024..=16 << 20).contains(&h.max_body_bytes),
+                "must be 1024..=16777216",
+            ),
+            (
+                "limits.max_message_bytes",
+                (1..=MAX_MESSAGE_BYTES).contains(&l.max_message_bytes),
+                "must be 1..=4190208 (a gRPC message is at most 4 MiB)",
+            ),
+            (
+                "http.max_body_bytes",
+                h.max_body_bytes >= l.max_message_bytes,
+                "must be >= limits.max_message_bytes, or /msg could never carry a full message",
+            ),
+            (
+                "limits.max_room_id_len",
+                (1..=1024).contains(&l.max_room_id_len),
+                "must be 1..=1024",
+            ),
+            (
+                "heartbeat_secs",
+                (1..=3600).contains(&self.heartbeat_secs),
+                "must be 1..=3600",
+            ),
+            (
+                "presence.session_ttl_secs",
+                p.session_ttl_secs > u64::from(self.heartbeat_secs),
+                "must be > heartbeat_secs, or live sessions expire between heartbeats",
+            ),
+            (
+                "presence.session_ttl_secs",
+                p.session_ttl_secs <= 86_400,
+                "must be <= 86400",
+            ),
+            (
+                "presence.online_ttl_secs",
+                (1..=3600).contains(&p.online_ttl_secs),
+                "must be 1..=3600",
+            ),
+            (
+                "presence.url",
+                p.kind != PresenceKind::Redis || p.url.starts_with("redis://"),
+                "must be a redis://host:port/db URL when presence.kind = \"redis\"",
+            ),
+            (
+                "shutdown_grace_ms",
+                self.shutdown_grace_ms <= 600_000,
+                "must be <= 600000",
+            ),
+            (
+                "id_node",
+                (-1..=i32::from(id::MAX_NODE)).contains(&self.id_node),
+                "must be -1 (derive from node.id) or 0..=1023",
+            ),
+        ];
+        for (key, ok, msg) in checks {
+            if !ok {
+                return Err(ConfigError::invalid(key, msg));
+            }
+        }
+        if p.prefix.is_empty()
+            || p.prefix.len() > 64
+            || !p.prefix.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(ConfigError::invalid(
+                "presence.prefix",
+                "must be 1-64 printable characters, e.g. \"chatroom:\"",
+            ));
+        }
+        self.token.validate()?;
+        self.discovery.validate()?;
+        self.queue.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chatroom_common::config::load_with_env;
+
+    fn load(env: &[(&str, &str)]) -> Result<LogicConfig, ConfigError> {
+        load_with_env::<LogicConfig>(
+            DEFAULTS,
+            None,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn bad_key(env: &[(&str, &str)]) -> String {
+        match load(env) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            Err(e) => panic!("expected an invalid key for {env:?}, got {e}"),
+            Ok(_) => panic!("expected {env:?} to be rejected"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_standalone() {
+        let cfg = load(&[]).expect("default.toml must load");
+        assert_eq!(cfg.grpc.addr.to_string(), "127.0.0.1:9100");
+        assert_eq!(cfg.http.addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(cfg.http.max_body_bytes, 64 * 1024);
+        assert!(cfg.http.test_token);
+        assert_eq!(cfg.presence.kind, PresenceKind::Memory);
+        assert_eq!(cfg.presence.session_ttl_secs, 90);
+        assert_eq!(cfg.presence.online_ttl_secs, 15);
+        assert_eq!(cfg.presence.prefix, "chatroom:");
+        assert_eq!(cfg.limits.max_message_bytes, 16 * 1024);
+        assert_eq!(cfg.limits.max_room_id_len, 64);
+        assert_eq!(cfg.heartbeat_secs, 30);
+        assert!(matches!(cfg.queue, QueueConfig::Memory { .. }));
+        assert!(matches!(cfg.discovery, DiscoveryConfig::Static { .. }));
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let cfg = load(&[
+            ("CHATROOM__HTTP__ADDR", "0.0.0.0:18081"),
+            ("CHATROOM__HTTP__TEST_TOKEN", "false"),
+            ("CHATROOM__PRESENCE__KIND", "redis"),
+            ("CHATROOM__PRESENCE__URL", "redis://10.0.0.1:6379/2"),
+        ])
+        .expect("overrides are valid");
+        assert_eq!(cfg.http.addr.to_string(), "0.0.0.0:18081");
+        assert!(!cfg.http.test_token);
+        assert_eq!(cfg.presence.kind, PresenceKind::Redis);
+    }
+
+    #[test]
+    fn the_deploy_file_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/logic.toml");
+        let cfg = load_with_env::<LogicConfig>(DEFAULTS, Some(&path), Vec::new())
+            .expect("deploy/logic.toml must be valid");
+        assert_eq!(cfg.presence.kind, PresenceKind::Redis);
+        assert!(matches!(cfg.queue, QueueConfig::Nsq { .. }));
+        assert!(matches!(cfg.discovery, DiscoveryConfig::Etcd { .. }));
+    }
+
+    #[test]
+    fn bad_values_are_reported_by_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("CHATROOM__HTTP__MAX_BODY_BYTES", "10")],
+                "http.max_body_bytes",
+            ),
+            (
+                &[("CHATROOM__LIMITS__MAX_MESSAGE_BYTES", "0")],
+                "limits.max_message_bytes",
+            ),
+            (
+                &[
+                    ("CHATROOM__LIMITS__MAX_MESSAGE_BYTES", "100000"),
+                    ("CHATROOM__HTTP__MAX_BODY_BYTES", "65536"),
+                ],
+                "http.max_body_bytes",
+            ),
+            (
+                &[("CHATROOM__LIMITS__MAX_ROOM_ID_LEN", "0")],
+                "limits.max_room_id_len",
+            ),
+            (&[("CHATROOM__HEARTBEAT_SECS", "0")], "heartbeat_secs"),
+            (
+                &[("CHATROOM__PRESENCE__SESSION_TTL_SECS", "30")],
+                "presence.session_ttl_secs",
+            ),
+            (
+                &[("CHATROOM__PRESENCE__ONLINE_TTL_SECS", "0")],
+                "presence.online_ttl_secs",
+            ),
+            (
+                &[
+                    ("CHATROOM__PRESENCE__KIND", "redis"),
+                    ("CHATROOM__PRESENCE__URL", ""),
+                ],
+                "presence.url",
+            ),
+            (&[("CHATROOM__PRESENCE__PREFIX", "")], "presence.prefix"),
+            (
+                &[("CHATROOM__SHUTDOWN_GRACE_MS", "9999999")],
+                "shutdown_grace_ms",
+            ),
+            (&[("CHATROOM__ID_NODE", "1024")], "id_node"),
+            (&[("CHATROOM__TOKEN__SECRET", "short")], "token.secret"),
+            (&[("CHATROOM__QUEUE__CAPACITY", "0")], "queue.capacity"),
+        ];
+        for (env, key) in cases {
+            assert_eq!(bad_key(env), *key, "for {env:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_kinds_are_refused() {
+        assert!(load(&[("CHATROOM__PRESENCE__KIND", "memcached")]).is_err());
+        let err = load_with_env::<LogicConfig>(
+            &format!("{DEFAULTS}\n[extra]\nx = 1\n"),
+            None,
+            Vec::new(),
+        )
+        .expect_err("unknown section must be refused");
+        assert!(err.to_string().contains("extra"), "{err}");
+    }
+
+    #[test]
+    fn id_node_is_explicit_or_derived() {
+        let mut cfg = load(&[]).expect("defaults");
+        cfg.id_node = 7;
+        assert_eq!(cfg.id_node("x"), 7);
+        cfg.id_node = -1;
+        assert_eq!(cfg.id_node("x"), id::IdGen::node_from_id("x"));
+    }
+}

@@ -1,0 +1,232 @@
+//! Errors: [`LogicError`] stops the node; [`ApiError`] fails one request and
+//! maps to what the client sees — an `Err` code over gRPC, `{code, msg}` over
+//! HTTP — without leaking internals (those go to the log).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chatroom_common::discovery::DiscoveryError;
+use chatroom_common::queue::QueueError;
+use chatroom_common::token::TokenError;
+
+use crate::presence::PresenceError;
+
+/// Why [`crate::run`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogicError {
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("presence store: {0}")]
+    Presence(#[from] PresenceError),
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
+    #[error("{0} task panicked")]
+    Panicked(&'static str),
+}
+
+/// Client `Err` codes used by the gRPC replies (conn forwards them).
+pub mod code {
+    pub const OK: i32 = 0;
+    /// The seed's "login needed".
+    pub const LOGIN_NEEDED: i32 = 100;
+    pub const BAD_ROOM: i32 = 1002;
+    pub const MESSAGE_TOO_LARGE: i32 = 1003;
+    pub const BAD_MESSAGE: i32 = 1004;
+    pub const TRY_AGAIN: i32 = 1005;
+    pub const BAD_REQUEST: i32 = 1006;
+}
+
+/// `code` values of the HTTP API (the seed's).
+pub mod http_code {
+    pub const ERROR: i32 = 0;
+    pub const OK: i32 = 1;
+    pub const LOGIN_NEEDED: i32 = 1001;
+}
+
+/// Why one request failed. `Display` is what the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("login needed: {0}")]
+    LoginNeeded(TokenError),
+    #[error("room id is empty")]
+    EmptyRoom,
+    #[error("room id is longer than {0} bytes")]
+    RoomTooLong(usize),
+    #[error("room id contains control characters")]
+    BadRoomChars,
+    #[error("msg is missing")]
+    MissingMessage,
+    #[error("message is larger than {0} bytes")]
+    MessageTooLarge(usize),
+    #[error("unknown message level {0}")]
+    BadLevel(i32),
+    #[error("uid must be 1-64 printable characters")]
+    BadUid,
+    #[error("invalid request body: {0}")]
+    BadBody(String),
+    #[error(
+        "unsupported content type {0:?}: send application/json or application/x-www-form-urlencoded"
+    )]
+    UnsupportedContentType(String),
+    #[error("request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("server busy, try again")]
+    Busy,
+    #[error("message queue unavailable, try again")]
+    QueueUnavailable(#[source] QueueError),
+    #[error("presence store unavailable, try again")]
+    PresenceUnavailable(#[source] PresenceError),
+    #[error("token could not be issued")]
+    Issue(#[source] TokenError),
+    #[error("test tokens are disabled")]
+    TestTokenDisabled,
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Full => ApiError::Busy,
+            other => ApiError::QueueUnavailable(other),
+        }
+    }
+}
+
+impl From<PresenceError> for ApiError {
+    fn from(e: PresenceError) -> Self {
+        ApiError::PresenceUnavailable(e)
+    }
+}
+
+impl ApiError {
+    /// The `Err` code a gRPC reply carries to the client.
+    pub fn client_code(&self) -> i32 {
+        match self {
+            ApiError::LoginNeeded(_) => code::LOGIN_NEEDED,
+            ApiError::EmptyRoom | ApiError::RoomTooLong(_) | ApiError::BadRoomChars => {
+                code::BAD_ROOM
+            }
+            ApiError::MessageTooLarge(_) => code::MESSAGE_TOO_LARGE,
+            ApiError::MissingMessage | ApiError::BadLevel(_) => code::BAD_MESSAGE,
+            ApiError::Busy | ApiError::QueueUnavailable(_) | ApiError::PresenceUnavailable(_) => {
+                code::TRY_AGAIN
+            }
+            _ => code::BAD_REQUEST,
+        }
+    }
+
+    /// The HTTP API's `code`: 1001 when a (valid) token is needed, else 0.
+    pub fn http_code(&self) -> i32 {
+        match self {
+            ApiError::LoginNeeded(_) => http_code::LOGIN_NEEDED,
+            _ => http_code::ERROR,
+        }
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            ApiError::LoginNeeded(_) => StatusCode::UNAUTHORIZED,
+            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Busy | ApiError::QueueUnavailable(_) | ApiError::PresenceUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Issue(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TestTokenDisabled | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The internal cause, for the log only.
+    pub fn cause(&self) -> Option<String> {
+        match self {
+            ApiError::QueueUnavailable(e) => Some(e.to_string()),
+            ApiError::PresenceUnavailable(e) => Some(e.to_string()),
+            ApiError::Issue(e) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Writes the warning every failed request gets (inside the request's span).
+    pub fn log(&self) {
+        match self.cause() {
+            Some(cause) => tracing::warn!(reason = %self, %cause, "request failed"),
+            None => tracing::warn!(reason = %self, "request failed"),
+        }
+    }
+}
+
+/// The HTTP API's reply: `{code, msg}` or `{code, msg, data}`.
+#[derive(Debug, serde::Serialize)]
+pub struct Reply<T: serde::Serialize> {
+    pub code: i32,
+    pub msg: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<T>,
+}
+
+impl<T: serde::Serialize> Reply<T> {
+    pub fn ok(data: Option<T>) -> Self {
+        Reply {
+            code: http_code::OK,
+            msg: "ok".into(),
+            data,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// Logging is the caller's job (it knows the request's span); this only
+    /// shapes the reply.
+    fn into_response(self) -> Response {
+        let body = Reply::<()> {
+            code: self.http_code(),
+            msg: self.to_string(),
+            data: None,
+        };
+        (self.http_status(), axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internals_stay_out_of_the_client_message() {
+        let e = ApiError::from(QueueError::Nsq(chatroom_common::nsq::NsqError::Server(
+            "E_INTERNAL secret detail".into(),
+        )));
+        assert_eq!(e.to_string(), "message queue unavailable, try again");
+        assert!(e.cause().is_some_and(|c| c.contains("secret detail")));
+        assert_eq!(e.http_status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.client_code(), code::TRY_AGAIN);
+    }
+
+    #[test]
+    fn codes() {
+        let login = ApiError::LoginNeeded(TokenError::Expired);
+        assert_eq!(login.to_string(), "login needed: token has expired");
+        assert_eq!((login.client_code(), login.http_code()), (100, 1001));
+        assert_eq!(login.http_status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            ApiError::from(QueueError::Full).to_string(),
+            "server busy, try again"
+        );
+        assert_eq!(ApiError::EmptyRoom.client_code(), 1002);
+        assert_eq!(ApiError::EmptyRoom.http_code(), 0);
+        assert_eq!(
+            ApiError::BodyTooLarge(1).http_status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}

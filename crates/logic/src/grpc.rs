@@ -1,0 +1,256 @@
+//! The Logic gRPC service conn nodes call: sign-in (token check + presence),
+//! sign-out, heartbeat, room messages from clients, and online counts.
+//!
+//! A problem with what the *client* sent is an answer (`code` + `msg`) that
+//! conn hands to the client; a problem with what *conn* sent (no server id,
+//! no uid) is `INVALID_ARGUMENT`; a failing presence store is `UNAVAILABLE`.
+
+use std::sync::Arc;
+
+use chatroom_common::proto::logic::logic_server::Logic;
+use chatroom_common::proto::logic::{
+    HeartbeatReply, HeartbeatReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq,
+    SignInReply, SignInReq, SignOutReply, SignOutReq,
+};
+use chatroom_common::token::valid_uid;
+use tonic::{Request, Response, Status};
+use tracing::{Span, debug, info, warn};
+
+use crate::app::App;
+use crate::error::{ApiError, code};
+use crate::presence::{RoomCounts, Session};
+
+/// Serves `chatroom.logic.Logic`.
+#[derive(Clone)]
+pub struct LogicService {
+    app: Arc<App>,
+}
+
+impl LogicService {
+    pub fn new(app: Arc<App>) -> Self {
+        LogicService { app }
+    }
+}
+
+/// Server ids become Redis keys and the `<server>|<room>` session value.
+fn check_server(server: &str) -> Result<(), Status> {
+    let ok = !server.is_empty()
+        && server.len() <= 128
+        && server.chars().all(|c| c.is_ascii_graphic() && c != '|')
+        && server != "servers";
+    if ok {
+        Ok(())
+    } else {
+        warn!("bad server id from conn");
+        Err(Status::invalid_argument(
+            "server must be 1-128 printable characters without '|'",
+        ))
+    }
+}
+
+fn check_uid(uid: &str) -> Result<(), Status> {
+    if valid_uid(uid) {
+        Ok(())
+    } else {
+        warn!("bad uid from conn");
+        Err(Status::invalid_argument(
+            "uid must be 1-64 printable characters",
+        ))
+    }
+}
+
+fn check_key(key: &str) -> Result<(), Status> {
+    if !key.is_empty() && key.len() <= 256 {
+        Ok(())
+    } else {
+        warn!("bad session key from conn");
+        Err(Status::invalid_argument("key must be 1-256 bytes"))
+    }
+}
+
+/// A store failure: logged with its cause, the caller only learns "unavailable".
+fn unavailable(e: impl Into<ApiError>) -> Status {
+    let e = e.into();
+    e.log();
+    Status::unavailable(e.to_string())
+}
+
+#[tonic::async_trait]
+impl Logic for LogicService {
+    async fn sign_in(&self, req: Request<SignInReq>) -> Result<Response<SignInReply>, Status> {
+        self.do_sign_in(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn sign_out(&self, req: Request<SignOutReq>) -> Result<Response<SignOutReply>, Status> {
+        self.do_sign_out(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatReq>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        self.do_heartbeat(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn receive(&self, req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
+        self.do_receive(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn report_online(
+        &self,
+        req: Request<ReportOnlineReq>,
+    ) -> Result<Response<ReportOnlineReply>, Status> {
+        self.do_report_online(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+// The work is in inherent methods so `#[instrument]` gives each call a span;
+// fields are recorded only once validated, so a client cannot stuff the log.
+impl LogicService {
+    #[tracing::instrument(name = "grpc.sign_in", skip_all, fields(server, uid, room))]
+    async fn do_sign_in(&self, req: SignInReq) -> Result<SignInReply, Status> {
+        check_server(&req.server)?;
+        Span::current().record("server", req.server.as_str());
+        let checked = self
+            .app
+            .verify(&req.token)
+            .and_then(|uid| self.app.check_room(&req.room_id).map(|()| uid));
+        let uid = match checked {
+            Ok(uid) => uid,
+            Err(e) => {
+                e.log();
+                return Ok(SignInReply {
+                    code: e.client_code(),
+                    msg: e.to_string(),
+                    ..SignInReply::default()
+                });
+            }
+        };
+        let span = Span::current();
+        span.record("uid", uid.as_str());
+        span.record("room", req.room_id.as_str());
+        // Random rather than a counter: unique across logic nodes without
+        // coordination (a clash needs ~2^32 sessions on one conn node).
+        let key = format!("{}-{:016x}", req.server, rand::random::<u64>());
+        let session = Session {
+            uid,
+            key,
+            server: req.server,
+            room: req.room_id,
+        };
+        self.app
+            .presence
+            .sign_in(&session)
+            .await
+            .map_err(unavailable)?;
+        info!(key = %session.key, "signed in");
+        Ok(SignInReply {
+            code: code::OK,
+            msg: "ok".into(),
+            uid: session.uid,
+            key: session.key,
+            heartbeat_secs: self.app.heartbeat_secs,
+        })
+    }
+
+    #[tracing::instrument(name = "grpc.sign_out", skip_all, fields(server, uid))]
+    async fn do_sign_out(&self, req: SignOutReq) -> Result<SignOutReply, Status> {
+        check_server(&req.server)?;
+        check_uid(&req.uid)?;
+        check_key(&req.key)?;
+        Span::current()
+            .record("server", req.server.as_str())
+            .record("uid", req.uid.as_str());
+        self.app
+            .presence
+            .sign_out(&req.uid, &req.key)
+            .await
+            .map_err(unavailable)?;
+        info!(key = %req.key, "signed out");
+        Ok(SignOutReply {})
+    }
+
+    #[tracing::instrument(name = "grpc.heartbeat", skip_all, fields(server, uid))]
+    async fn do_heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
+        check_server(&req.server)?;
+        check_uid(&req.uid)?;
+        check_key(&req.key)?;
+        Span::current()
+            .record("server", req.server.as_str())
+            .record("uid", req.uid.as_str());
+        let known = self
+            .app
+            .presence
+            .heartbeat(&req.uid, &req.key)
+            .await
+            .map_err(unavailable)?;
+        if !known {
+            // Expired (a long pause) or signed in on a node that lost its
+            // state; the connection itself is fine, so do not fail it.
+            debug!(key = %req.key, "heartbeat for an unknown session");
+        }
+        Ok(HeartbeatReply {})
+    }
+
+    #[tracing::instrument(name = "grpc.receive", skip_all, fields(server, uid, room))]
+    async fn do_receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
+        check_server(&req.server)?;
+        check_uid(&req.uid)?;
+        Span::current()
+            .record("server", req.server.as_str())
+            .record("uid", req.uid.as_str());
+        let result = match req.msg {
+            None => Err(ApiError::MissingMessage),
+            Some(m) => {
+                if self.app.check_room(&m.room_id).is_ok() {
+                    Span::current().record("room", m.room_id.as_str());
+                }
+                self.app
+                    .publish(&req.uid, &m.room_id, m.msg_lv, m.data)
+                    .await
+            }
+        };
+        Ok(match result {
+            Ok(id) => ReceiveReply {
+                code: code::OK,
+                msg: "ok".into(),
+                id,
+            },
+            Err(e) => {
+                e.log();
+                ReceiveReply {
+                    code: e.client_code(),
+                    msg: e.to_string(),
+                    id: 0,
+                }
+            }
+        })
+    }
+
+    #[tracing::instrument(name = "grpc.report_online", skip_all, fields(server))]
+    async fn do_report_online(&self, req: ReportOnlineReq) -> Result<ReportOnlineReply, Status> {
+        check_server(&req.server)?;
+        Span::current().record("server", req.server.as_str());
+        let total = req.rooms.len();
+        // Rooms only come from sessions logic accepted, so a bad one means a
+        // confused conn node: skip it rather than refuse the whole report.
+        let rooms: RoomCounts = req
+            .rooms
+            .into_iter()
+            .filter(|(room, _)| self.app.check_room(room).is_ok())
+            .collect();
+        if rooms.len() != total {
+            warn!(skipped = total - rooms.len(), "report had invalid room ids");
+        }
+        let totals = self
+            .app
+            .presence
+            .report_online(&req.server, &rooms)
+            .await
+            .map_err(unavailable)?;
+        debug!(rooms = rooms.len(), "online counts reported");
+        Ok(ReportOnlineReply { rooms: totals })
+    }
+}

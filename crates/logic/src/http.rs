@@ -1,0 +1,236 @@
+//! The HTTP API (the seed's): `POST /msg` pushes an IMPORTANT message to a
+//! room, `POST /tk` hands out a test token. Every reply, errors included, is
+//! JSON `{code, msg}` / `{code, msg, data}` with `code` 1 ok, 0 error, 1001
+//! login needed; the HTTP status says the same thing for tools that look.
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::rejection::FormRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Form, Json, Router};
+use bytes::Bytes;
+use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_common::token::TokenError;
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+use tracing::{Span, info};
+
+use crate::app::App;
+use crate::error::{ApiError, Reply};
+
+/// The routes, with the body limit and JSON fallbacks.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/msg", post(post_msg))
+        .route("/tk", post(post_tk))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Applies to the Json/Form extractors: past it they reject with 413,
+        // which `JsonOrForm` turns into the JSON shape.
+        .layer(DefaultBodyLimit::max(app.max_body_bytes))
+        .with_state(app)
+}
+
+/// A body given as JSON or as a urlencoded form, whichever the
+/// `Content-Type` says; every rejection becomes an [`ApiError`].
+pub struct JsonOrForm<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<App>> for JsonOrForm<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, ApiError> {
+        let content_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let mime = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let too_large = || ApiError::BodyTooLarge(app.max_body_bytes);
+        if mime == "application/json" || mime.ends_with("+json") {
+            let bytes = Bytes::from_request(req, app).await.map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large()
+                } else {
+                    ApiError::BadBody(r.body_text())
+                }
+            })?;
+            // Via `Value` so that only an object is accepted: serde would
+            // otherwise happily read a struct from an array (`["r", "m"]`).
+            let value: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::BadBody(format!("malformed JSON: {e}")))?;
+            if !value.is_object() {
+                return Err(ApiError::BadBody("expected a JSON object".into()));
+            }
+            serde_json::from_value(value)
+                .map(JsonOrForm)
+                .map_err(|e| ApiError::BadBody(e.to_string()))
+        } else if mime == "application/x-www-form-urlencoded" {
+            Form::<T>::from_request(req, app)
+                .await
+                .map(|Form(v)| JsonOrForm(v))
+                .map_err(|r: FormRejection| {
+                    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        too_large()
+                    } else {
+                        ApiError::BadBody(r.body_text())
+                    }
+                })
+        } else {
+            let mut shown = content_type;
+            if shown.len() > 64 {
+                let mut cut = 64;
+                while !shown.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                shown.truncate(cut);
+            }
+            Err(ApiError::UnsupportedContentType(shown))
+        }
+    }
+}
+
+/// A text field that JSON clients may also send as a number (`"room_id": 42`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text, E> {
+                Ok(Text(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn text(t: Option<Text>) -> String {
+    t.map(|t| t.0).unwrap_or_default()
+}
+
+/// `POST /msg` body. Fields are optional so that a missing one gets our own
+/// clear message rather than serde's.
+#[derive(Debug, Deserialize)]
+pub struct MsgBody {
+    #[serde(default)]
+    pub room_id: Option<Text>,
+    #[serde(default)]
+    pub msg: Option<Text>,
+}
+
+/// `POST /tk` body.
+#[derive(Debug, Deserialize)]
+pub struct TkBody {
+    #[serde(default)]
+    pub uid: Option<Text>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MsgData {
+    /// A string: message ids use 63 bits, more than a JavaScript number holds.
+    pub id: String,
+}
+
+/// `Ok` as `{code: 1, msg: "ok", data}`; `Err` logged (in the request's span)
+/// and shaped by [`ApiError`].
+fn respond<T: Serialize>(result: Result<Option<T>, ApiError>) -> Response {
+    match result {
+        Ok(data) => Json(Reply::ok(data)).into_response(),
+        Err(e) => {
+            e.log();
+            e.into_response()
+        }
+    }
+}
+
+#[tracing::instrument(name = "http.msg", skip_all, fields(uid, room))]
+async fn post_msg(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<JsonOrForm<MsgBody>, ApiError>,
+) -> Response {
+    respond(send_msg(&app, &headers, body).await)
+}
+
+async fn send_msg(
+    app: &App,
+    headers: &HeaderMap,
+    body: Result<JsonOrForm<MsgBody>, ApiError>,
+) -> Result<Option<MsgData>, ApiError> {
+    // The token is checked first: without one, nothing about the body matters.
+    let token = match headers.get(AUTHORIZATION) {
+        None => return Err(ApiError::LoginNeeded(TokenError::Empty)),
+        Some(v) => v.to_str().map_err(|_| {
+            ApiError::LoginNeeded(TokenError::Invalid(
+                "authorization header is not text".into(),
+            ))
+        })?,
+    };
+    let uid = app.verify(token)?;
+    Span::current().record("uid", uid.as_str());
+    let JsonOrForm(body) = body?;
+    let room = text(body.room_id);
+    app.check_room(&room)?;
+    Span::current().record("room", room.as_str());
+    let msg = body.msg.ok_or(ApiError::MissingMessage)?.0;
+    let id = app
+        .publish(&uid, &room, MsgLevel::Important as i32, Bytes::from(msg))
+        .await?;
+    info!(id, "message accepted");
+    Ok(Some(MsgData { id: id.to_string() }))
+}
+
+#[tracing::instrument(name = "http.tk", skip_all, fields(uid))]
+async fn post_tk(
+    State(app): State<Arc<App>>,
+    body: Result<JsonOrForm<TkBody>, ApiError>,
+) -> Response {
+    respond(issue_token(&app, body))
+}
+
+fn issue_token(
+    app: &App,
+    body: Result<JsonOrForm<TkBody>, ApiError>,
+) -> Result<Option<String>, ApiError> {
+    if !app.test_token {
+        return Err(ApiError::TestTokenDisabled);
+    }
+    let JsonOrForm(body) = body?;
+    let uid = text(body.uid);
+    let token = app.issue(&uid)?;
+    Span::current().record("uid", uid.as_str());
+    info!("test token issued");
+    Ok(Some(token))
+}
+
+async fn not_found() -> Response {
+    respond::<()>(Err(ApiError::NotFound))
+}
+
+async fn method_not_allowed() -> Response {
+    respond::<()>(Err(ApiError::MethodNotAllowed))
+}

@@ -1,0 +1,270 @@
+//! Redis presence against a real Redis named by `CHATROOM_TEST_REDIS`
+//! (e.g. `redis://127.0.0.1:63790/`). Without it these tests fail: a
+//! silently skipped test would hide a broken cluster mode.
+//! Every test uses its own key prefix and deletes its keys afterwards.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chatroom_common::proto::logic::{HeartbeatReq, ReportOnlineReq, SignInReq, SignOutReq};
+use chatroom_logic::config::{PresenceConfig, PresenceKind};
+use chatroom_logic::presence::{Presence, RoomCounts, Session};
+use redis::AsyncCommands;
+use support::{Node, eventually};
+
+fn redis_url() -> String {
+    std::env::var("CHATROOM_TEST_REDIS").unwrap_or_else(|_| {
+        panic!(
+            "CHATROOM_TEST_REDIS is not set: these tests need a Redis, e.g. \
+             CHATROOM_TEST_REDIS=redis://127.0.0.1:63790/ cargo test -p chatroom-logic"
+        )
+    })
+}
+
+fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("chatroom-test:{test}:{}:{nanos}:", std::process::id())
+}
+
+fn presence_config(prefix: &str, online_ttl_secs: u64) -> PresenceConfig {
+    PresenceConfig {
+        kind: PresenceKind::Redis,
+        url: redis_url(),
+        prefix: prefix.to_string(),
+        session_ttl_secs: 90,
+        online_ttl_secs,
+    }
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("CHATROOM_TEST_REDIS is a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to CHATROOM_TEST_REDIS")
+}
+
+/// Deletes every key under `prefix`.
+async fn cleanup(prefix: &str) {
+    let mut r = raw().await;
+    let keys: Vec<String> = r.keys(format!("{prefix}*")).await.unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = r.del(keys).await;
+    }
+}
+
+fn counts(pairs: &[(&str, u32)]) -> RoomCounts {
+    pairs.iter().map(|(r, n)| (r.to_string(), *n)).collect()
+}
+
+fn session(key: &str, server: &str, room: &str) -> Session {
+    Session {
+        uid: "alice".into(),
+        key: key.into(),
+        server: server.into(),
+        room: room.into(),
+    }
+}
+
+#[tokio::test]
+async fn sessions_live_in_a_user_hash_with_expiry() {
+    let prefix = unique_prefix("sessions");
+    let p = Presence::connect(&presence_config(&prefix, 15))
+        .await
+        .expect("connect to CHATROOM_TEST_REDIS");
+    let mut r = raw().await;
+    let user_key = format!("{prefix}user:alice");
+
+    p.sign_in(&session("k1", "conn-a", "room-1")).await.unwrap();
+    p.sign_in(&session("k2", "conn-b", "room|2")).await.unwrap();
+    let v: String = r.hget(&user_key, "k1").await.unwrap();
+    assert_eq!(v, "conn-a|room-1", "layout is <server>|<room>");
+    let ttl: i64 = r.ttl(&user_key).await.unwrap();
+    assert!((1..=90).contains(&ttl), "the user hash expires (ttl {ttl})");
+    assert_eq!(
+        p.sessions("alice").await.unwrap(),
+        vec![
+            session("k1", "conn-a", "room-1"),
+            session("k2", "conn-b", "room|2")
+        ]
+    );
+
+    // A heartbeat renews the expiry.
+    let _: () = r.expire(&user_key, 5).await.unwrap();
+    assert!(p.heartbeat("alice", "k1").await.unwrap());
+    let ttl: i64 = r.ttl(&user_key).await.unwrap();
+    assert!(ttl > 5, "heartbeat renewed the ttl (now {ttl})");
+    assert!(!p.heartbeat("alice", "unknown").await.unwrap());
+
+    p.sign_out("alice", "k1").await.unwrap();
+    p.sign_out("alice", "k2").await.unwrap();
+    assert!(p.sessions("alice").await.unwrap().is_empty());
+    let exists: bool = r.exists(&user_key).await.unwrap();
+    assert!(!exists, "an empty hash disappears");
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn online_totals_sum_servers_and_drop_expired_ones() {
+    let prefix = unique_prefix("online");
+    let p = Presence::connect(&presence_config(&prefix, 2))
+        .await
+        .expect("connect to CHATROOM_TEST_REDIS");
+    let mut r = raw().await;
+
+    p.report_online("conn-a", &counts(&[("r1", 3), ("r2", 1)]))
+        .await
+        .unwrap();
+    let t = p
+        .report_online("conn-b", &counts(&[("r1", 4), ("r3", 0)]))
+        .await
+        .unwrap();
+    let want: HashMap<String, u64> = [("r1".into(), 7), ("r3".into(), 0)].into();
+    assert_eq!(t, want);
+    let servers: Vec<String> = r.smembers(format!("{prefix}online:servers")).await.unwrap();
+    assert_eq!(servers.len(), 2, "{servers:?}");
+
+    // A new report replaces the old one.
+    let t = p
+        .report_online("conn-a", &counts(&[("r2", 5)]))
+        .await
+        .unwrap();
+    assert_eq!(t["r2"], 5);
+    let t = p
+        .report_online("conn-b", &counts(&[("r1", 4), ("r2", 0)]))
+        .await
+        .unwrap();
+    assert_eq!((t["r1"], t["r2"]), (4, 5));
+
+    // conn-a stops reporting: its hash expires and it leaves the set.
+    eventually("conn-a to expire", || {
+        let p = p.clone();
+        async move {
+            let t = p
+                .report_online("conn-b", &counts(&[("r2", 0)]))
+                .await
+                .ok()?;
+            (t["r2"] == 0).then_some(())
+        }
+    })
+    .await;
+    let servers: Vec<String> = r.smembers(format!("{prefix}online:servers")).await.unwrap();
+    assert!(!servers.contains(&"conn-a".to_string()), "{servers:?}");
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn logic_uses_redis_and_turns_its_failures_into_grpc_errors() {
+    let prefix = unique_prefix("node");
+    let url = redis_url();
+    let node = Node::start(
+        &[
+            ("CHATROOM__PRESENCE__KIND", "redis"),
+            ("CHATROOM__PRESENCE__URL", url.as_str()),
+            ("CHATROOM__PRESENCE__PREFIX", prefix.as_str()),
+        ],
+        16,
+    )
+    .await;
+    let mut c = node.grpc().await;
+    let mut r = raw().await;
+
+    let ok = c
+        .sign_in(SignInReq {
+            server: "conn-1".into(),
+            token: node.token("alice"),
+            room_id: "room-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.code, 0, "{}", ok.msg);
+    let v: Option<String> = r
+        .hget(format!("{prefix}user:alice"), &ok.key)
+        .await
+        .unwrap();
+    assert_eq!(
+        v.as_deref(),
+        Some("conn-1|room-1"),
+        "sign-in is recorded in Redis"
+    );
+    c.heartbeat(HeartbeatReq {
+        server: "conn-1".into(),
+        uid: "alice".into(),
+        key: ok.key.clone(),
+    })
+    .await
+    .unwrap();
+    c.sign_out(SignOutReq {
+        server: "conn-1".into(),
+        uid: "alice".into(),
+        key: ok.key.clone(),
+    })
+    .await
+    .unwrap();
+    let v: Option<String> = r
+        .hget(format!("{prefix}user:alice"), &ok.key)
+        .await
+        .unwrap();
+    assert_eq!(v, None, "sign-out removes it");
+
+    // Make the store fail: a key of the wrong type makes HSET / SADD error.
+    let _: () = r
+        .set(format!("{prefix}user:mallory"), "not a hash")
+        .await
+        .unwrap();
+    let err = c
+        .sign_in(SignInReq {
+            server: "conn-1".into(),
+            token: node.token("mallory"),
+            room_id: "room-1".into(),
+        })
+        .await
+        .expect_err("a failing presence store must fail sign-in");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_eq!(err.message(), "presence store unavailable, try again");
+    let _: () = r
+        .set(format!("{prefix}online:servers"), "not a set")
+        .await
+        .unwrap();
+    let err = c
+        .report_online(ReportOnlineReq {
+            server: "conn-1".into(),
+            rooms: [("room-1".to_string(), 1)].into(),
+        })
+        .await
+        .expect_err("a failing presence store must fail the report");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+
+    // The node is still fine for everyone else.
+    let ok = c
+        .sign_in(SignInReq {
+            server: "conn-1".into(),
+            token: node.token("bob"),
+            room_id: "room-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.code, 0);
+    node.stop().await;
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_stops_start_up_with_an_error() {
+    // Uses the variable like the others so a missing Redis setup is reported.
+    let _ = redis_url();
+    let mut cfg = presence_config("chatroom-test:unreachable:", 15);
+    // Port 1 on localhost: nothing listens there.
+    cfg.url = "redis://127.0.0.1:1/".into();
+    let r = tokio::time::timeout(Duration::from_secs(20), Presence::connect(&cfg))
+        .await
+        .expect("connect gives up in time");
+    assert!(r.is_err());
+}
