@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what is missing (apt-get,
-# as root), starts etcd and Redis on temporary ports and folders, builds the
+# as root), starts etcd, Redis and PostgreSQL on temporary ports and folders, builds the
 # binaries the cluster tests spawn, runs `cargo test --workspace` and the
 # protobuf.js protocol test, then stops everything it started.
 set -euo pipefail
@@ -15,6 +15,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v curl >/dev/null || need+=(curl)
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+[ -n "$(pg_bin)" ] || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -27,8 +29,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 work=$(mktemp -d /tmp/chatroom-test.XXXXXX)
+chmod 755 "$work"
 pids=()
+pg_stop=""
 cleanup() {
+  [ -n "$pg_stop" ] && eval "$pg_stop" >/dev/null 2>&1 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
@@ -62,9 +67,22 @@ pids+=($!)
 wait_for etcd curl -sf "http://127.0.0.1:$etcd_port/health"
 wait_for redis bash -c "exec 3<>/dev/tcp/127.0.0.1/$redis_port && printf 'PING\r\n' >&3 && head -c5 <&3 | grep -q PONG"
 
+log "starting postgresql"
+pg_port=$(free_port)
+pgb=$(pg_bin)
+mkdir -p "$work/pg"
+as_pg() { # PostgreSQL refuses to run as root
+  if [ "$(id -u)" -eq 0 ]; then chown -R postgres "$work/pg"; su postgres -s /bin/sh -c "$*"; else sh -c "$*"; fi
+}
+as_pg "'$pgb/initdb' -D '$work/pg/data' -A trust -U postgres >'$work/pg/initdb.log' 2>&1"
+as_pg "'$pgb/pg_ctl' -D '$work/pg/data' -l '$work/pg/server.log' -w -t 30 \
+  -o \"-p $pg_port -k '$work/pg' -c listen_addresses=127.0.0.1 -c fsync=off\" start >/dev/null"
+pg_stop="as_pg \"'$pgb/pg_ctl' -D '$work/pg/data' -m immediate stop\""
+
 export CHATROOM_TEST_ETCD="http://127.0.0.1:$etcd_port"
 export CHATROOM_TEST_REDIS="redis://127.0.0.1:$redis_port/"
-echo "etcd $CHATROOM_TEST_ETCD, redis $CHATROOM_TEST_REDIS"
+export CHATROOM_TEST_PG="postgres://postgres@127.0.0.1:$pg_port/postgres"
+echo "etcd $CHATROOM_TEST_ETCD, redis $CHATROOM_TEST_REDIS, postgres $CHATROOM_TEST_PG"
 
 log "building"
 cargo build --workspace --bins

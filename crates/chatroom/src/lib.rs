@@ -77,9 +77,12 @@ pub async fn run(mut cfg: StandaloneConfig, listeners: Listeners, shutdown: Canc
         logic: vec![logic_uri],
         conn: vec![],
     };
+    // job addresses user messages by conn node id: name the one conn node.
+    let conn_id = cfg.conn.node.id_or("conn");
+    cfg.conn.node.id = conn_id.clone();
     cfg.job.discovery = DiscoveryConfig::Static {
         logic: vec![],
-        conn: vec![conn_uri],
+        conn: vec![format!("{conn_id}={conn_uri}")],
     };
 
     let logic = tokio::spawn(chatroom_logic::run(

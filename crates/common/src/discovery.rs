@@ -125,13 +125,7 @@ impl Discovery {
                     Service::Logic => logic,
                     Service::Conn => conn,
                 };
-                let nodes = list
-                    .iter()
-                    .map(|u| Node {
-                        id: u.clone(),
-                        uri: normalize_uri(u),
-                    })
-                    .collect();
+                let nodes = list.iter().map(|entry| static_node(entry)).collect();
                 let (tx, rx) = watch::channel(nodes);
                 // Keep the sender alive for as long as the service runs, so
                 // receivers never see a closed channel.
@@ -143,6 +137,21 @@ impl Discovery {
             }
             Discovery::Etcd(e) => e.watch(service, tracker, shutdown).await,
         }
+    }
+}
+
+/// A static entry is `uri` or `id=uri` (so nodes can be addressed by the
+/// same id they report, as in etcd).
+fn static_node(entry: &str) -> Node {
+    match entry.split_once('=') {
+        Some((id, uri)) if !id.contains("://") => Node {
+            id: id.to_string(),
+            uri: normalize_uri(uri),
+        },
+        _ => Node {
+            id: entry.to_string(),
+            uri: normalize_uri(entry),
+        },
     }
 }
 
@@ -389,5 +398,23 @@ async fn watch_loop(
                 Err(e) => warn!(%prefix, error = %e, "etcd list failed; retrying"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_entries() {
+        assert_eq!(
+            static_node("conn-1=127.0.0.1:9000"),
+            Node {
+                id: "conn-1".into(),
+                uri: "http://127.0.0.1:9000".into()
+            }
+        );
+        let n = static_node("http://h:1/?a=b");
+        assert_eq!((n.id.as_str(), n.uri.as_str()), ("http://h:1/?a=b", "http://h:1/?a=b"));
     }
 }

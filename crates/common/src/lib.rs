@@ -7,6 +7,7 @@ pub mod config;
 pub mod discovery;
 pub mod nsq;
 pub mod queue;
+pub mod rooms;
 pub mod telemetry;
 pub mod token;
 

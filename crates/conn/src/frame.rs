@@ -37,7 +37,17 @@ pub fn reply(kind: PackageType, data: impl Into<Bytes>) -> Bytes {
 
 /// `Reply{UNKNOWN, Err{code, msg}}` encoded.
 pub fn err(code: i32, msg: impl Into<String>) -> Bytes {
-    let e = Err { code, msg: msg.into() };
+    err_ref(code, msg, 0)
+}
+
+/// `Reply{UNKNOWN, Err{code, msg, ref_id}}`: an error about the client's
+/// message `ref_id`.
+pub fn err_ref(code: i32, msg: impl Into<String>, ref_id: i64) -> Bytes {
+    let e = Err {
+        code,
+        msg: msg.into(),
+        ref_id,
+    };
     reply(PackageType::Unknown, e.encode_to_vec())
 }
 

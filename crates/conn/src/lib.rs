@@ -4,6 +4,7 @@
 //! merged room batches.
 
 pub mod bucket;
+pub mod chat;
 pub mod config;
 pub mod frame;
 pub mod heartbeat;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use chatroom_common::discovery::{Node, NodesRx};
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::logic::{
-    HeartbeatReply, HeartbeatReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply, SignInReq,
-    SignOutReply, SignOutReq,
+    AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply, PendingReq,
+    ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply, SignInReq, SignOutReply, SignOutReq,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -137,6 +137,30 @@ impl LogicPool {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.report_online(req).await }
+        })
+        .await
+    }
+
+    pub async fn chat(&self, req: ChatReq) -> Result<ChatReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.chat(req).await }
+        })
+        .await
+    }
+
+    pub async fn pending(&self, req: PendingReq) -> Result<PendingReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.pending(req).await }
+        })
+        .await
+    }
+
+    pub async fn ack_pending(&self, req: AckPendingReq) -> Result<AckPendingReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.ack_pending(req).await }
         })
         .await
     }

@@ -1,21 +1,42 @@
-//! The gRPC service job calls: one merged batch in, one encoded frame queued
-//! on every session of the room.
+//! The gRPC service job calls: merged room batches, IM messages to users or
+//! to everyone, and live room joins. Each push is encoded once and every
+//! session gets a clone of the same bytes.
 
 use std::sync::Arc;
 
 use chatroom_common::proto::conn::conn_server::Conn;
-use chatroom_common::proto::conn::{PushRoomReply, PushRoomReq};
-use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_common::proto::conn::{
+    JoinRoomReply, JoinRoomReq, PushAllReq, PushKind, PushRoomReply, PushRoomReq, PushUsersReply, PushUsersReq,
+};
+use chatroom_common::proto::protocol::{ChatMsg, MsgLevel};
+use prost::Message as _;
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::bucket::Buckets;
+use crate::chat::ChatFrame;
 use crate::frame;
+use crate::room::{PushStats, Pushed};
 use crate::stats::Stats;
 
 pub struct PushService {
     pub buckets: Arc<Buckets>,
     pub stats: Arc<Stats>,
+}
+
+fn chat_frames(items: impl Iterator<Item = ChatMsg>) -> Pushed {
+    let frames: Vec<ChatFrame> = items.map(|m| ChatFrame::new(&m)).collect();
+    Pushed::Chat(frames.into())
+}
+
+impl PushService {
+    fn done(&self, st: PushStats) -> PushUsersReply {
+        self.stats.record_push(st);
+        PushUsersReply {
+            delivered: st.delivered,
+            dropped: st.dropped + st.disconnected,
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -26,14 +47,55 @@ impl Conn for PushService {
             return Err(Status::invalid_argument("room_id is empty"));
         }
         let level = MsgLevel::try_from(req.level).unwrap_or(MsgLevel::Normal);
-        // Encoded once; every session gets a clone of the same bytes.
-        let frame = frame::room_batch(&req.room_id, level, req.batch);
-        let st = self.buckets.push_room(&req.room_id, &frame, level);
-        self.stats.record_push(st);
-        debug!(room = %req.room_id, delivered = st.delivered, dropped = st.dropped, "pushed");
+        let pushed = if req.kind == PushKind::Chat as i32 {
+            let mut msgs = Vec::new();
+            for item in chatroom_common::batch::decode(&req.batch) {
+                let item = item.map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+                match ChatMsg::decode(item) {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => warn!(room = %req.room_id, error = %e, "undecodable chat message in batch skipped"),
+                }
+            }
+            chat_frames(msgs.into_iter())
+        } else {
+            Pushed::Frame(frame::room_batch(&req.room_id, level, req.batch))
+        };
+        let st = self.buckets.push_room(&req.room_id, &pushed, level);
+        let r = self.done(st);
+        debug!(room = %req.room_id, delivered = r.delivered, dropped = r.dropped, "pushed");
         Ok(Response::new(PushRoomReply {
-            delivered: st.delivered,
-            dropped: st.dropped + st.disconnected,
+            delivered: r.delivered,
+            dropped: r.dropped,
         }))
+    }
+
+    async fn push_users(&self, req: Request<PushUsersReq>) -> Result<Response<PushUsersReply>, Status> {
+        let req = req.into_inner();
+        let msg = req.msg.ok_or_else(|| Status::invalid_argument("msg is missing"))?;
+        let pushed = chat_frames(std::iter::once(msg));
+        let st = self.buckets.push_users(&req.uids, &pushed, MsgLevel::Important);
+        Ok(Response::new(self.done(st)))
+    }
+
+    async fn push_all(&self, req: Request<PushAllReq>) -> Result<Response<PushUsersReply>, Status> {
+        let msg = req.into_inner().msg.ok_or_else(|| Status::invalid_argument("msg is missing"))?;
+        let pushed = chat_frames(std::iter::once(msg));
+        let st = self.buckets.push_all(&pushed, MsgLevel::Important);
+        info!(delivered = st.delivered, "broadcast pushed");
+        Ok(Response::new(self.done(st)))
+    }
+
+    async fn join_room(&self, req: Request<JoinRoomReq>) -> Result<Response<JoinRoomReply>, Status> {
+        let req = req.into_inner();
+        if req.uid.is_empty() || req.room.is_empty() {
+            return Err(Status::invalid_argument("uid and room are required"));
+        }
+        let mut n = 0;
+        for s in self.buckets.sessions_of(&req.uid) {
+            self.buckets.join_session(&req.room, &s);
+            n += 1;
+        }
+        debug!(uid = %req.uid, room = %req.room, sessions = n, "live sessions joined room");
+        Ok(Response::new(JoinRoomReply { sessions: n }))
     }
 }

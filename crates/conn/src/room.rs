@@ -2,18 +2,26 @@
 //! that pushes go through.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
+
+use crate::chat::ChatFrame;
 
 /// What a session's writer task sends.
 #[derive(Debug)]
 pub enum Outbound {
-    /// An encoded `Reply`, shared by every session it goes to.
+    /// An encoded `Reply` (binary frame), shared by every session it goes to.
     Frame(Bytes),
+    /// A JSON text frame.
+    Text(Utf8Bytes),
+    /// IM messages, each encoded once per encoding; the writer sends the
+    /// one its session speaks.
+    Chat(Arc<[ChatFrame]>),
     /// Send a close frame with this code and reason, then stop.
     Close(u16, &'static str),
 }
@@ -25,6 +33,46 @@ pub struct SessionTx {
     pub tx: mpsc::Sender<Outbound>,
     /// Cancelled to disconnect the session (slow consumer, shutdown).
     pub kill: CancellationToken,
+    /// Signed-in user ("" until signed in).
+    pub uid: String,
+    /// Rooms the session is in (its sign-in room, communities, joins).
+    pub rooms: Mutex<Vec<String>>,
+}
+
+impl SessionTx {
+    pub fn new(id: u64, tx: mpsc::Sender<Outbound>, kill: CancellationToken, uid: String) -> Self {
+        SessionTx {
+            id,
+            tx,
+            kill,
+            uid,
+            rooms: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn rooms(&self) -> MutexGuard<'_, Vec<String>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a pushed frame without waiting: a full queue drops a NORMAL
+    /// frame and disconnects the session for an IMPORTANT one (it is too
+    /// slow to be trusted with messages that must arrive).
+    pub fn push(&self, out: Outbound, level: MsgLevel) -> PushStats {
+        let mut st = PushStats::default();
+        match self.tx.try_send(out) {
+            Ok(()) => st.delivered += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => match level {
+                MsgLevel::Normal => st.dropped += 1,
+                MsgLevel::Important => {
+                    st.disconnected += 1;
+                    self.kill.cancel();
+                }
+            },
+            // The session is ending; it leaves its rooms by itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        st
+    }
 }
 
 /// Counts from one push, summed over buckets.
@@ -68,25 +116,29 @@ impl Room {
         self.members.is_empty()
     }
 
-    /// Queues `frame` on every member without ever waiting: a full queue
-    /// drops a NORMAL frame, and disconnects the session for an IMPORTANT one
-    /// (it is too slow to be trusted with messages that must arrive).
-    pub fn push(&self, frame: &Bytes, level: MsgLevel) -> PushStats {
+    /// Queues `out` on every member without ever waiting (see
+    /// [`SessionTx::push`]).
+    pub fn push(&self, out: &Pushed, level: MsgLevel) -> PushStats {
         let mut st = PushStats::default();
         for s in self.members.values() {
-            match s.tx.try_send(Outbound::Frame(frame.clone())) {
-                Ok(()) => st.delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => match level {
-                    MsgLevel::Normal => st.dropped += 1,
-                    MsgLevel::Important => {
-                        st.disconnected += 1;
-                        s.kill.cancel();
-                    }
-                },
-                // The session is ending; it leaves the room by itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
+            st += s.push(out.outbound(), level);
         }
         st
+    }
+}
+
+/// A push shared by many sessions; cloning it clones reference counts only.
+#[derive(Debug, Clone)]
+pub enum Pushed {
+    Frame(Bytes),
+    Chat(Arc<[ChatFrame]>),
+}
+
+impl Pushed {
+    pub fn outbound(&self) -> Outbound {
+        match self {
+            Pushed::Frame(b) => Outbound::Frame(b.clone()),
+            Pushed::Chat(c) => Outbound::Chat(c.clone()),
+        }
     }
 }

@@ -1,15 +1,22 @@
 //! One WebSocket connection: the handshake, sign-in, then a reader task
 //! (this one) and a writer task over a bounded queue. When either ends, the
 //! other is stopped.
+//!
+//! Two endpoints share this one session model (a user and a set of rooms):
+//! `/room` speaks binary protobuf frames (the seed's protocol plus the IM
+//! `CHAT` extension), `/chat?id=&token=` speaks the IM seed's JSON text
+//! frames. The encodings only differ at the edge (`Edge`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatroom_common::proto::logic::{HeartbeatReq, ReceiveReq, SignInReq, SignOutReq};
-use chatroom_common::proto::protocol::{BroadcastRoomReq, PackageType, Req, SignIn};
+use chatroom_common::proto::logic::{
+    AckPendingReq, ChatReq, HeartbeatReq, PendingReq, ReceiveReq, SignInReq, SignOutReq,
+};
+use chatroom_common::proto::protocol::{BroadcastRoomReq, ChatMsg, PackageType, Req, SignIn};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -17,47 +24,124 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::http::{StatusCode, Uri};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Ctx;
+use crate::chat::{self, ChatFrame, Encoding};
 use crate::frame::{self, code};
 use crate::heartbeat::Heartbeat;
 use crate::room::{Outbound, SessionTx};
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// Pending messages fetched per call when a user comes online.
+const PENDING_PAGE: u32 = 200;
+
+/// Which endpoint the client opened.
+enum Endpoint {
+    Room,
+    Chat { id: String, token: String },
+}
+
 /// A signed-in session's identity.
 struct Identity {
     uid: String,
     key: String,
-    room: String,
+    /// The sign-in room (`/room`), the only one MESSAGE may address.
+    room: Option<String>,
+}
+
+/// The session's side of the writer queue, speaking its encoding.
+struct Edge {
+    tx: mpsc::Sender<Outbound>,
+    enc: Encoding,
+}
+
+impl Edge {
+    async fn out(&self, o: Outbound) -> Result<(), ()> {
+        self.tx.send(o).await.map_err(|_| ())
+    }
+
+    async fn binary(&self, b: Bytes) -> Result<(), ()> {
+        self.out(Outbound::Frame(b)).await
+    }
+
+    /// An error answer: `Reply{UNKNOWN, Err}` or `{"cmd":21,...}`.
+    async fn err(&self, code: i32, msg: impl Into<String>, ref_id: i64) -> Result<(), ()> {
+        let msg = msg.into();
+        match self.enc {
+            Encoding::Protobuf => self.binary(frame::err_ref(code, msg, ref_id)).await,
+            Encoding::Json => self.out(Outbound::Text(chat::error_json(code, &msg, ref_id))).await,
+        }
+    }
+
+    /// Answers with an error and closes (policy violation).
+    async fn refuse(&self, code: i32, msg: impl Into<String>) {
+        let _ = self.err(code, msg, 0).await;
+        let _ = self.out(Outbound::Close(1008, "sign-in failed")).await;
+    }
 }
 
 /// Serves one accepted TCP connection until it ends or `shutdown` fires.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken) {
     let span = info_span!("session", %peer, id, uid = tracing::field::Empty, room = tracing::field::Empty);
     async move {
-        let ws = match handshake(stream, &ctx).await {
-            Ok(ws) => ws,
+        let (ws, endpoint) = match handshake(stream, &ctx).await {
+            Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "websocket handshake failed");
                 return;
             }
         };
         ctx.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        run_session(ws, ctx.clone(), id, shutdown).await;
+        run_session(ws, endpoint, ctx.clone(), id, shutdown).await;
         ctx.stats.sessions.fetch_sub(1, Ordering::Relaxed);
     }
     .instrument(span)
     .await
 }
 
-async fn handshake(stream: TcpStream, ctx: &Ctx) -> Result<Ws, WsError> {
+fn query_param(uri: &Uri, name: &str) -> String {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+        .unwrap_or_default()
+}
+
+/// Decodes `%XX` and `+` in a query value; bad escapes are kept as they are.
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(x) => {
+                        out.push(x);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handshake(stream: TcpStream, ctx: &Ctx) -> Result<(Ws, Endpoint), WsError> {
     let _ = stream.set_nodelay(true);
     let w = &ctx.cfg.ws;
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
@@ -66,69 +150,95 @@ async fn handshake(stream: TcpStream, ctx: &Ctx) -> Result<Ws, WsError> {
         .max_write_buffer_size(w.max_write_buffer_bytes)
         .max_message_size(Some(w.max_frame_bytes))
         .max_frame_size(Some(w.max_frame_bytes));
+    let seen: Arc<Mutex<Option<Uri>>> = Arc::default();
+    let seen2 = seen.clone();
     // The callback's signature is tungstenite's; its large Err is not ours to shrink.
     #[allow(clippy::result_large_err)]
-    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() == "/room" {
-            Ok(resp)
-        } else {
-            let mut r = ErrorResponse::new(Some("not found: the WebSocket endpoint is /room".into()));
-            *r.status_mut() = StatusCode::NOT_FOUND;
-            Err(r)
+    let check_path = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        match req.uri().path() {
+            "/room" | "/chat" => {
+                *seen2.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.uri().clone());
+                Ok(resp)
+            }
+            _ => {
+                let mut r = ErrorResponse::new(Some("not found: the WebSocket endpoints are /room and /chat".into()));
+                *r.status_mut() = StatusCode::NOT_FOUND;
+                Err(r)
+            }
         }
     };
     let timeout = Duration::from_millis(ctx.cfg.ws.sign_in_timeout_ms);
-    match tokio::time::timeout(
+    let ws = match tokio::time::timeout(
         timeout,
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config)),
     )
     .await
     {
-        Ok(r) => r,
-        Err(_) => Err(WsError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "handshake timed out",
-        ))),
-    }
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(WsError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "handshake timed out",
+            )));
+        }
+    };
+    let uri = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let endpoint = match uri {
+        Some(u) if u.path() == "/chat" => Endpoint::Chat {
+            id: query_param(&u, "id"),
+            token: query_param(&u, "token"),
+        },
+        _ => Endpoint::Room,
+    };
+    Ok((ws, endpoint))
 }
 
-async fn run_session(ws: Ws, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken) {
+async fn run_session(ws: Ws, endpoint: Endpoint, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken) {
     let (sink, mut stream) = ws.split();
     let (tx, rx) = mpsc::channel(ctx.cfg.ws.send_queue);
     let kill = shutdown.child_token();
     let ping = Duration::from_secs(ctx.cfg.ws.ping_secs);
-    let writer = tokio::spawn(write_loop(sink, rx, kill.clone(), shutdown.clone(), ping).in_current_span());
+    let enc = match endpoint {
+        Endpoint::Room => Encoding::Protobuf,
+        Endpoint::Chat { .. } => Encoding::Json,
+    };
+    let writer = tokio::spawn(write_loop(sink, rx, enc, kill.clone(), shutdown.clone(), ping).in_current_span());
+    let edge = Edge { tx, enc };
 
-    let me = Arc::new(SessionTx {
-        id,
-        tx: tx.clone(),
-        kill: kill.clone(),
-    });
-    if let Some(who) = sign_in(&mut stream, &tx, &ctx, &kill).await {
+    let signed = match endpoint {
+        Endpoint::Room => sign_in_room(&mut stream, &edge, &ctx, &kill).await,
+        Endpoint::Chat { id, token } => sign_in_chat(id, token, &edge, &ctx).await,
+    };
+    if let Some((who, extra_rooms)) = signed {
         let span = tracing::Span::current();
         span.record("uid", who.uid.as_str());
-        span.record("room", who.room.as_str());
-        ctx.buckets.join(&who.room, me.clone());
-        info!("signed in");
-        read_loop(&mut stream, &tx, &ctx, &who, &kill).await;
-        ctx.buckets.leave(&who.room, id);
+        span.record("room", who.room.as_deref().unwrap_or(""));
+        let me = Arc::new(SessionTx::new(id, edge.tx.clone(), kill.clone(), who.uid.clone()));
+        ctx.buckets.register(me.clone());
+        for room in who.room.iter().chain(extra_rooms.iter()) {
+            ctx.buckets.join_session(room, &me);
+        }
+        info!(rooms = me.rooms().len(), "signed in");
+        if deliver_pending(&ctx, &who, &edge).await.is_ok() {
+            read_loop(&mut stream, &edge, &ctx, &who, &kill).await;
+        }
+        ctx.buckets.unregister(&me);
         sign_out(&ctx, who);
     }
     // With every sender gone the writer sends what is queued (an Err and a
     // close frame, say) and stops; give it a moment, then force it.
-    drop(tx);
-    drop(me);
+    drop(edge);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     kill.cancel();
 }
 
-/// Reads the first frame, which must be SIGN_IN, and asks logic about it.
-async fn sign_in(
+/// `/room`: the first frame must be SIGN_IN; logic rules on it.
+async fn sign_in_room(
     stream: &mut SplitStream<Ws>,
-    tx: &mpsc::Sender<Outbound>,
+    edge: &Edge,
     ctx: &Ctx,
     kill: &CancellationToken,
-) -> Option<Identity> {
+) -> Option<(Identity, Vec<String>)> {
     let limit = Duration::from_millis(ctx.cfg.ws.sign_in_timeout_ms);
     let first = tokio::select! {
         _ = kill.cancelled() => return None,
@@ -137,12 +247,12 @@ async fn sign_in(
     let data = match first {
         Err(_) => {
             info!("no sign-in within the deadline; closing");
-            refuse(tx, code::LOGIN_NEEDED, "login needed: sign in first").await;
+            edge.refuse(code::LOGIN_NEEDED, "login needed: sign in first").await;
             return None;
         }
-        Ok(Incoming::Data(d)) => d,
+        Ok(Incoming::Binary(d)) => d,
         Ok(other) => {
-            reject_incoming(tx, ctx, other, "before sign-in").await;
+            reject_incoming(edge, ctx, other, true).await;
             return None;
         }
     };
@@ -151,129 +261,268 @@ async fn sign_in(
         Err(e) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "malformed frame before sign-in");
-            refuse(tx, code::BAD_REQUEST, format!("malformed Req frame: {e}")).await;
+            edge.refuse(code::BAD_REQUEST, format!("malformed Req frame: {e}")).await;
             return None;
         }
     };
     if req.r#type != PackageType::SignIn as i32 {
         warn!(kind = %frame::type_name(req.r#type), "frame before sign-in");
         let msg = format!("login needed: sign in before {}", frame::type_name(req.r#type));
-        refuse(tx, code::LOGIN_NEEDED, msg).await;
+        edge.refuse(code::LOGIN_NEEDED, msg).await;
         return None;
     }
     let sign = match SignIn::decode(req.data) {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "malformed SignIn");
-            refuse(tx, code::BAD_REQUEST, format!("malformed SignIn: {e}")).await;
+            edge.refuse(code::BAD_REQUEST, format!("malformed SignIn: {e}")).await;
             return None;
         }
     };
     if sign.room_id.is_empty() {
         warn!("sign-in with an empty room id");
-        refuse(tx, code::BAD_REQUEST, "room id is empty").await;
+        edge.refuse(code::BAD_REQUEST, "room id is empty").await;
         return None;
     }
     let req = SignInReq {
         server: ctx.server.clone(),
         token: sign.token,
         room_id: sign.room_id.clone(),
+        uid: String::new(),
     };
-    let reply = match ctx
-        .logic
-        .sign_in(req)
-        .await
-    {
+    let (who, rooms) = ask_logic(ctx, edge, req, Some(sign.room_id)).await?;
+    edge.binary(frame::err(code::OK, "ok")).await.ok()?;
+    Some((who, rooms))
+}
+
+/// `/chat?id=&token=`: the query carries the credentials.
+async fn sign_in_chat(id: String, token: String, edge: &Edge, ctx: &Ctx) -> Option<(Identity, Vec<String>)> {
+    if token.is_empty() {
+        warn!("chat connection without a token");
+        edge.refuse(code::LOGIN_NEEDED, "login needed: token is missing").await;
+        return None;
+    }
+    let req = SignInReq {
+        server: ctx.server.clone(),
+        token,
+        room_id: String::new(),
+        uid: id,
+    };
+    let (who, rooms) = ask_logic(ctx, edge, req, None).await?;
+    edge.out(Outbound::Text(chat::welcome_json(&who.uid))).await.ok()?;
+    Some((who, rooms))
+}
+
+async fn ask_logic(
+    ctx: &Ctx,
+    edge: &Edge,
+    req: SignInReq,
+    room: Option<String>,
+) -> Option<(Identity, Vec<String>)> {
+    let reply = match ctx.logic.sign_in(req).await {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e.message(), "logic sign-in call failed");
-            refuse(tx, code::UNAVAILABLE, "sign-in service unavailable, try again").await;
+            edge.refuse(code::UNAVAILABLE, "sign-in service unavailable, try again").await;
             return None;
         }
     };
     if reply.code != code::OK {
         info!(code = reply.code, msg = %reply.msg, "sign-in refused");
-        refuse(tx, reply.code, reply.msg).await;
+        edge.refuse(reply.code, reply.msg).await;
         return None;
     }
-    if send(tx, frame::err(code::OK, "ok")).await.is_err() {
-        return None;
+    Some((
+        Identity {
+            uid: reply.uid,
+            key: reply.key,
+            room,
+        },
+        reply.rooms,
+    ))
+}
+
+/// Hands what was stored for the user while offline to this session,
+/// oldest first, then tells logic it may forget it.
+async fn deliver_pending(ctx: &Ctx, who: &Identity, edge: &Edge) -> Result<(), ()> {
+    if who.uid.parse::<i64>().is_err() {
+        return Ok(()); // not an IM user: nothing is ever stored for it
     }
-    Some(Identity {
-        uid: reply.uid,
-        key: reply.key,
-        room: sign.room_id,
-    })
+    loop {
+        let req = PendingReq {
+            uid: who.uid.clone(),
+            limit: PENDING_PAGE,
+        };
+        let page = match ctx.logic.pending(req).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e.message(), "fetching offline messages failed; they stay stored");
+                return Ok(());
+            }
+        };
+        let Some(upto) = page.msgs.last().map(|m| m.id) else {
+            return Ok(());
+        };
+        let n = page.msgs.len();
+        let frames: Vec<ChatFrame> = page.msgs.iter().map(ChatFrame::new).collect();
+        edge.out(Outbound::Chat(frames.into())).await?;
+        info!(messages = n, "offline messages delivered");
+        let ack = AckPendingReq {
+            uid: who.uid.clone(),
+            upto_id: upto,
+        };
+        if let Err(e) = ctx.logic.ack_pending(ack).await {
+            warn!(error = %e.message(), "acknowledging offline messages failed; they may come again");
+            return Ok(());
+        }
+        if !page.more {
+            return Ok(());
+        }
+    }
 }
 
 /// Serves a signed-in session's frames until it ends.
-async fn read_loop(
-    stream: &mut SplitStream<Ws>,
-    tx: &mpsc::Sender<Outbound>,
-    ctx: &Ctx,
-    who: &Identity,
-    kill: &CancellationToken,
-) {
+async fn read_loop(stream: &mut SplitStream<Ws>, edge: &Edge, ctx: &Ctx, who: &Identity, kill: &CancellationToken) {
     let mut hb = Heartbeat::new(Duration::from_secs(ctx.cfg.ws.heartbeat_secs), ctx.cfg.ws.heartbeat_misses);
     loop {
         let got = tokio::select! {
             _ = kill.cancelled() => return,
             r = tokio::time::timeout(hb.idle_limit(), next_data(stream)) => r,
         };
-        let data = match got {
+        let incoming = match got {
             Err(_) => {
                 info!(limit = ?hb.idle_limit(), "client silent too long; closing");
-                let _ = tx.send(Outbound::Close(1000, "heartbeat timeout")).await;
+                let _ = edge.out(Outbound::Close(1000, "heartbeat timeout")).await;
                 return;
             }
-            Ok(Incoming::Data(d)) => d,
-            Ok(other) => {
-                if reject_incoming(tx, ctx, other, "").await {
-                    continue;
-                }
-                return;
-            }
+            Ok(i) => i,
         };
-        let req = match Req::decode(data) {
-            Ok(r) => r,
-            Err(e) => {
-                ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "malformed frame");
-                if send(tx, frame::err(code::BAD_REQUEST, format!("malformed Req frame: {e}"))).await.is_err() {
-                    return;
-                }
-                continue;
-            }
+        let ok = match (edge.enc, incoming) {
+            (Encoding::Protobuf, Incoming::Binary(data)) => on_binary(edge, ctx, who, &mut hb, data).await,
+            (Encoding::Json, Incoming::Text(text)) => on_json(edge, ctx, who, &mut hb, text).await,
+            (_, other) => reject_incoming(edge, ctx, other, false).await,
         };
-        let answer = match PackageType::try_from(req.r#type) {
-            Ok(PackageType::Heartbeat) => {
-                if hb.should_renew(tokio::time::Instant::now()) {
-                    renew(ctx, who);
-                }
-                Some(frame::reply(PackageType::Heartbeat, Bytes::from_static(b"pong")))
-            }
-            Ok(PackageType::Message) => on_message(ctx, who, req.data).await,
-            Ok(PackageType::Members) => {
-                let n = ctx.online.total(&who.room, ctx.buckets.count(&who.room));
-                Some(frame::reply(PackageType::Members, n.to_string()))
-            }
-            Ok(PackageType::SignIn) => {
-                warn!("second sign-in on a signed-in session");
-                Some(frame::err(code::CONFLICT, "already signed in"))
-            }
-            Ok(PackageType::Unknown) | Err(_) => {
-                ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                warn!(kind = req.r#type, "unknown package type");
-                Some(frame::err(
-                    code::UNKNOWN_TYPE,
-                    format!("unknown package type {}", frame::type_name(req.r#type)),
-                ))
-            }
-        };
-        if let Some(a) = answer
-            && send(tx, a).await.is_err()
-        {
+        if !ok {
             return;
+        }
+    }
+}
+
+/// One protobuf `Req`; false when the session must end.
+async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, data: Bytes) -> bool {
+    let req = match Req::decode(data) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "malformed frame");
+            return edge.err(code::BAD_REQUEST, format!("malformed Req frame: {e}"), 0).await.is_ok();
+        }
+    };
+    let answer = match PackageType::try_from(req.r#type) {
+        Ok(PackageType::Heartbeat) => {
+            beat(ctx, who, hb);
+            Some(frame::reply(PackageType::Heartbeat, Bytes::from_static(b"pong")))
+        }
+        Ok(PackageType::Message) => on_message(ctx, who, req.data).await,
+        Ok(PackageType::Members) => Some(match &who.room {
+            Some(room) => {
+                let n = ctx.online.total(room, ctx.buckets.count(room));
+                frame::reply(PackageType::Members, n.to_string())
+            }
+            None => frame::err(code::BAD_REQUEST, "this session has no room"),
+        }),
+        Ok(PackageType::Chat) => {
+            return match ChatMsg::decode(req.data) {
+                Ok(m) => send_chat(edge, ctx, who, m).await,
+                Err(e) => {
+                    ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "malformed ChatMsg");
+                    edge.err(code::BAD_REQUEST, format!("malformed ChatMsg: {e}"), 0).await.is_ok()
+                }
+            };
+        }
+        Ok(PackageType::SignIn) => {
+            warn!("second sign-in on a signed-in session");
+            Some(frame::err(code::CONFLICT, "already signed in"))
+        }
+        Ok(PackageType::Unknown | PackageType::ChatAck) | Err(_) => {
+            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            warn!(kind = req.r#type, "unknown package type");
+            Some(frame::err(
+                code::UNKNOWN_TYPE,
+                format!("unknown package type {}", frame::type_name(req.r#type)),
+            ))
+        }
+    };
+    match answer {
+        Some(a) => edge.binary(a).await.is_ok(),
+        None => true,
+    }
+}
+
+/// One JSON text frame in the IM seed's format; false when the session must end.
+async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, text: Utf8Bytes) -> bool {
+    let m = match chat::parse_json(text.as_str()) {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "malformed JSON message");
+            return edge.err(code::BAD_REQUEST, e, 0).await.is_ok();
+        }
+    };
+    match m.cmd {
+        chat::cmd::HEARTBEAT => {
+            beat(ctx, who, hb);
+            edge.out(Outbound::Text(chat::pong_json())).await.is_ok()
+        }
+        chat::cmd::SINGLE | chat::cmd::COMMUNITY => send_chat(edge, ctx, who, m.into()).await,
+        other => {
+            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            warn!(cmd = other, "unknown cmd");
+            edge.err(code::UNKNOWN_TYPE, format!("unknown cmd {other}"), m.id).await.is_ok()
+        }
+    }
+}
+
+fn beat(ctx: &Ctx, who: &Identity, hb: &mut Heartbeat) {
+    if hb.should_renew(tokio::time::Instant::now()) {
+        renew(ctx, who);
+    }
+}
+
+/// An IM message from this session: logic checks, stores and routes it;
+/// the session gets an ack naming it, or an error naming the client's id.
+async fn send_chat(edge: &Edge, ctx: &Ctx, who: &Identity, msg: ChatMsg) -> bool {
+    let client_id = msg.id;
+    if msg.cmd == chat::cmd::HEARTBEAT && edge.enc == Encoding::Protobuf {
+        return edge.err(code::BAD_REQUEST, "use HEARTBEAT frames", client_id).await.is_ok();
+    }
+    let req = ChatReq {
+        server: ctx.server.clone(),
+        uid: who.uid.clone(),
+        msg: Some(msg),
+    };
+    match ctx.logic.chat(req).await {
+        Ok(r) if r.code == code::OK => {
+            let Some(ack) = r.ack else {
+                warn!("logic accepted a chat message without an ack");
+                return true;
+            };
+            let out = match edge.enc {
+                Encoding::Protobuf => Outbound::Frame(chat::ack_proto(&ack)),
+                Encoding::Json => Outbound::Text(chat::ack_json(&ack)),
+            };
+            edge.out(out).await.is_ok()
+        }
+        Ok(r) => {
+            info!(code = r.code, msg = %r.msg, "chat message refused");
+            edge.err(r.code, r.msg, client_id).await.is_ok()
+        }
+        Err(e) => {
+            warn!(error = %e.message(), "logic chat call failed");
+            edge.err(code::UNAVAILABLE, "message service unavailable, try again", client_id)
+                .await
+                .is_ok()
         }
     }
 }
@@ -289,9 +538,12 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
             return Some(frame::err(code::BAD_REQUEST, format!("malformed BroadcastRoomReq: {e}")));
         }
     };
+    let Some(room) = &who.room else {
+        return Some(frame::err(code::BAD_REQUEST, "this session has no room"));
+    };
     if msg.room_id.is_empty() {
-        msg.room_id = who.room.clone();
-    } else if msg.room_id != who.room {
+        msg.room_id = room.clone();
+    } else if &msg.room_id != room {
         warn!(target_room = %msg.room_id, "message to a room the session is not in");
         return Some(frame::err(code::FORBIDDEN, format!("not in room {}", msg.room_id)));
     }
@@ -300,11 +552,7 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
         uid: who.uid.clone(),
         msg: Some(msg),
     };
-    match ctx
-        .logic
-        .receive(req)
-        .await
-    {
+    match ctx.logic.receive(req).await {
         Ok(r) if r.code == code::OK => None,
         Ok(r) => {
             info!(code = r.code, msg = %r.msg, "message refused by logic");
@@ -319,8 +567,8 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
 
 /// What the reader got from the socket.
 enum Incoming {
-    Data(Bytes),
-    Text,
+    Binary(Bytes),
+    Text(Utf8Bytes),
     TooLarge,
     Closed,
 }
@@ -328,8 +576,8 @@ enum Incoming {
 async fn next_data(stream: &mut SplitStream<Ws>) -> Incoming {
     loop {
         match stream.next().await {
-            Some(Ok(Message::Binary(b))) => return Incoming::Data(b),
-            Some(Ok(Message::Text(_))) => return Incoming::Text,
+            Some(Ok(Message::Binary(b))) => return Incoming::Binary(b),
+            Some(Ok(Message::Text(t))) => return Incoming::Text(t),
             // tungstenite answers pings itself; pongs only prove liveness.
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
             Some(Ok(Message::Close(_))) | None => return Incoming::Closed,
@@ -345,41 +593,31 @@ async fn next_data(stream: &mut SplitStream<Ws>) -> Incoming {
     }
 }
 
-/// Answers a non-data event; true if the session may go on.
-async fn reject_incoming(tx: &mpsc::Sender<Outbound>, ctx: &Ctx, what: Incoming, when: &str) -> bool {
-    match what {
-        Incoming::Data(_) | Incoming::Closed => false,
-        Incoming::Text => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-            warn!("text frame {when}");
-            let e = frame::err(code::BAD_REQUEST, "text frames are not supported: send binary protobuf Req frames");
-            if when.is_empty() {
-                send(tx, e).await.is_ok()
-            } else {
-                let _ = send(tx, e).await;
-                let _ = tx.send(Outbound::Close(1003, "unsupported data")).await;
-                false
-            }
-        }
-        Incoming::TooLarge => {
+/// Answers a frame of the wrong kind, or a size violation; true if the
+/// session may go on.
+async fn reject_incoming(edge: &Edge, ctx: &Ctx, what: Incoming, before_sign_in: bool) -> bool {
+    let wrong = match (edge.enc, &what) {
+        (_, Incoming::Closed) => return false,
+        (_, Incoming::TooLarge) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(max = ctx.cfg.ws.max_frame_bytes, "frame over the size limit; closing");
             let msg = format!("frame larger than {} bytes", ctx.cfg.ws.max_frame_bytes);
-            let _ = send(tx, frame::err(code::TOO_LARGE, msg)).await;
-            let _ = tx.send(Outbound::Close(1009, "frame too large")).await;
-            false
+            let _ = edge.err(code::TOO_LARGE, msg, 0).await;
+            let _ = edge.out(Outbound::Close(1009, "frame too large")).await;
+            return false;
         }
+        (Encoding::Protobuf, Incoming::Text(_)) => "text frames are not supported here: send binary protobuf Req frames",
+        (Encoding::Json, Incoming::Binary(_)) => "binary frames are not supported here: send JSON text frames",
+        _ => "unexpected frame",
+    };
+    ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+    warn!(before_sign_in, "{wrong}");
+    let _ = edge.err(code::BAD_REQUEST, wrong, 0).await;
+    if before_sign_in {
+        let _ = edge.out(Outbound::Close(1003, "unsupported data")).await;
+        return false;
     }
-}
-
-async fn send(tx: &mpsc::Sender<Outbound>, frame: Bytes) -> Result<(), ()> {
-    tx.send(Outbound::Frame(frame)).await.map_err(|_| ())
-}
-
-/// Answers with an `Err` and closes (policy violation).
-async fn refuse(tx: &mpsc::Sender<Outbound>, code: i32, msg: impl Into<String>) {
-    let _ = send(tx, frame::err(code, msg)).await;
-    let _ = tx.send(Outbound::Close(1008, "sign-in failed")).await;
+    true
 }
 
 fn renew(ctx: &Ctx, who: &Identity) {
@@ -420,6 +658,7 @@ fn sign_out(ctx: &Ctx, who: Identity) {
 async fn write_loop(
     mut sink: SplitSink<Ws, Message>,
     mut rx: mpsc::Receiver<Outbound>,
+    enc: Encoding,
     kill: CancellationToken,
     shutdown: CancellationToken,
     ping: Duration,
@@ -431,7 +670,7 @@ async fn write_loop(
             reason: reason.into(),
         }))
     };
-    loop {
+    'outer: loop {
         let out = tokio::select! {
             biased;
             _ = kill.cancelled() => {
@@ -451,41 +690,65 @@ async fn write_loop(
                 continue;
             }
         };
-        match out {
-            Some(Outbound::Frame(b)) => {
-                if sink.feed(Message::Binary(b)).await.is_err() {
-                    break;
+        let mut next = out;
+        // Feed everything already queued, then flush once.
+        loop {
+            match next {
+                Some(Outbound::Close(c, r)) => {
+                    let _ = sink.flush().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close(c, r))).await;
+                    break 'outer;
                 }
-                let mut closing = None;
-                while let Ok(more) = rx.try_recv() {
-                    match more {
-                        Outbound::Frame(b) => {
-                            if sink.feed(Message::Binary(b)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Outbound::Close(c, r) => {
-                            closing = Some((c, r));
-                            break;
-                        }
+                Some(o) => {
+                    if feed(&mut sink, o, enc).await.is_err() {
+                        break 'outer;
                     }
                 }
-                if sink.flush().await.is_err() {
-                    break;
-                }
-                if let Some((c, r)) = closing {
-                    let _ = sink.send(close(c, r)).await;
-                    break;
-                }
+                None => break 'outer,
             }
-            Some(Outbound::Close(c, r)) => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close(c, r))).await;
-                break;
+            match rx.try_recv() {
+                Ok(o) => next = Some(o),
+                Err(_) => break,
             }
-            None => break,
+        }
+        if sink.flush().await.is_err() {
+            break;
         }
     }
     // Whatever ended the writer ends the reader too.
     kill.cancel();
     let _ = sink.close().await;
+}
+
+async fn feed(sink: &mut SplitSink<Ws, Message>, o: Outbound, enc: Encoding) -> Result<(), WsError> {
+    match o {
+        Outbound::Frame(b) => sink.feed(Message::Binary(b)).await,
+        Outbound::Text(t) => sink.feed(Message::Text(t)).await,
+        Outbound::Chat(frames) => {
+            for f in frames.iter() {
+                let m = match enc {
+                    Encoding::Protobuf => Message::Binary(f.proto.clone()),
+                    Encoding::Json => Message::Text(f.json.clone()),
+                };
+                sink.feed(m).await?;
+            }
+            Ok(())
+        }
+        Outbound::Close(..) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_decoded() {
+        let u: Uri = "/chat?id=12&token=a%2Eb+c&x".parse().unwrap();
+        assert_eq!(query_param(&u, "id"), "12");
+        assert_eq!(query_param(&u, "token"), "a.b c");
+        assert_eq!(query_param(&u, "missing"), "");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%41%"), "A%");
+    }
 }

@@ -26,16 +26,32 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushKind, PushUsersReq};
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::queue::Delivery;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{self, Metrics};
 
+/// What a batch asks of a conn node.
+#[derive(Debug)]
+pub enum Target {
+    /// `PushRoom` of `data` with this kind (opaque payloads or ChatMsgs).
+    Room(PushKind),
+    /// `PushUsers`: one IM message to some users' sessions.
+    Users(PushUsersReq),
+    /// `PushAll`: an operator broadcast.
+    All(PushAllReq),
+    /// `JoinRoom`: a user's live sessions join a room.
+    Join(JoinRoomReq),
+}
+
 /// One flushed batch, encoded once and shared by every node worker.
 #[derive(Debug)]
 pub struct Batch {
+    /// The room, or a label of the direct message, for logs.
     pub room_id: String,
+    pub target: Target,
     pub level: MsgLevel,
     /// `|len1|data1|len2|data2|...`; every node gets a clone of these bytes.
     pub data: Bytes,
@@ -46,8 +62,23 @@ pub struct Batch {
 
 impl Batch {
     pub fn new(room_id: String, level: MsgLevel, data: Bytes, messages: usize) -> Self {
+        let kind = if chatroom_common::rooms::is_community(&room_id) {
+            PushKind::Chat
+        } else {
+            PushKind::Room
+        };
+        Self::with_target(room_id, Target::Room(kind), level, data, messages)
+    }
+
+    /// A batch of one direct (not room-batched) queue message.
+    pub fn direct(label: String, target: Target) -> Self {
+        Self::with_target(label, target, MsgLevel::Important, Bytes::new(), 1)
+    }
+
+    fn with_target(room_id: String, target: Target, level: MsgLevel, data: Bytes, messages: usize) -> Self {
         Batch {
             room_id,
+            target,
             level,
             data,
             messages,

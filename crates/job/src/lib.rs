@@ -32,7 +32,10 @@ use bytes::Bytes;
 use chatroom_common::config::Validate;
 use chatroom_common::discovery::{Discovery, NodesRx, Service};
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::proto::queue::RoomMsg;
+use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushUsersReq};
+use chatroom_common::proto::queue::QueueMsg;
+use chatroom_common::proto::queue::queue_msg::Body;
+use chatroom_common::rooms;
 use chatroom_common::queue::{Delivery, MemoryQueue, Subscriber};
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -41,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::ack::{Batch, Target};
 use crate::batcher::Batcher;
 use crate::config::BatchConfig;
 pub use crate::config::{DEFAULT_CONFIG, JobConfig};
@@ -148,12 +152,76 @@ pub async fn run_with_metrics(
     batching.map_err(JobError::from)
 }
 
-/// One decoded room message with its queue delivery.
+/// One decoded queue message with its delivery.
 struct Incoming {
-    room_id: String,
-    level: MsgLevel,
-    data: Bytes,
+    route: Route,
     delivery: Delivery,
+}
+
+/// Where a queue message goes.
+enum Route {
+    /// A room message, batched per room.
+    Room {
+        room_id: String,
+        level: MsgLevel,
+        data: Bytes,
+    },
+    /// An IM message to users, a broadcast or a live join: pushed at once to
+    /// the nodes named (`None`: all nodes).
+    Direct {
+        batch: Box<Batch>,
+        nodes: Option<Vec<String>>,
+    },
+}
+
+/// Routes a queue message, or says why it cannot be handled (it is then
+/// finished, never requeued: a poison message would loop).
+fn classify(msg: QueueMsg) -> Result<Route, String> {
+    let Some(body) = msg.body else {
+        return Err("empty QueueMsg".into());
+    };
+    Ok(match body {
+        Body::Room(m) => {
+            if m.room_id.is_empty() {
+                return Err("no room_id".into());
+            }
+            // Community rooms carry only IM messages, and IM messages only
+            // go to community rooms: conn renders them differently.
+            if m.chat != rooms::is_community(&m.room_id) {
+                return Err(format!("chat flag {} does not match room {}", m.chat, m.room_id));
+            }
+            // Unknown (future) levels are treated as NORMAL.
+            let level = MsgLevel::try_from(m.level).unwrap_or(MsgLevel::Normal);
+            Route::Room {
+                room_id: m.room_id,
+                level,
+                data: m.data,
+            }
+        }
+        Body::User(u) => {
+            let Some(msg) = u.msg else {
+                return Err("UserMsg without msg".into());
+            };
+            let label = format!("users:{}", u.uids.join(","));
+            let req = PushUsersReq { uids: u.uids, msg: Some(msg) };
+            Route::Direct {
+                batch: Box::new(Batch::direct(label, Target::Users(req))),
+                nodes: Some(u.servers),
+            }
+        }
+        Body::Broadcast(b) => Route::Direct {
+            batch: Box::new(Batch::direct("broadcast".into(), Target::All(PushAllReq { msg: b.msg }))),
+            nodes: None,
+        },
+        Body::Join(j) => {
+            let label = format!("join:{}:{}", j.uid, j.room);
+            let req = JoinRoomReq { uid: j.uid, room: j.room };
+            Route::Direct {
+                batch: Box::new(Batch::direct(label, Target::Join(req))),
+                nodes: Some(j.servers),
+            }
+        }
+    })
 }
 
 /// Queue -> batcher. Ends when the subscriber is drained after shutdown.
@@ -162,15 +230,14 @@ async fn consume(mut sub: Subscriber, tx: mpsc::Sender<Incoming>, metrics: Arc<M
     while let Some(delivery) = sub.next().await {
         metrics::inc(&metrics.received);
         // Decoding from `Bytes` slices `data` out of the body without a copy.
-        let msg = match RoomMsg::decode(delivery.body.clone()) {
-            Ok(m) if !m.room_id.is_empty() => m,
-            bad => {
-                // Finished, never requeued: a poison message would loop.
+        let routed = QueueMsg::decode(delivery.body.clone())
+            .map_err(|e| e.to_string())
+            .and_then(classify);
+        let route = match routed {
+            Ok(r) => r,
+            Err(why) => {
                 metrics::inc(&metrics.undecodable);
                 if let Some(suppressed) = poison_log.allow() {
-                    let why = bad
-                        .err()
-                        .map_or_else(|| "no room_id".to_owned(), |e| e.to_string());
                     warn!(error = %why, bytes = delivery.body.len(), attempts = delivery.attempts,
                         suppressed, "undecodable queue message dropped");
                 }
@@ -178,15 +245,7 @@ async fn consume(mut sub: Subscriber, tx: mpsc::Sender<Incoming>, metrics: Arc<M
                 continue;
             }
         };
-        // Unknown (future) levels are treated as NORMAL.
-        let level = MsgLevel::try_from(msg.level).unwrap_or(MsgLevel::Normal);
-        let incoming = Incoming {
-            room_id: msg.room_id,
-            level,
-            data: msg.data,
-            delivery,
-        };
-        if let Err(mpsc::error::SendError(lost)) = tx.send(incoming).await {
+        if let Err(mpsc::error::SendError(lost)) = tx.send(Incoming { route, delivery }).await {
             // The batching task is gone (it only ends after us unless it
             // crashed); give the message back rather than lose it.
             lost.delivery.requeue(Duration::ZERO);
@@ -220,7 +279,12 @@ async fn batch_loop(
         }
         tokio::select! {
             m = rx.recv() => match m {
-                Some(m) => batcher.push(Instant::now(), &m.room_id, m.level, &m.data, m.delivery, &mut out),
+                Some(Incoming { route: Route::Room { room_id, level, data }, delivery }) => {
+                    batcher.push(Instant::now(), &room_id, level, &data, delivery, &mut out);
+                }
+                Some(Incoming { route: Route::Direct { batch, nodes }, delivery }) => {
+                    pool.dispatch_direct(*batch, delivery, nodes.as_deref());
+                }
                 None => break,
             },
             () = &mut sleep, if deadline.is_some() => batcher.flush_expired(Instant::now(), &mut out),

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, error, info, warn};
 
-use crate::ack::{Batch, Outcome, Ticket};
+use crate::ack::{Batch, Outcome, Target, Ticket};
 use crate::config::{INITIAL_BACKOFF, PushConfig};
 use crate::metrics::{self, Metrics};
 use crate::throttle::LogThrottle;
@@ -186,22 +186,46 @@ impl Worker {
         Ok(())
     }
 
-    /// One `PushRoom` call; `Err(Stopped)` if the worker was stopped first.
+    /// The push the batch asks for, as `(delivered, dropped)` sessions.
+    async fn call(mut c: ConnClient<Channel>, batch: &Batch) -> Result<(u32, u32), tonic::Status> {
+        match &batch.target {
+            Target::Room(kind) => {
+                let req = PushRoomReq {
+                    room_id: batch.room_id.clone(),
+                    level: batch.level as i32,
+                    // A clone of the shared bytes, not a copy.
+                    batch: batch.data.clone(),
+                    kind: *kind as i32,
+                };
+                let PushRoomReply { delivered, dropped } = c.push_room(req).await?.into_inner();
+                Ok((delivered, dropped))
+            }
+            Target::Users(req) => {
+                let r = c.push_users(req.clone()).await?.into_inner();
+                Ok((r.delivered, r.dropped))
+            }
+            Target::All(req) => {
+                let r = c.push_all(req.clone()).await?.into_inner();
+                Ok((r.delivered, r.dropped))
+            }
+            Target::Join(req) => {
+                let r = c.join_room(req.clone()).await?.into_inner();
+                Ok((r.sessions, 0))
+            }
+        }
+    }
+
+    /// One push call; `Err(Stopped)` if the worker was stopped first.
     async fn push(&mut self, batch: &Batch) -> Result<Result<(), tonic::Status>, Stopped> {
-        let req = PushRoomReq {
-            room_id: batch.room_id.clone(),
-            level: batch.level as i32,
-            // A clone of the shared bytes, not a copy.
-            batch: batch.data.clone(),
-        };
+        // Clients are cheap handles on one channel.
+        let client = self.client.clone();
         let res = tokio::select! {
             biased;
             _ = self.stop.cancelled() => return Err(Stopped),
-            res = self.client.push_room(req) => res,
+            res = Self::call(client, batch) => res,
         };
         Ok(match res {
-            Ok(reply) => {
-                let PushRoomReply { delivered, dropped } = reply.into_inner();
+            Ok((delivered, dropped)) => {
                 metrics::inc(&self.metrics.pushes_ok);
                 metrics::add(&self.metrics.sessions_delivered, u64::from(delivered));
                 metrics::add(&self.metrics.sessions_dropped, u64::from(dropped));

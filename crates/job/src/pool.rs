@@ -144,6 +144,19 @@ impl Pool {
         debug!(room = %room_id, ?level, ?reason, messages = tokens.len(), bytes = data.len(),
             nodes = self.nodes.len(), "batch flushed");
         let batch = Arc::new(Batch::new(room_id, level, data, tokens.len()));
+        self.hand_off(batch, tokens, None);
+    }
+
+    /// Hands one direct message (to users, to all, a live join) to the
+    /// nodes named in `only` — the ones its users are on — or to all.
+    pub fn dispatch_direct(&mut self, batch: Batch, delivery: Delivery, only: Option<&[String]>) {
+        metrics::inc(&self.metrics.batches);
+        debug!(what = %batch.room_id, nodes = ?only, "direct message");
+        self.hand_off(Arc::new(batch), vec![delivery], only);
+    }
+
+    fn hand_off(&mut self, batch: Arc<Batch>, tokens: Vec<Delivery>, only: Option<&[String]>) {
+        let level = batch.level;
         let pending = Pending::new(
             batch.clone(),
             tokens,
@@ -151,6 +164,9 @@ impl Pool {
             self.metrics.clone(),
         );
         for (id, h) in &mut self.nodes {
+            if only.is_some_and(|o| !o.iter().any(|n| n == id)) {
+                continue;
+            }
             let nb = NodeBatch {
                 batch: batch.clone(),
                 ticket: Ticket::new(&pending),

@@ -13,9 +13,12 @@ use bytes::Bytes;
 use chatroom_common::batch::decode;
 use chatroom_common::config::{DiscoveryConfig, QueueConfig, load_with_env};
 use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
-use chatroom_common::proto::conn::{PushRoomReply, PushRoomReq};
+use chatroom_common::proto::conn::{
+    JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushUsersReply, PushUsersReq,
+};
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::proto::queue::RoomMsg;
+use chatroom_common::proto::queue::queue_msg::Body;
+use chatroom_common::proto::queue::{QueueMsg, RoomMsg};
 use chatroom_common::queue::{MemoryQueue, Publisher};
 use chatroom_job::{DEFAULT_CONFIG, JobConfig, JobError, Metrics, run_with_metrics};
 use prost::Message as _;
@@ -104,6 +107,37 @@ impl Conn for Svc {
             dropped: 0,
         }))
     }
+
+    async fn push_users(&self, req: Request<PushUsersReq>) -> Result<Response<PushUsersReply>, Status> {
+        let req = req.into_inner();
+        let content = req.msg.map(|m| m.content).unwrap_or_default();
+        self.record(format!("users:{}", req.uids.join(",")), content);
+        Ok(Response::new(PushUsersReply { delivered: 1, dropped: 0 }))
+    }
+
+    async fn push_all(&self, req: Request<PushAllReq>) -> Result<Response<PushUsersReply>, Status> {
+        let content = req.into_inner().msg.map(|m| m.content).unwrap_or_default();
+        self.record("all".into(), content);
+        Ok(Response::new(PushUsersReply { delivered: 1, dropped: 0 }))
+    }
+
+    async fn join_room(&self, req: Request<JoinRoomReq>) -> Result<Response<JoinRoomReply>, Status> {
+        let req = req.into_inner();
+        self.record(format!("join:{}", req.uid), req.room);
+        Ok(Response::new(JoinRoomReply { sessions: 1 }))
+    }
+}
+
+impl Svc {
+    /// Direct pushes are recorded as one IMPORTANT message to a pseudo-room.
+    fn record(&self, room: String, msg: String) {
+        self.state.calls.fetch_add(1, Ordering::SeqCst);
+        self.state.got.lock().unwrap().push(Got {
+            room,
+            level: MsgLevel::Important,
+            msgs: vec![msg],
+        });
+    }
 }
 
 /// A conn node's gRPC server that records what job pushes to it.
@@ -178,16 +212,20 @@ pub fn config(conn: Vec<String>) -> JobConfig {
 }
 
 pub fn room_msg(room: &str, level: MsgLevel, data: &str) -> Bytes {
-    RoomMsg {
+    let m = RoomMsg {
         id: 0,
         room_id: room.into(),
         level: level as i32,
         data: Bytes::copy_from_slice(data.as_bytes()),
         uid: "u".into(),
         ts_ms: 0,
-    }
-    .encode_to_vec()
-    .into()
+        chat: false,
+    };
+    queue_msg(Body::Room(m))
+}
+
+pub fn queue_msg(body: Body) -> Bytes {
+    QueueMsg { body: Some(body) }.encode_to_vec().into()
 }
 
 /// A job running on its own memory queue.

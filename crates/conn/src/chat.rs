@@ -1,0 +1,248 @@
+//! IM messages at the edge: the seed's JSON `Message` used on `/chat`, its
+//! protobuf twin `ChatMsg` used on `/room`, and frames built once per push
+//! in both encodings so every session takes the one it speaks.
+
+use bytes::Bytes;
+use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, PackageType};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::frame;
+
+/// `cmd` values of JSON frames. 0, 10 and 11 are the seed's.
+pub mod cmd {
+    pub const HEARTBEAT: i32 = 0;
+    pub const SINGLE: i32 = 10;
+    pub const COMMUNITY: i32 = 11;
+    pub const BROADCAST: i32 = 12;
+    /// Server -> client: the answer to a message this session sent.
+    pub const ACK: i32 = 20;
+    /// Server -> client: an error.
+    pub const ERROR: i32 = 21;
+    /// Server -> client: signed in.
+    pub const WELCOME: i32 = 22;
+}
+
+/// How a session's frames are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Binary protobuf `Reply` frames (`/room`).
+    Protobuf,
+    /// Text JSON frames in the IM seed's format (`/chat`).
+    Json,
+}
+
+/// The seed's JSON message (`{id, userid, dstid, cmd, media, content, pic,
+/// url, memo, amount}`); `createat` is added on the way out.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JsonMsg {
+    #[serde(skip_serializing_if = "is_zero")]
+    pub id: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub userid: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dstid: i64,
+    pub cmd: i32,
+    #[serde(skip_serializing_if = "is_zero32")]
+    pub media: i32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub content: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub pic: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub memo: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub amount: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub createat: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+fn is_zero32(v: &i32) -> bool {
+    *v == 0
+}
+
+impl From<JsonMsg> for ChatMsg {
+    fn from(m: JsonMsg) -> Self {
+        ChatMsg {
+            id: m.id,
+            userid: m.userid,
+            dstid: m.dstid,
+            cmd: m.cmd,
+            media: m.media,
+            content: m.content,
+            pic: m.pic,
+            url: m.url,
+            memo: m.memo,
+            amount: m.amount,
+            created_ms: 0,
+        }
+    }
+}
+
+impl From<&ChatMsg> for JsonMsg {
+    fn from(m: &ChatMsg) -> Self {
+        JsonMsg {
+            id: m.id,
+            userid: m.userid,
+            dstid: m.dstid,
+            cmd: m.cmd,
+            media: m.media,
+            content: m.content.clone(),
+            pic: m.pic.clone(),
+            url: m.url.clone(),
+            memo: m.memo.clone(),
+            amount: m.amount,
+            createat: m.created_ms,
+        }
+    }
+}
+
+/// Parses a client's JSON text frame.
+pub fn parse_json(text: &str) -> Result<JsonMsg, String> {
+    // serde would also take a JSON array for a struct; a message is an object.
+    if !text.trim_start().starts_with('{') {
+        return Err("malformed message JSON: expected an object".into());
+    }
+    serde_json::from_str::<JsonMsg>(text).map_err(|e| format!("malformed message JSON: {e}"))
+}
+
+/// One pushed IM message, encoded once per encoding.
+#[derive(Debug, Clone)]
+pub struct ChatFrame {
+    /// `Reply{CHAT, ChatMsg}`.
+    pub proto: Bytes,
+    /// The JSON message.
+    pub json: Utf8Bytes,
+}
+
+impl ChatFrame {
+    pub fn new(m: &ChatMsg) -> Self {
+        ChatFrame {
+            proto: frame::reply(PackageType::Chat, m.encode_to_vec()),
+            json: json_text(&JsonMsg::from(m)),
+        }
+    }
+}
+
+fn json_text(v: &impl Serialize) -> Utf8Bytes {
+    // Serializing plain structs and maps of strings and numbers cannot fail.
+    Utf8Bytes::from(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
+}
+
+#[derive(Serialize)]
+struct JsonAck<'a> {
+    cmd: i32,
+    id: i64,
+    cid: i64,
+    dstid: i64,
+    target: i32,
+    status: &'a str,
+    content: &'a str,
+    createat: i64,
+}
+
+/// The ack for a sent message: the seed hub's "success send" / "not online".
+pub fn ack_json(a: &ChatAck) -> Utf8Bytes {
+    let stored = a.status == ChatStatus::Stored as i32;
+    json_text(&JsonAck {
+        cmd: cmd::ACK,
+        id: a.id,
+        cid: a.client_id,
+        dstid: a.dstid,
+        target: a.cmd,
+        status: if stored { "stored" } else { "delivered" },
+        content: if stored { "not online" } else { "success send" },
+        createat: a.created_ms,
+    })
+}
+
+pub fn ack_proto(a: &ChatAck) -> Bytes {
+    frame::reply(PackageType::ChatAck, a.encode_to_vec())
+}
+
+#[derive(Serialize)]
+struct JsonErr<'a> {
+    cmd: i32,
+    code: i32,
+    msg: &'a str,
+    #[serde(skip_serializing_if = "is_zero")]
+    cid: i64,
+}
+
+pub fn error_json(code: i32, msg: &str, cid: i64) -> Utf8Bytes {
+    json_text(&JsonErr {
+        cmd: cmd::ERROR,
+        code,
+        msg,
+        cid,
+    })
+}
+
+pub fn pong_json() -> Utf8Bytes {
+    Utf8Bytes::from_static(r#"{"cmd":0,"content":"pong"}"#)
+}
+
+pub fn welcome_json(uid: &str) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Welcome<'a> {
+        cmd: i32,
+        code: i32,
+        msg: &'a str,
+        userid: &'a str,
+    }
+    json_text(&Welcome {
+        cmd: cmd::WELCOME,
+        code: 0,
+        msg: "ok",
+        userid: uid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_json_round_trip() {
+        let m = parse_json(r#"{"id":1,"userid":2,"dstid":3,"cmd":10,"media":1,"content":"hello"}"#).unwrap();
+        let c: ChatMsg = m.clone().into();
+        assert_eq!((c.id, c.dstid, c.cmd, c.media, c.content.as_str()), (1, 3, 10, 1, "hello"));
+        let back: JsonMsg = (&c).into();
+        assert_eq!(back, m);
+        let f = ChatFrame::new(&ChatMsg { created_ms: 9, ..c });
+        let v: serde_json::Value = serde_json::from_str(f.json.as_str()).unwrap();
+        assert_eq!(v["content"], "hello");
+        assert_eq!(v["createat"], 9);
+        assert!(v.get("pic").is_none(), "empty fields are omitted: {v}");
+    }
+
+    #[test]
+    fn bad_json_is_an_error_not_a_panic() {
+        for bad in ["", "{", "[]", r#"{"cmd":"ten"}"#, r#"{"amount":1e999}"#] {
+            assert!(parse_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ack_texts() {
+        let a = ChatAck {
+            id: 5,
+            client_id: 1,
+            dstid: 3,
+            cmd: 10,
+            status: ChatStatus::Stored as i32,
+            created_ms: 7,
+        };
+        let v: serde_json::Value = serde_json::from_str(ack_json(&a).as_str()).unwrap();
+        assert_eq!((v["cmd"].as_i64(), v["content"].as_str()), (Some(20), Some("not online")));
+        let e: serde_json::Value = serde_json::from_str(error_json(403, "not friends", 1).as_str()).unwrap();
+        assert_eq!((e["code"].as_i64(), e["cid"].as_i64()), (Some(403), Some(1)));
+    }
+}
