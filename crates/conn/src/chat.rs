@@ -6,7 +6,6 @@ use bytes::Bytes;
 use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, PackageType};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::frame;
 
@@ -118,8 +117,8 @@ pub fn parse_json(text: &str) -> Result<JsonMsg, String> {
 pub struct ChatFrame {
     /// `Reply{CHAT, ChatMsg}`.
     pub proto: Bytes,
-    /// The JSON message.
-    pub json: Utf8Bytes,
+    /// The JSON message (UTF-8).
+    pub json: Bytes,
 }
 
 impl ChatFrame {
@@ -131,9 +130,9 @@ impl ChatFrame {
     }
 }
 
-fn json_text(v: &impl Serialize) -> Utf8Bytes {
+fn json_text(v: &impl Serialize) -> Bytes {
     // Serializing plain structs and maps of strings and numbers cannot fail.
-    Utf8Bytes::from(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
+    Bytes::from(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
 }
 
 #[derive(Serialize)]
@@ -149,7 +148,7 @@ struct JsonAck<'a> {
 }
 
 /// The ack for a sent message: the seed hub's "success send" / "not online".
-pub fn ack_json(a: &ChatAck) -> Utf8Bytes {
+pub fn ack_json(a: &ChatAck) -> Bytes {
     let stored = a.status == ChatStatus::Stored as i32;
     json_text(&JsonAck {
         cmd: cmd::ACK,
@@ -176,7 +175,7 @@ struct JsonErr<'a> {
     cid: i64,
 }
 
-pub fn error_json(code: i32, msg: &str, cid: i64) -> Utf8Bytes {
+pub fn error_json(code: i32, msg: &str, cid: i64) -> Bytes {
     json_text(&JsonErr {
         cmd: cmd::ERROR,
         code,
@@ -185,11 +184,11 @@ pub fn error_json(code: i32, msg: &str, cid: i64) -> Utf8Bytes {
     })
 }
 
-pub fn pong_json() -> Utf8Bytes {
-    Utf8Bytes::from_static(r#"{"cmd":0,"content":"pong"}"#)
+pub fn pong_json() -> Bytes {
+    Bytes::from_static(br#"{"cmd":0,"content":"pong"}"#)
 }
 
-pub fn welcome_json(uid: &str) -> Utf8Bytes {
+pub fn welcome_json(uid: &str) -> Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         cmd: i32,
@@ -217,7 +216,7 @@ mod tests {
         let back: JsonMsg = (&c).into();
         assert_eq!(back, m);
         let f = ChatFrame::new(&ChatMsg { created_ms: 9, ..c });
-        let v: serde_json::Value = serde_json::from_str(f.json.as_str()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&f.json).unwrap();
         assert_eq!(v["content"], "hello");
         assert_eq!(v["createat"], 9);
         assert!(v.get("pic").is_none(), "empty fields are omitted: {v}");
@@ -240,9 +239,9 @@ mod tests {
             status: ChatStatus::Stored as i32,
             created_ms: 7,
         };
-        let v: serde_json::Value = serde_json::from_str(ack_json(&a).as_str()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&ack_json(&a)).unwrap();
         assert_eq!((v["cmd"].as_i64(), v["content"].as_str()), (Some(20), Some("not online")));
-        let e: serde_json::Value = serde_json::from_str(error_json(403, "not friends", 1).as_str()).unwrap();
+        let e: serde_json::Value = serde_json::from_slice(&error_json(403, "not friends", 1)).unwrap();
         assert_eq!((e["code"].as_i64(), e["cid"].as_i64()), (Some(403), Some(1)));
     }
 }

@@ -48,12 +48,9 @@ pub struct WsConfig {
     pub max_connections: usize,
     /// Largest client frame/message accepted.
     pub max_frame_bytes: usize,
-    /// Initial read buffer per connection (tungstenite's default is 128 KiB).
+    /// Read chunk while a client is sending; an idle session holds no
+    /// read buffer at all.
     pub read_buffer_bytes: usize,
-    /// Bytes buffered before a write is flushed to the socket.
-    pub write_buffer_bytes: usize,
-    /// Hard cap on a connection's unsent bytes.
-    pub max_write_buffer_bytes: usize,
     /// Outbound frames queued per session; past this NORMAL pushes are dropped.
     pub send_queue: usize,
     /// A client must sign in within this time.
@@ -69,15 +66,10 @@ pub struct WsConfig {
 impl Validate for ConnConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let w = &self.ws;
-        let checks: [(&str, bool, &str); 10] = [
+        let checks: [(&str, bool, &str); 9] = [
             ("ws.max_connections", w.max_connections > 0, "must be > 0"),
             ("ws.max_frame_bytes", (64..=16 << 20).contains(&w.max_frame_bytes), "must be 64..=16777216"),
             ("ws.read_buffer_bytes", (256..=1 << 20).contains(&w.read_buffer_bytes), "must be 256..=1048576"),
-            (
-                "ws.max_write_buffer_bytes",
-                w.max_write_buffer_bytes > w.write_buffer_bytes,
-                "must be > ws.write_buffer_bytes",
-            ),
             ("ws.send_queue", (1..=65_536).contains(&w.send_queue), "must be 1..=65536"),
             ("ws.sign_in_timeout_ms", w.sign_in_timeout_ms > 0, "must be > 0"),
             ("ws.heartbeat_secs", w.heartbeat_secs > 0, "must be > 0"),

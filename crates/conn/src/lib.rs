@@ -14,6 +14,7 @@ pub mod push;
 pub mod room;
 pub mod session;
 pub mod stats;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::chat::ChatFrame;
@@ -17,8 +16,12 @@ use crate::chat::ChatFrame;
 pub enum Outbound {
     /// An encoded `Reply` (binary frame), shared by every session it goes to.
     Frame(Bytes),
-    /// A JSON text frame.
-    Text(Utf8Bytes),
+    /// A JSON text frame (UTF-8).
+    Text(Bytes),
+    /// Answer to a client ping.
+    Pong(Bytes),
+    /// A server ping.
+    Ping,
     /// IM messages, each encoded once per encoding; the writer sends the
     /// one its session speaks.
     Chat(Arc<[ChatFrame]>),

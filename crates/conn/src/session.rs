@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,17 +17,9 @@ use chatroom_common::proto::logic::{
     AckPendingReq, ChatReq, HeartbeatReq, PendingReq, ReceiveReq, SignInReq, SignOutReq,
 };
 use chatroom_common::proto::protocol::{BroadcastRoomReq, ChatMsg, PackageType, Req, SignIn};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{StatusCode, Uri};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -36,8 +28,12 @@ use crate::chat::{self, ChatFrame, Encoding};
 use crate::frame::{self, code};
 use crate::heartbeat::Heartbeat;
 use crate::room::{Outbound, SessionTx};
+use crate::ws::{self, Frame, OpCode, WsError};
 
-type Ws = WebSocketStream<TcpStream>;
+/// A write that makes no progress for this long ends the session.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames gathered into one vectored write at most.
+const WRITE_BATCH: usize = 64;
 
 /// Pending messages fetched per call when a user comes online.
 const PENDING_PAGE: u32 = 200;
@@ -91,7 +87,7 @@ impl Edge {
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken) {
     let span = info_span!("session", %peer, id, uid = tracing::field::Empty, room = tracing::field::Empty);
     async move {
-        let (ws, endpoint) = match handshake(stream, &ctx).await {
+        let (reader, writer, endpoint) = match handshake(stream, &ctx).await {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "websocket handshake failed");
@@ -99,16 +95,15 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, id: u64, 
             }
         };
         ctx.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        run_session(ws, endpoint, ctx.clone(), id, shutdown).await;
+        run_session(reader, writer, endpoint, ctx.clone(), id, shutdown).await;
         ctx.stats.sessions.fetch_sub(1, Ordering::Relaxed);
     }
     .instrument(span)
     .await
 }
 
-fn query_param(uri: &Uri, name: &str) -> String {
-    uri.query()
-        .unwrap_or("")
+fn query_param(query: &str, name: &str) -> String {
+    query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
@@ -141,39 +136,10 @@ fn percent_decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handshake(stream: TcpStream, ctx: &Ctx) -> Result<(Ws, Endpoint), WsError> {
+async fn handshake(mut stream: TcpStream, ctx: &Ctx) -> Result<(ws::Reader, ws::Writer, Endpoint), WsError> {
     let _ = stream.set_nodelay(true);
-    let w = &ctx.cfg.ws;
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(w.read_buffer_bytes)
-        .write_buffer_size(w.write_buffer_bytes)
-        .max_write_buffer_size(w.max_write_buffer_bytes)
-        .max_message_size(Some(w.max_frame_bytes))
-        .max_frame_size(Some(w.max_frame_bytes));
-    let seen: Arc<Mutex<Option<Uri>>> = Arc::default();
-    let seen2 = seen.clone();
-    // The callback's signature is tungstenite's; its large Err is not ours to shrink.
-    #[allow(clippy::result_large_err)]
-    let check_path = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        match req.uri().path() {
-            "/room" | "/chat" => {
-                *seen2.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.uri().clone());
-                Ok(resp)
-            }
-            _ => {
-                let mut r = ErrorResponse::new(Some("not found: the WebSocket endpoints are /room and /chat".into()));
-                *r.status_mut() = StatusCode::NOT_FOUND;
-                Err(r)
-            }
-        }
-    };
     let timeout = Duration::from_millis(ctx.cfg.ws.sign_in_timeout_ms);
-    let ws = match tokio::time::timeout(
-        timeout,
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config)),
-    )
-    .await
-    {
+    let (up, leftover) = match tokio::time::timeout(timeout, ws::accept(&mut stream, &["/room", "/chat"])).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(WsError::Io(std::io::Error::new(
@@ -182,19 +148,27 @@ async fn handshake(stream: TcpStream, ctx: &Ctx) -> Result<(Ws, Endpoint), WsErr
             )));
         }
     };
-    let uri = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let endpoint = match uri {
-        Some(u) if u.path() == "/chat" => Endpoint::Chat {
-            id: query_param(&u, "id"),
-            token: query_param(&u, "token"),
-        },
-        _ => Endpoint::Room,
+    let endpoint = if up.path == "/chat" {
+        Endpoint::Chat {
+            id: query_param(&up.query, "id"),
+            token: query_param(&up.query, "token"),
+        }
+    } else {
+        Endpoint::Room
     };
-    Ok((ws, endpoint))
+    let w = &ctx.cfg.ws;
+    let (reader, writer) = ws::split(stream, leftover, w.max_frame_bytes, w.read_buffer_bytes);
+    Ok((reader, writer, endpoint))
 }
 
-async fn run_session(ws: Ws, endpoint: Endpoint, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken) {
-    let (sink, mut stream) = ws.split();
+async fn run_session(
+    mut stream: ws::Reader,
+    sink: ws::Writer,
+    endpoint: Endpoint,
+    ctx: Arc<Ctx>,
+    id: u64,
+    shutdown: CancellationToken,
+) {
     let (tx, rx) = mpsc::channel(ctx.cfg.ws.send_queue);
     let kill = shutdown.child_token();
     let ping = Duration::from_secs(ctx.cfg.ws.ping_secs);
@@ -234,7 +208,7 @@ async fn run_session(ws: Ws, endpoint: Endpoint, ctx: Arc<Ctx>, id: u64, shutdow
 
 /// `/room`: the first frame must be SIGN_IN; logic rules on it.
 async fn sign_in_room(
-    stream: &mut SplitStream<Ws>,
+    stream: &mut ws::Reader,
     edge: &Edge,
     ctx: &Ctx,
     kill: &CancellationToken,
@@ -242,7 +216,7 @@ async fn sign_in_room(
     let limit = Duration::from_millis(ctx.cfg.ws.sign_in_timeout_ms);
     let first = tokio::select! {
         _ = kill.cancelled() => return None,
-        r = tokio::time::timeout(limit, next_data(stream)) => r,
+        r = tokio::time::timeout(limit, next_data(stream, edge)) => r,
     };
     let data = match first {
         Err(_) => {
@@ -382,12 +356,12 @@ async fn deliver_pending(ctx: &Ctx, who: &Identity, edge: &Edge) -> Result<(), (
 }
 
 /// Serves a signed-in session's frames until it ends.
-async fn read_loop(stream: &mut SplitStream<Ws>, edge: &Edge, ctx: &Ctx, who: &Identity, kill: &CancellationToken) {
+async fn read_loop(stream: &mut ws::Reader, edge: &Edge, ctx: &Ctx, who: &Identity, kill: &CancellationToken) {
     let mut hb = Heartbeat::new(Duration::from_secs(ctx.cfg.ws.heartbeat_secs), ctx.cfg.ws.heartbeat_misses);
     loop {
         let got = tokio::select! {
             _ = kill.cancelled() => return,
-            r = tokio::time::timeout(hb.idle_limit(), next_data(stream)) => r,
+            r = tokio::time::timeout(hb.idle_limit(), next_data(stream, edge)) => r,
         };
         let incoming = match got {
             Err(_) => {
@@ -461,8 +435,9 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, d
 }
 
 /// One JSON text frame in the IM seed's format; false when the session must end.
-async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, text: Utf8Bytes) -> bool {
-    let m = match chat::parse_json(text.as_str()) {
+async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, text: Bytes) -> bool {
+    // The codec checked UTF-8 already.
+    let m = match chat::parse_json(std::str::from_utf8(&text).unwrap_or_default()) {
         Ok(m) => m,
         Err(e) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -568,26 +543,33 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
 /// What the reader got from the socket.
 enum Incoming {
     Binary(Bytes),
-    Text(Utf8Bytes),
+    /// Valid UTF-8.
+    Text(Bytes),
     TooLarge,
+    /// A protocol violation: close with this code.
+    Violation(u16),
     Closed,
 }
 
-async fn next_data(stream: &mut SplitStream<Ws>) -> Incoming {
+async fn next_data(stream: &mut ws::Reader, edge: &Edge) -> Incoming {
     loop {
         match stream.next().await {
-            Some(Ok(Message::Binary(b))) => return Incoming::Binary(b),
-            Some(Ok(Message::Text(t))) => return Incoming::Text(t),
-            // tungstenite answers pings itself; pongs only prove liveness.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Close(_))) | None => return Incoming::Closed,
-            Some(Err(WsError::Capacity(e))) => {
-                debug!(error = %e, "frame too large");
-                return Incoming::TooLarge;
+            Ok(Some(Frame::Binary(b))) => return Incoming::Binary(b),
+            Ok(Some(Frame::Text(t))) => return Incoming::Text(t),
+            Ok(Some(Frame::Ping(p))) => {
+                // Best effort: a client whose queue is full gets no pong.
+                let _ = edge.tx.try_send(Outbound::Pong(p));
             }
-            Some(Err(e)) => {
+            // Pongs only prove liveness, which any frame does.
+            Ok(Some(Frame::Pong)) => {}
+            Ok(Some(Frame::Close(_)) | None) => return Incoming::Closed,
+            Err(WsError::TooLarge(_)) => return Incoming::TooLarge,
+            Err(e) => {
                 debug!(error = %e, "websocket read failed");
-                return Incoming::Closed;
+                return match e.close_code() {
+                    Some(code) => Incoming::Violation(code),
+                    None => Incoming::Closed,
+                };
             }
         }
     }
@@ -598,6 +580,12 @@ async fn next_data(stream: &mut SplitStream<Ws>) -> Incoming {
 async fn reject_incoming(edge: &Edge, ctx: &Ctx, what: Incoming, before_sign_in: bool) -> bool {
     let wrong = match (edge.enc, &what) {
         (_, Incoming::Closed) => return false,
+        (_, Incoming::Violation(code)) => {
+            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            warn!(code, "websocket protocol violation; closing");
+            let _ = edge.out(Outbound::Close(*code, "protocol violation")).await;
+            return false;
+        }
         (_, Incoming::TooLarge) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(max = ctx.cfg.ws.max_frame_bytes, "frame over the size limit; closing");
@@ -654,9 +642,9 @@ fn sign_out(ctx: &Ctx, who: Identity) {
     );
 }
 
-/// Sends queued frames (several per flush when they pile up) and pings.
+/// Sends queued frames (all that piled up, in one vectored write) and pings.
 async fn write_loop(
-    mut sink: SplitSink<Ws, Message>,
+    mut sink: ws::Writer,
     mut rx: mpsc::Receiver<Outbound>,
     enc: Encoding,
     kill: CancellationToken,
@@ -664,78 +652,70 @@ async fn write_loop(
     ping: Duration,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
-    let close = |code: u16, reason: &'static str| {
-        Message::Close(Some(CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        }))
-    };
-    'outer: loop {
-        let out = tokio::select! {
+    let mut frames: Vec<(OpCode, Bytes)> = Vec::new();
+    let closing = loop {
+        let first = tokio::select! {
             biased;
-            _ = kill.cancelled() => {
-                let msg = if shutdown.is_cancelled() {
-                    close(1001, "server going away")
-                } else {
-                    close(1008, "too slow: messages could not be delivered")
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(msg)).await;
-                break;
-            }
+            _ = kill.cancelled() => break if shutdown.is_cancelled() {
+                (1001, "server going away")
+            } else {
+                (1008, "too slow: messages could not be delivered")
+            },
             m = rx.recv() => m,
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+            _ = ping.tick() => Some(Outbound::Ping),
+        };
+        let Some(first) = first else {
+            break (1000, "");
+        };
+        let mut close = None;
+        let mut next = Some(first);
+        while let Some(o) = next {
+            match o {
+                Outbound::Frame(b) => frames.push((OpCode::Binary, b)),
+                Outbound::Text(t) => frames.push((OpCode::Text, t)),
+                Outbound::Pong(p) => frames.push((OpCode::Pong, p)),
+                Outbound::Ping => frames.push((OpCode::Ping, Bytes::new())),
+                Outbound::Chat(items) => frames.extend(items.iter().map(|f| match enc {
+                    Encoding::Protobuf => (OpCode::Binary, f.proto.clone()),
+                    Encoding::Json => (OpCode::Text, f.json.clone()),
+                })),
+                Outbound::Close(c, r) => {
+                    close = Some((c, r));
                     break;
                 }
-                continue;
             }
-        };
-        let mut next = out;
-        // Feed everything already queued, then flush once.
-        loop {
-            match next {
-                Some(Outbound::Close(c, r)) => {
-                    let _ = sink.flush().await;
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close(c, r))).await;
-                    break 'outer;
+            next = if frames.len() < WRITE_BATCH { rx.try_recv().ok() } else { None };
+        }
+        if !frames.is_empty() {
+            let wrote = tokio::select! {
+                biased;
+                _ = kill.cancelled() => None,
+                r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(&frames)) => Some(r),
+            };
+            frames.clear();
+            match wrote {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    debug!(error = %e, "websocket write failed");
+                    break (0, "");
                 }
-                Some(o) => {
-                    if feed(&mut sink, o, enc).await.is_err() {
-                        break 'outer;
-                    }
+                Some(Err(_)) => {
+                    info!("client not reading for {WRITE_TIMEOUT:?}; closing");
+                    break (0, "");
                 }
-                None => break 'outer,
-            }
-            match rx.try_recv() {
-                Ok(o) => next = Some(o),
-                Err(_) => break,
+                // Killed mid-write: the close frame would queue behind it.
+                None => break (0, ""),
             }
         }
-        if sink.flush().await.is_err() {
-            break;
+        if let Some(c) = close {
+            break c;
         }
+    };
+    if closing.0 != 0 {
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close(closing.0, closing.1)).await;
     }
     // Whatever ended the writer ends the reader too.
     kill.cancel();
-    let _ = sink.close().await;
-}
-
-async fn feed(sink: &mut SplitSink<Ws, Message>, o: Outbound, enc: Encoding) -> Result<(), WsError> {
-    match o {
-        Outbound::Frame(b) => sink.feed(Message::Binary(b)).await,
-        Outbound::Text(t) => sink.feed(Message::Text(t)).await,
-        Outbound::Chat(frames) => {
-            for f in frames.iter() {
-                let m = match enc {
-                    Encoding::Protobuf => Message::Binary(f.proto.clone()),
-                    Encoding::Json => Message::Text(f.json.clone()),
-                };
-                sink.feed(m).await?;
-            }
-            Ok(())
-        }
-        Outbound::Close(..) => Ok(()),
-    }
 }
 
 #[cfg(test)]
@@ -744,10 +724,10 @@ mod tests {
 
     #[test]
     fn query_params_are_decoded() {
-        let u: Uri = "/chat?id=12&token=a%2Eb+c&x".parse().unwrap();
-        assert_eq!(query_param(&u, "id"), "12");
-        assert_eq!(query_param(&u, "token"), "a.b c");
-        assert_eq!(query_param(&u, "missing"), "");
+        let q = "id=12&token=a%2Eb+c&x";
+        assert_eq!(query_param(q, "id"), "12");
+        assert_eq!(query_param(q, "token"), "a.b c");
+        assert_eq!(query_param(q, "missing"), "");
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("%41%"), "A%");
     }
