@@ -11,7 +11,7 @@ use chatroom_common::proto::conn::PushRoomReq;
 use chatroom_common::proto::conn::conn_client::ConnClient;
 use chatroom_common::proto::logic::logic_server::{Logic, LogicServer};
 use chatroom_common::proto::logic::*;
-use chatroom_common::proto::protocol::{MsgLevel, PackageType};
+use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, MsgLevel, PackageType};
 use chatroom_conn::{ConnConfig, Listeners};
 use chatroom_tests::client::{Client, eventually};
 use tokio::net::TcpListener;
@@ -20,11 +20,27 @@ use tonic::{Request, Response, Status};
 
 /// Accepts tokens `good-<uid>`, refuses the rest; records received messages;
 /// answers online totals as local count + 1000 (so tests can tell they came
-/// from logic).
+/// from logic). IM: user "9" is in community 5 and has two stored messages;
+/// chat messages to dstid 404 are refused, others acked (STORED for 8).
 #[derive(Default, Clone)]
 struct FakeLogic {
     received: Arc<Mutex<Vec<ReceiveReq>>>,
     signed_out: Arc<Mutex<Vec<String>>>,
+    chats: Arc<Mutex<Vec<ChatReq>>>,
+    pending_acked: Arc<Mutex<Vec<(String, i64)>>>,
+}
+
+fn stored(id: i64, content: &str) -> ChatMsg {
+    ChatMsg {
+        id,
+        userid: 2,
+        dstid: 9,
+        cmd: 10,
+        media: 1,
+        content: content.into(),
+        created_ms: id,
+        ..Default::default()
+    }
 }
 
 #[tonic::async_trait]
@@ -32,12 +48,18 @@ impl Logic for FakeLogic {
     async fn sign_in(&self, r: Request<SignInReq>) -> Result<Response<SignInReply>, Status> {
         let r = r.into_inner();
         let reply = match r.token.strip_prefix("good-") {
+            Some(uid) if !r.uid.is_empty() && r.uid != uid => SignInReply {
+                code: 100,
+                msg: "login needed: id does not match token".into(),
+                ..Default::default()
+            },
             Some(uid) => SignInReply {
                 code: 0,
                 msg: "ok".into(),
                 uid: uid.into(),
                 key: format!("k-{uid}"),
                 heartbeat_secs: 30,
+                rooms: if uid == "9" { vec!["c:5".into()] } else { vec![] },
             },
             None => SignInReply {
                 code: 100,
@@ -61,6 +83,46 @@ impl Logic for FakeLogic {
             msg: "ok".into(),
             id: 7,
         }))
+    }
+    async fn chat(&self, r: Request<ChatReq>) -> Result<Response<ChatReply>, Status> {
+        let r = r.into_inner();
+        self.chats.lock().unwrap().push(r.clone());
+        let m = r.msg.unwrap_or_default();
+        if m.dstid == 404 {
+            return Ok(Response::new(ChatReply {
+                code: 403,
+                msg: "not friends".into(),
+                ack: None,
+            }));
+        }
+        let status = if m.dstid == 8 { ChatStatus::Stored } else { ChatStatus::Delivered };
+        Ok(Response::new(ChatReply {
+            code: 0,
+            msg: "ok".into(),
+            ack: Some(ChatAck {
+                id: 1000 + m.id,
+                client_id: m.id,
+                dstid: m.dstid,
+                cmd: m.cmd,
+                status: status as i32,
+                created_ms: 1,
+            }),
+        }))
+    }
+    async fn pending(&self, r: Request<PendingReq>) -> Result<Response<PendingReply>, Status> {
+        let r = r.into_inner();
+        let acked = self.pending_acked.lock().unwrap().iter().any(|(u, _)| *u == r.uid);
+        let msgs = if r.uid == "9" && !acked {
+            vec![stored(1, "while you were away"), stored(2, "second")]
+        } else {
+            vec![]
+        };
+        Ok(Response::new(PendingReply { msgs, more: false }))
+    }
+    async fn ack_pending(&self, r: Request<AckPendingReq>) -> Result<Response<AckPendingReply>, Status> {
+        let r = r.into_inner();
+        self.pending_acked.lock().unwrap().push((r.uid, r.upto_id));
+        Ok(Response::new(AckPendingReply {}))
     }
     async fn report_online(&self, r: Request<ReportOnlineReq>) -> Result<Response<ReportOnlineReply>, Status> {
         let rooms: HashMap<String, u64> = r.into_inner().rooms.into_iter().map(|(k, v)| (k, v as u64 + 1000)).collect();
@@ -122,6 +184,7 @@ async fn push(grpc: SocketAddr, room: &str, level: MsgLevel, msgs: &[&[u8]]) -> 
             room_id: room.into(),
             level: level as i32,
             batch: chatroom_common::batch::encode(msgs.iter().copied()),
+            kind: 0,
         })
         .await
         .unwrap()
@@ -292,4 +355,205 @@ async fn slow_consumer_is_cut_off_without_slowing_others() {
     }
     assert!(cut, "the slow session was never cut off");
     assert_eq!(reader.await.unwrap().unwrap(), 400, "the fast session lost messages");
+}
+
+mod im {
+    use super::*;
+    use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushKind, PushUsersReq};
+    use chatroom_common::proto::protocol::Reply;
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    type Json = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    async fn json_client(n: &Node, query: &str) -> Json {
+        let url = format!("{}?{query}", n.url.replace("/room", "/chat"));
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    }
+
+    /// The next JSON text frame; panics on anything else or on timeout.
+    async fn next_json(ws: &mut Json) -> serde_json::Value {
+        loop {
+            match tokio::time::timeout(T, ws.next()).await.expect("a frame in time") {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a JSON text frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn send_json(ws: &mut Json, v: serde_json::Value) {
+        ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    fn chat(id: i64, content: &str) -> ChatMsg {
+        ChatMsg {
+            id,
+            userid: 2,
+            dstid: 9,
+            cmd: 11,
+            media: 1,
+            content: content.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn conn_client(n: &Node) -> ConnClient<tonic::transport::Channel> {
+        ConnClient::connect(format!("http://{}", n.grpc)).await.unwrap()
+    }
+
+    /// Reads protobuf replies until a CHAT one arrives.
+    async fn next_chat(c: &mut Client) -> ChatMsg {
+        loop {
+            let r: Reply = c.next_reply().await.unwrap();
+            if r.r#type == PackageType::Chat as i32 {
+                return ChatMsg::decode(r.data).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn json_session_gets_pending_acks_errors_and_pushes() {
+        let n = start(&[]).await;
+        let mut j = json_client(&n, "id=9&token=good-9").await;
+        let w = next_json(&mut j).await;
+        assert_eq!((w["cmd"].as_i64(), w["code"].as_i64()), (Some(22), Some(0)), "{w}");
+        // What was stored while offline comes first, in order, then is acked.
+        assert_eq!(next_json(&mut j).await["content"], "while you were away");
+        assert_eq!(next_json(&mut j).await["content"], "second");
+        let logic = n.logic.clone();
+        eventually(T, "pending acked up to 2", || {
+            let l = logic.clone();
+            async move { l.pending_acked.lock().unwrap().contains(&("9".to_string(), 2)).then_some(()) }
+        })
+        .await
+        .unwrap();
+
+        // Sending: acks say delivered / stored and name both ids.
+        send_json(&mut j, serde_json::json!({"id": 1, "userid": 777, "dstid": 3, "cmd": 10, "media": 1, "content": "hi"})).await;
+        let a = next_json(&mut j).await;
+        assert_eq!((a["cmd"].as_i64(), a["cid"].as_i64(), a["id"].as_i64()), (Some(20), Some(1), Some(1001)));
+        assert_eq!(a["content"], "success send");
+        // logic saw the sender from the session, whatever the client claimed.
+        assert_eq!(n.logic.chats.lock().unwrap()[0].uid, "9");
+        send_json(&mut j, serde_json::json!({"id": 2, "dstid": 8, "cmd": 10, "media": 1, "content": "hi"})).await;
+        assert_eq!(next_json(&mut j).await["content"], "not online");
+        send_json(&mut j, serde_json::json!({"id": 3, "dstid": 404, "cmd": 10, "media": 1, "content": "hi"})).await;
+        let e = next_json(&mut j).await;
+        assert_eq!((e["cmd"].as_i64(), e["code"].as_i64(), e["cid"].as_i64()), (Some(21), Some(403), Some(3)));
+
+        // Heartbeat, bad input: errors, and the session goes on.
+        send_json(&mut j, serde_json::json!({"cmd": 0})).await;
+        assert_eq!(next_json(&mut j).await["content"], "pong");
+        j.send(Message::Text("{not json".into())).await.unwrap();
+        assert_eq!(next_json(&mut j).await["code"], 400);
+        send_json(&mut j, serde_json::json!({"cmd": 99})).await;
+        assert_eq!(next_json(&mut j).await["code"], 404);
+        j.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+        assert_eq!(next_json(&mut j).await["code"], 400);
+
+        // Pushes: to the user, to its community room (joined at sign-in), to all.
+        let mut c = conn_client(&n).await;
+        let r = c
+            .push_users(PushUsersReq {
+                uids: vec!["9".into()],
+                msg: Some(chat(50, "direct")),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.delivered, 1);
+        assert_eq!(next_json(&mut j).await["content"], "direct");
+        let batch = chatroom_common::batch::encode([&chat(51, "g1").encode_to_vec()[..], &chat(52, "g2").encode_to_vec()[..]]);
+        c.push_room(PushRoomReq {
+            room_id: "c:5".into(),
+            level: MsgLevel::Important as i32,
+            batch,
+            kind: PushKind::Chat as i32,
+        })
+        .await
+        .unwrap();
+        let (g1, g2) = (next_json(&mut j).await, next_json(&mut j).await);
+        assert_eq!((g1["content"].as_str(), g2["content"].as_str()), (Some("g1"), Some("g2")));
+        assert_eq!(g1["cmd"], 11);
+        c.push_all(PushAllReq { msg: Some(chat(53, "everyone")) }).await.unwrap();
+        assert_eq!(next_json(&mut j).await["content"], "everyone");
+    }
+
+    #[tokio::test]
+    async fn protobuf_and_json_sessions_share_one_model() {
+        let n = start(&[]).await;
+        let mut j = json_client(&n, "id=9&token=good-9").await;
+        next_json(&mut j).await; // welcome
+        next_json(&mut j).await; // pending x2
+        next_json(&mut j).await;
+        let mut p = Client::signed_in(&n.url, "good-9", "lobby").await.unwrap();
+
+        // A live join reaches both sessions of the user at once.
+        let mut c = conn_client(&n).await;
+        let r = c
+            .join_room(JoinRoomReq {
+                uid: "9".into(),
+                room: "c:6".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.sessions, 2);
+        let batch = chatroom_common::batch::encode([&chat(60, "in six").encode_to_vec()[..]]);
+        let r = c
+            .push_room(PushRoomReq {
+                room_id: "c:6".into(),
+                level: MsgLevel::Important as i32,
+                batch,
+                kind: PushKind::Chat as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.delivered, 2);
+        assert_eq!(next_json(&mut j).await["content"], "in six");
+        assert_eq!(next_chat(&mut p).await.content, "in six");
+
+        // Protobuf CHAT gets a CHAT_ACK; a refused one an Err naming it.
+        let m = ChatMsg {
+            id: 7,
+            dstid: 3,
+            cmd: 10,
+            media: 1,
+            content: "pb".into(),
+            ..Default::default()
+        };
+        p.send_req(PackageType::Chat, m.encode_to_vec()).await.unwrap();
+        let r = loop {
+            let r = p.next_reply().await.unwrap();
+            if r.r#type != PackageType::Chat as i32 {
+                break r;
+            }
+        };
+        assert_eq!(r.r#type, PackageType::ChatAck as i32);
+        let ack = ChatAck::decode(r.data).unwrap();
+        assert_eq!((ack.id, ack.client_id), (1007, 7));
+        let bad = ChatMsg { dstid: 404, ..m };
+        p.send_req(PackageType::Chat, bad.encode_to_vec()).await.unwrap();
+        let e = p.expect_err().await.unwrap();
+        assert_eq!((e.code, e.ref_id), (403, 7));
+        p.send_req(PackageType::Chat, vec![0xff, 0xff]).await.unwrap();
+        assert_eq!(p.expect_err().await.unwrap().code, 400);
+    }
+
+    #[tokio::test]
+    async fn chat_sign_in_refusals() {
+        let n = start(&[]).await;
+        for (query, code) in [("id=1&token=good-9", 100), ("id=9", 100), ("id=9&token=forged", 100)] {
+            let mut j = json_client(&n, query).await;
+            let e = next_json(&mut j).await;
+            assert_eq!((e["cmd"].as_i64(), e["code"].as_i64()), (Some(21), Some(code)), "{query}: {e}");
+            match tokio::time::timeout(T, j.next()).await.unwrap() {
+                Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1008),
+                other => panic!("{query}: expected close, got {other:?}"),
+            }
+        }
+    }
 }
