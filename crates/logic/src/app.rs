@@ -4,15 +4,19 @@
 
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::proto::queue::RoomMsg;
+use chatroom_common::proto::queue::{QueueMsg, RoomMsg, queue_msg};
 use chatroom_common::queue::Publisher;
+use chatroom_common::rooms;
 use chatroom_common::token::{TokenError, Tokens};
 use prost::Message;
 
-use crate::config::{LimitsConfig, LogicConfig};
+use crate::config::{ImConfig, LimitsConfig, LogicConfig};
 use crate::error::ApiError;
 use crate::id::{self, IdGen};
+use crate::password::Passwords;
 use crate::presence::Presence;
+use crate::ratelimit::RateLimiter;
+use crate::store::Store;
 
 /// Everything a request needs; one per node, shared behind an `Arc`.
 pub struct App {
@@ -21,10 +25,20 @@ pub struct App {
     pub presence: Presence,
     pub publisher: Publisher,
     pub ids: IdGen,
+    /// 53-bit ids of IM messages.
+    pub chat_ids: IdGen,
     pub limits: LimitsConfig,
     pub heartbeat_secs: u32,
     pub test_token: bool,
     pub max_body_bytes: usize,
+    pub admin_token: String,
+    pub store: Store,
+    pub im: ImConfig,
+    pub passwords: Passwords,
+    /// Chat messages per user.
+    pub chat_limiter: RateLimiter,
+    /// IM HTTP requests per user.
+    pub api_limiter: RateLimiter,
 }
 
 impl App {
@@ -33,9 +47,18 @@ impl App {
         node_id: String,
         presence: Presence,
         publisher: Publisher,
+        store: Store,
     ) -> Self {
+        let im = &cfg.im;
         App {
             ids: IdGen::new(cfg.id_node(&node_id)),
+            chat_ids: IdGen::chat(cfg.id_node(&node_id)),
+            admin_token: cfg.http.admin_token.clone(),
+            store,
+            passwords: Passwords::new(im.password_memory_kib, im.password_iterations),
+            chat_limiter: RateLimiter::new(im.chat_rate_per_sec, im.chat_burst),
+            api_limiter: RateLimiter::new(im.api_rate_per_sec, im.api_burst),
+            im: im.clone(),
             node_id,
             tokens: Tokens::new(
                 cfg.token.secret.as_bytes(),
@@ -90,6 +113,14 @@ impl App {
         Ok(())
     }
 
+    /// Hands one queue message to the queue.
+    pub async fn enqueue(&self, msg: QueueMsg) -> Result<(), ApiError> {
+        self.publisher
+            .publish(Bytes::from(msg.encode_to_vec()))
+            .await?;
+        Ok(())
+    }
+
     /// Checks a room message and publishes it; answers its id.
     pub async fn publish(
         &self,
@@ -99,6 +130,10 @@ impl App {
         data: Bytes,
     ) -> Result<u64, ApiError> {
         self.check_room(room)?;
+        // Community rooms carry only ChatMsgs, sent through `Chat`.
+        if rooms::is_community(room) {
+            return Err(ApiError::ReservedRoom);
+        }
         let level = MsgLevel::try_from(level).map_err(|_| ApiError::BadLevel(level))?;
         if data.is_empty() {
             return Err(ApiError::MissingMessage);
@@ -113,11 +148,23 @@ impl App {
             data,
             uid: uid.to_string(),
             ts_ms: id::now_ms() as i64,
+            chat: false,
         };
-        self.publisher
-            .publish(Bytes::from(msg.encode_to_vec()))
-            .await?;
-        tracing::debug!(id = msg.id, level = ?level, bytes = msg.data.len(), "published");
-        Ok(msg.id)
+        let (id, bytes) = (msg.id, msg.data.len());
+        self.enqueue(QueueMsg {
+            body: Some(queue_msg::Body::Room(msg)),
+        })
+        .await?;
+        tracing::debug!(id, level = ?level, bytes, "published");
+        Ok(id)
+    }
+}
+
+/// The IM user id of a token subject: a positive integer (`alice` from
+/// `/tk` is a room user, not an IM account).
+pub fn im_uid(uid: &str) -> Result<i64, ApiError> {
+    match uid.parse::<i64>() {
+        Ok(id) if id > 0 && id.to_string() == uid => Ok(id),
+        _ => Err(ApiError::NotImUser),
     }
 }

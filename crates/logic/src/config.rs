@@ -29,6 +29,10 @@ pub struct LogicConfig {
     pub queue: QueueConfig,
     pub presence: PresenceConfig,
     pub limits: LimitsConfig,
+    /// The IM database.
+    pub store: StoreConfig,
+    /// IM rules: uploads, message limits, rate limits.
+    pub im: ImConfig,
     /// Heartbeat period told to conn (and through it to clients).
     pub heartbeat_secs: u32,
     /// How long shutdown waits for in-flight requests.
@@ -47,6 +51,50 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Serve `POST /tk`, which hands a token to anyone who asks.
     pub test_token: bool,
+    /// `Authorization` value of `POST /admin/broadcast`; empty: route disabled.
+    pub admin_token: String,
+}
+
+/// The IM database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path?mode=rwc` (standalone) or `postgres://user@host:port/db`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+/// IM rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImConfig {
+    /// Communities one user may own.
+    pub max_owned_communities: u32,
+    /// Where uploads are written.
+    pub upload_dir: String,
+    /// What upload URLs start with (`<upload_url><name>`); a relative path is
+    /// served by logic itself at `GET /attach/files/<name>`.
+    pub upload_url: String,
+    /// Largest upload; more is answered 413.
+    pub max_upload_bytes: usize,
+    /// Largest `content` of a message (bytes).
+    pub max_content_bytes: usize,
+    /// Largest `url` / `pic` of a message (bytes).
+    pub max_url_bytes: usize,
+    /// Largest `memo` of a message (bytes).
+    pub max_memo_bytes: usize,
+    /// Chat messages per second per user (token bucket refill); 0: unlimited.
+    pub chat_rate_per_sec: f64,
+    /// Chat messages a user may send at once.
+    pub chat_burst: u32,
+    /// IM HTTP requests per second per user; 0: unlimited.
+    pub api_rate_per_sec: f64,
+    /// IM HTTP requests a user may make at once.
+    pub api_burst: u32,
+    /// argon2 memory cost of new password hashes (KiB).
+    pub password_memory_kib: u32,
+    /// argon2 passes of new password hashes.
+    pub password_iterations: u32,
 }
 
 /// Where sessions and online counts live.
@@ -101,6 +149,87 @@ impl LogicConfig {
     /// The node number for message ids.
     pub fn id_node(&self, node_id: &str) -> u16 {
         u16::try_from(self.id_node).unwrap_or_else(|_| id::IdGen::node_from_id(node_id))
+    }
+}
+
+impl LogicConfig {
+    fn validate_im(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        let im = &self.im;
+        let url_ok = im.upload_url.starts_with('/')
+            || im.upload_url.starts_with("http://")
+            || im.upload_url.starts_with("https://");
+        let checks: [(&str, bool, &str); 11] = [
+            (
+                "store.url",
+                s.url.starts_with("sqlite:")
+                    || s.url.starts_with("postgres://")
+                    || s.url.starts_with("postgresql://"),
+                "must be a sqlite: or postgres:// URL",
+            ),
+            (
+                "store.max_connections",
+                (1..=1000).contains(&s.max_connections),
+                "must be 1..=1000",
+            ),
+            (
+                "im.max_owned_communities",
+                (1..=10_000).contains(&im.max_owned_communities),
+                "must be 1..=10000",
+            ),
+            (
+                "im.upload_dir",
+                !im.upload_dir.is_empty(),
+                "must not be empty",
+            ),
+            (
+                "im.upload_url",
+                url_ok && im.upload_url.ends_with('/'),
+                "must be a path or http(s) URL ending in '/', e.g. \"/attach/files/\"",
+            ),
+            (
+                "im.max_upload_bytes",
+                (1024..=1 << 30).contains(&im.max_upload_bytes),
+                "must be 1024..=1073741824",
+            ),
+            (
+                "im.max_content_bytes",
+                (1..=1 << 20).contains(&im.max_content_bytes),
+                "must be 1..=1048576",
+            ),
+            (
+                "im.max_url_bytes",
+                (64..=65536).contains(&im.max_url_bytes),
+                "must be 64..=65536",
+            ),
+            (
+                "im.max_memo_bytes",
+                (1..=65536).contains(&im.max_memo_bytes),
+                "must be 1..=65536",
+            ),
+            (
+                "im.chat_rate_per_sec",
+                im.chat_rate_per_sec >= 0.0
+                    && im.api_rate_per_sec >= 0.0
+                    && im.chat_rate_per_sec.is_finite()
+                    && im.api_rate_per_sec.is_finite()
+                    && im.chat_burst >= 1
+                    && im.api_burst >= 1,
+                "rates must be >= 0 (0: unlimited) and bursts >= 1",
+            ),
+            (
+                "im.password_memory_kib",
+                (64..=1 << 20).contains(&im.password_memory_kib)
+                    && (1..=16).contains(&im.password_iterations),
+                "memory must be 64..=1048576 KiB and iterations 1..=16",
+            ),
+        ];
+        for (key, ok, msg) in checks {
+            if !ok {
+                return Err(ConfigError::invalid(key, msg));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -180,6 +309,7 @@ impl Validate for LogicConfig {
                 "must be 1-64 printable characters, e.g. \"chatroom:\"",
             ));
         }
+        self.validate_im()?;
         self.token.validate()?;
         self.discovery.validate()?;
         self.queue.validate()?;
@@ -222,6 +352,14 @@ mod tests {
         assert_eq!(cfg.limits.max_message_bytes, 16 * 1024);
         assert_eq!(cfg.limits.max_room_id_len, 64);
         assert_eq!(cfg.heartbeat_secs, 30);
+        assert_eq!(cfg.store.url, "sqlite://data/chatroom.db?mode=rwc");
+        assert_eq!(cfg.im.max_owned_communities, 5);
+        assert_eq!(cfg.im.upload_dir, "data/uploads");
+        assert_eq!(cfg.im.max_upload_bytes, 10 << 20);
+        assert!(
+            cfg.http.admin_token.is_empty(),
+            "broadcast is off by default"
+        );
         assert!(matches!(cfg.queue, QueueConfig::Memory { .. }));
         assert!(matches!(cfg.discovery, DiscoveryConfig::Static { .. }));
     }
@@ -248,6 +386,7 @@ mod tests {
         assert_eq!(cfg.presence.kind, PresenceKind::Redis);
         assert!(matches!(cfg.queue, QueueConfig::Nsq { .. }));
         assert!(matches!(cfg.discovery, DiscoveryConfig::Etcd { .. }));
+        assert!(cfg.store.url.starts_with("postgres://"));
     }
 
     #[test]
@@ -256,6 +395,24 @@ mod tests {
             (
                 &[("CHATROOM__HTTP__MAX_BODY_BYTES", "10")],
                 "http.max_body_bytes",
+            ),
+            (&[("CHATROOM__STORE__URL", "mysql://x/y")], "store.url"),
+            (
+                &[("CHATROOM__STORE__MAX_CONNECTIONS", "0")],
+                "store.max_connections",
+            ),
+            (&[("CHATROOM__IM__UPLOAD_URL", "files")], "im.upload_url"),
+            (
+                &[("CHATROOM__IM__MAX_UPLOAD_BYTES", "10")],
+                "im.max_upload_bytes",
+            ),
+            (
+                &[("CHATROOM__IM__CHAT_RATE_PER_SEC", "-1")],
+                "im.chat_rate_per_sec",
+            ),
+            (
+                &[("CHATROOM__IM__MAX_OWNED_COMMUNITIES", "0")],
+                "im.max_owned_communities",
             ),
             (
                 &[("CHATROOM__LIMITS__MAX_MESSAGE_BYTES", "0")],

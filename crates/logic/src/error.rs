@@ -9,6 +9,7 @@ use chatroom_common::queue::QueueError;
 use chatroom_common::token::TokenError;
 
 use crate::presence::PresenceError;
+use crate::store::StoreError;
 
 /// Why [`crate::run`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,8 @@ pub enum LogicError {
     Queue(#[from] QueueError),
     #[error("discovery: {0}")]
     Discovery(#[from] DiscoveryError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
@@ -39,6 +42,35 @@ pub mod code {
     pub const BAD_MESSAGE: i32 = 1004;
     pub const TRY_AGAIN: i32 = 1005;
     pub const BAD_REQUEST: i32 = 1006;
+    /// IM: a malformed ChatMsg (unknown cmd or media, missing field).
+    pub const INVALID: i32 = 400;
+    /// IM: not allowed (not a friend, not a member, reserved room).
+    pub const FORBIDDEN: i32 = 403;
+    pub const NOT_FOUND: i32 = 404;
+    /// IM: a field over its size limit.
+    pub const TOO_LARGE: i32 = 413;
+    /// IM: too many messages; slow down.
+    pub const RATE_LIMITED: i32 = 429;
+}
+
+/// `code` values of the IM HTTP routes (the IM seed's convention: 0 ok, any
+/// other value an error explained by `msg`). They mirror HTTP statuses.
+pub mod im_code {
+    pub const OK: i32 = 0;
+    /// No valid token, or a token that is not an IM account's.
+    pub const LOGIN_NEEDED: i32 = 100;
+    pub const INVALID: i32 = 400;
+    /// Wrong mobile number or password.
+    pub const BAD_CREDENTIALS: i32 = 401;
+    pub const FORBIDDEN: i32 = 403;
+    pub const NOT_FOUND: i32 = 404;
+    /// Already exists (mobile taken, already friends).
+    pub const CONFLICT: i32 = 409;
+    pub const TOO_LARGE: i32 = 413;
+    pub const UNSUPPORTED_TYPE: i32 = 415;
+    pub const RATE_LIMITED: i32 = 429;
+    pub const INTERNAL: i32 = 500;
+    pub const TRY_AGAIN: i32 = 503;
 }
 
 /// `code` values of the HTTP API (the seed's).
@@ -89,6 +121,54 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    // ---- IM
+    #[error("log in with an IM account first (/user/login)")]
+    NotImUser,
+    #[error("id does not match token")]
+    UidMismatch,
+    #[error("room ids starting with \"c:\" are reserved for communities")]
+    ReservedRoom,
+    /// A field is missing or malformed; the text says which.
+    #[error("{0}")]
+    Invalid(String),
+    /// A field is over its limit; the text says which.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Not allowed; the text says why.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Missing(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("wrong mobile number or password")]
+    BadCredentials,
+    #[error("too many requests, slow down")]
+    RateLimited,
+    #[error("{0}")]
+    UnsupportedType(String),
+    #[error("admin token required")]
+    AdminAuth,
+    #[error("database unavailable, try again")]
+    StoreUnavailable(#[source] StoreError),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::MobileTaken | StoreError::AlreadyFriends => {
+                ApiError::Conflict(e.to_string())
+            }
+            StoreError::NoSuchUser | StoreError::NoSuchCommunity => {
+                ApiError::Missing(e.to_string())
+            }
+            StoreError::SelfFriend => ApiError::Invalid(e.to_string()),
+            StoreError::TooManyCommunities(_) => ApiError::Forbidden(e.to_string()),
+            other => ApiError::StoreUnavailable(other),
+        }
+    }
 }
 
 impl From<QueueError> for ApiError {
@@ -116,10 +196,46 @@ impl ApiError {
             }
             ApiError::MessageTooLarge(_) => code::MESSAGE_TOO_LARGE,
             ApiError::MissingMessage | ApiError::BadLevel(_) => code::BAD_MESSAGE,
-            ApiError::Busy | ApiError::QueueUnavailable(_) | ApiError::PresenceUnavailable(_) => {
-                code::TRY_AGAIN
-            }
+            ApiError::Busy
+            | ApiError::QueueUnavailable(_)
+            | ApiError::PresenceUnavailable(_)
+            | ApiError::StoreUnavailable(_)
+            | ApiError::Internal(_) => code::TRY_AGAIN,
+            ApiError::NotImUser | ApiError::UidMismatch => code::LOGIN_NEEDED,
+            ApiError::Invalid(_) => code::INVALID,
+            ApiError::ReservedRoom | ApiError::Forbidden(_) => code::FORBIDDEN,
+            ApiError::Missing(_) => code::NOT_FOUND,
+            ApiError::TooLarge(_) => code::TOO_LARGE,
+            ApiError::RateLimited => code::RATE_LIMITED,
             _ => code::BAD_REQUEST,
+        }
+    }
+
+    /// The `code` of the IM HTTP routes (0 is success, never an error).
+    pub fn im_code(&self) -> i32 {
+        match self {
+            ApiError::LoginNeeded(_) | ApiError::NotImUser => im_code::LOGIN_NEEDED,
+            ApiError::BadCredentials | ApiError::AdminAuth => im_code::BAD_CREDENTIALS,
+            ApiError::UidMismatch | ApiError::ReservedRoom | ApiError::Forbidden(_) => {
+                im_code::FORBIDDEN
+            }
+            ApiError::Missing(_) | ApiError::NotFound | ApiError::TestTokenDisabled => {
+                im_code::NOT_FOUND
+            }
+            ApiError::Conflict(_) => im_code::CONFLICT,
+            ApiError::TooLarge(_) | ApiError::MessageTooLarge(_) | ApiError::BodyTooLarge(_) => {
+                im_code::TOO_LARGE
+            }
+            ApiError::UnsupportedType(_) | ApiError::UnsupportedContentType(_) => {
+                im_code::UNSUPPORTED_TYPE
+            }
+            ApiError::RateLimited => im_code::RATE_LIMITED,
+            ApiError::Busy
+            | ApiError::QueueUnavailable(_)
+            | ApiError::PresenceUnavailable(_)
+            | ApiError::StoreUnavailable(_) => im_code::TRY_AGAIN,
+            ApiError::Issue(_) | ApiError::Internal(_) => im_code::INTERNAL,
+            _ => im_code::INVALID,
         }
     }
 
@@ -133,13 +249,25 @@ impl ApiError {
 
     pub fn http_status(&self) -> StatusCode {
         match self {
-            ApiError::LoginNeeded(_) => StatusCode::UNAUTHORIZED,
-            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Busy | ApiError::QueueUnavailable(_) | ApiError::PresenceUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ApiError::LoginNeeded(_)
+            | ApiError::NotImUser
+            | ApiError::BadCredentials
+            | ApiError::AdminAuth => StatusCode::UNAUTHORIZED,
+            ApiError::BodyTooLarge(_) | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedContentType(_) | ApiError::UnsupportedType(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
-            ApiError::Issue(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Busy
+            | ApiError::QueueUnavailable(_)
+            | ApiError::PresenceUnavailable(_)
+            | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Issue(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::UidMismatch | ApiError::ReservedRoom | ApiError::Forbidden(_) => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::Missing(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TestTokenDisabled | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             _ => StatusCode::BAD_REQUEST,
@@ -152,6 +280,8 @@ impl ApiError {
             ApiError::QueueUnavailable(e) => Some(e.to_string()),
             ApiError::PresenceUnavailable(e) => Some(e.to_string()),
             ApiError::Issue(e) => Some(e.to_string()),
+            ApiError::StoreUnavailable(e) => Some(e.to_string()),
+            ApiError::Internal(e) => Some(e.clone()),
             _ => None,
         }
     }
@@ -181,6 +311,56 @@ impl<T: serde::Serialize> Reply<T> {
             msg: "ok".into(),
             data,
         }
+    }
+}
+
+/// The IM routes' reply: `{code: 0, msg, data}`, `{code: 0, msg, rows,
+/// total}`, or `{code: <non-zero>, msg}`.
+#[derive(Debug, serde::Serialize)]
+pub struct ImReply<T: serde::Serialize> {
+    pub code: i32,
+    pub msg: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<T>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<usize>,
+}
+
+impl<T: serde::Serialize> ImReply<T> {
+    pub fn data(data: T) -> Self {
+        ImReply {
+            code: im_code::OK,
+            msg: "ok".into(),
+            data: Some(data),
+            rows: None,
+            total: None,
+        }
+    }
+
+    pub fn rows(rows: Vec<T>) -> Self {
+        ImReply {
+            code: im_code::OK,
+            msg: "ok".into(),
+            data: None,
+            total: Some(rows.len()),
+            rows: Some(rows),
+        }
+    }
+}
+
+impl ApiError {
+    /// The IM routes' shape of this error (logging is the caller's job).
+    pub fn into_im_response(self) -> Response {
+        let body = ImReply::<()> {
+            code: self.im_code(),
+            msg: self.to_string(),
+            data: None,
+            rows: None,
+            total: None,
+        };
+        (self.http_status(), axum::Json(body)).into_response()
     }
 }
 

@@ -9,14 +9,17 @@ use std::sync::Arc;
 
 use chatroom_common::proto::logic::logic_server::Logic;
 use chatroom_common::proto::logic::{
-    HeartbeatReply, HeartbeatReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq,
-    SignInReply, SignInReq, SignOutReply, SignOutReq,
+    AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
+    PendingReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply,
+    SignInReq, SignOutReply, SignOutReq,
 };
+use chatroom_common::rooms;
 use chatroom_common::token::valid_uid;
 use tonic::{Request, Response, Status};
 use tracing::{Span, debug, info, warn};
 
-use crate::app::App;
+use crate::app::{App, im_uid};
+use crate::chat;
 use crate::error::{ApiError, code};
 use crate::presence::{RoomCounts, Session};
 
@@ -104,6 +107,23 @@ impl Logic for LogicService {
             .await
             .map(Response::new)
     }
+
+    async fn chat(&self, req: Request<ChatReq>) -> Result<Response<ChatReply>, Status> {
+        self.do_chat(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn pending(&self, req: Request<PendingReq>) -> Result<Response<PendingReply>, Status> {
+        self.do_pending(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn ack_pending(
+        &self,
+        req: Request<AckPendingReq>,
+    ) -> Result<Response<AckPendingReply>, Status> {
+        self.do_ack_pending(req.into_inner())
+            .await
+            .map(Response::new)
+    }
 }
 
 // The work is in inherent methods so `#[instrument]` gives each call a span;
@@ -113,10 +133,20 @@ impl LogicService {
     async fn do_sign_in(&self, req: SignInReq) -> Result<SignInReply, Status> {
         check_server(&req.server)?;
         Span::current().record("server", req.server.as_str());
-        let checked = self
-            .app
-            .verify(&req.token)
-            .and_then(|uid| self.app.check_room(&req.room_id).map(|()| uid));
+        let checked = self.app.verify(&req.token).and_then(|uid| {
+            // The /chat page names its user too: it must be the token's.
+            if !req.uid.is_empty() && req.uid != uid {
+                return Err(ApiError::UidMismatch);
+            }
+            // IM sessions (/chat) have no room of their own.
+            if !req.room_id.is_empty() {
+                self.app.check_room(&req.room_id)?;
+                if rooms::is_community(&req.room_id) {
+                    return Err(ApiError::ReservedRoom);
+                }
+            }
+            Ok(uid)
+        });
         let uid = match checked {
             Ok(uid) => uid,
             Err(e) => {
@@ -131,6 +161,19 @@ impl LogicService {
         let span = Span::current();
         span.record("uid", uid.as_str());
         span.record("room", req.room_id.as_str());
+        // An IM account's communities are rooms its sessions join too.
+        let rooms = match im_uid(&uid) {
+            Ok(id) => self
+                .app
+                .store
+                .communities_of(id)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .map(|c| rooms::community(c.id))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         // Random rather than a counter: unique across logic nodes without
         // coordination (a clash needs ~2^32 sessions on one conn node).
         let key = format!("{}-{:016x}", req.server, rand::random::<u64>());
@@ -152,6 +195,7 @@ impl LogicService {
             uid: session.uid,
             key: session.key,
             heartbeat_secs: self.app.heartbeat_secs,
+            rooms,
         })
     }
 
@@ -227,6 +271,60 @@ impl LogicService {
                 }
             }
         })
+    }
+
+    #[tracing::instrument(name = "grpc.chat", skip_all, fields(server, uid, cmd, dst))]
+    async fn do_chat(&self, req: ChatReq) -> Result<ChatReply, Status> {
+        check_server(&req.server)?;
+        check_uid(&req.uid)?;
+        let span = Span::current();
+        span.record("server", req.server.as_str());
+        span.record("uid", req.uid.as_str());
+        let result = match req.msg {
+            None => Err(ApiError::MissingMessage),
+            Some(m) => {
+                span.record("cmd", m.cmd);
+                span.record("dst", m.dstid);
+                chat::send(&self.app, &req.uid, m).await
+            }
+        };
+        Ok(match result {
+            Ok(ack) => ChatReply {
+                code: code::OK,
+                msg: "ok".into(),
+                ack: Some(ack),
+            },
+            Err(e) => {
+                e.log();
+                ChatReply {
+                    code: e.client_code(),
+                    msg: e.to_string(),
+                    ack: None,
+                }
+            }
+        })
+    }
+
+    #[tracing::instrument(name = "grpc.pending", skip_all, fields(uid))]
+    async fn do_pending(&self, req: PendingReq) -> Result<PendingReply, Status> {
+        check_uid(&req.uid)?;
+        Span::current().record("uid", req.uid.as_str());
+        let (msgs, more) = chat::pending(&self.app, &req.uid, req.limit)
+            .await
+            .map_err(unavailable)?;
+        debug!(n = msgs.len(), more, "pending messages handed out");
+        Ok(PendingReply { msgs, more })
+    }
+
+    #[tracing::instrument(name = "grpc.ack_pending", skip_all, fields(uid))]
+    async fn do_ack_pending(&self, req: AckPendingReq) -> Result<AckPendingReply, Status> {
+        check_uid(&req.uid)?;
+        Span::current().record("uid", req.uid.as_str());
+        let n = chat::ack_pending(&self.app, &req.uid, req.upto_id)
+            .await
+            .map_err(unavailable)?;
+        debug!(n, upto = req.upto_id, "pending messages acknowledged");
+        Ok(AckPendingReply {})
     }
 
     #[tracing::instrument(name = "grpc.report_online", skip_all, fields(server))]

@@ -2,6 +2,9 @@
 //! room, `POST /tk` hands out a test token. Every reply, errors included, is
 //! JSON `{code, msg}` / `{code, msg, data}` with `code` 1 ok, 0 error, 1001
 //! login needed; the HTTP status says the same thing for tools that look.
+//!
+//! The IM routes (`crate::im_api`, `crate::upload`) share this router but use
+//! the IM seed's codes (0 ok, non-zero error).
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,7 +23,7 @@ use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use tracing::{Span, info};
 
-use crate::app::App;
+use crate::app::{App, im_uid};
 use crate::error::{ApiError, Reply};
 
 /// The routes, with the body limit and JSON fallbacks.
@@ -28,6 +31,8 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/msg", post(post_msg))
         .route("/tk", post(post_tk))
+        .merge(crate::im_api::routes())
+        .merge(crate::upload::routes(&app))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Applies to the Json/Form extractors: past it they reject with 413,
@@ -96,6 +101,124 @@ impl<T: DeserializeOwned> FromRequest<Arc<App>> for JsonOrForm<T> {
             }
             Err(ApiError::UnsupportedContentType(shown))
         }
+    }
+}
+
+/// The fields of an IM request: the query string, then the body (a
+/// urlencoded form, a JSON object, or nothing), later ones winning. Numbers
+/// in JSON are read as their text, so `{"dstid": 5}` and `dstid=5` agree.
+#[derive(Debug, Default)]
+pub struct Params(pub std::collections::HashMap<String, String>);
+
+impl Params {
+    /// A field, if given.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// An integer field; absent or empty is `None`.
+    pub fn int(&self, key: &str) -> Result<Option<i64>, ApiError> {
+        match self.get(key).map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| ApiError::Invalid(format!("{key} must be an integer"))),
+        }
+    }
+}
+
+impl FromRequest<Arc<App>> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, ApiError> {
+        let mut map = std::collections::HashMap::new();
+        if let Some(q) = req.uri().query() {
+            let pairs: Vec<(String, String)> = axum::extract::Query::try_from_uri(req.uri())
+                .map(|axum::extract::Query(v)| v)
+                .map_err(|_| {
+                    ApiError::BadBody(format!(
+                        "malformed query string {:?}",
+                        q.chars().take(64).collect::<String>()
+                    ))
+                })?;
+            map.extend(pairs);
+        }
+        let has_type = req.headers().contains_key(CONTENT_TYPE);
+        let is_json = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+        if !has_type {
+            // Nothing but the query (and headers): fine as long as there is no body.
+            let bytes = Bytes::from_request(req, app)
+                .await
+                .map_err(|_| ApiError::BodyTooLarge(app.max_body_bytes))?;
+            if !bytes.is_empty() {
+                return Err(ApiError::UnsupportedContentType(String::new()));
+            }
+        } else if is_json {
+            let JsonOrForm(obj) =
+                JsonOrForm::<serde_json::Map<String, serde_json::Value>>::from_request(req, app)
+                    .await?;
+            for (k, v) in obj {
+                let text = match v {
+                    serde_json::Value::Null => continue,
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    _ => {
+                        return Err(ApiError::BadBody(format!(
+                            "{} must be text or a number",
+                            k.chars().take(32).collect::<String>()
+                        )));
+                    }
+                };
+                map.insert(k, text);
+            }
+        } else {
+            let JsonOrForm(pairs) =
+                JsonOrForm::<Vec<(String, String)>>::from_request(req, app).await?;
+            map.extend(pairs);
+        }
+        Ok(Params(map))
+    }
+}
+
+/// The IM user acting: the token in the `Authorization` header, else the
+/// `token` field, must be valid and name an IM account; a `userid` field
+/// (the seed's pages send one; 0 or empty means "not given") must be the same.
+pub fn im_user(
+    app: &App,
+    headers: &HeaderMap,
+    token_field: Option<&str>,
+    userid_field: Option<&str>,
+) -> Result<i64, ApiError> {
+    let header = match headers.get(AUTHORIZATION) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::LoginNeeded(TokenError::Invalid(
+                "authorization header is not text".into(),
+            ))
+        })?),
+    };
+    let token = header
+        .filter(|t| !t.trim().is_empty())
+        .or(token_field)
+        .ok_or(ApiError::LoginNeeded(TokenError::Empty))?;
+    let uid = im_uid(&app.verify(token)?)?;
+    match userid_field.map(str::trim) {
+        None | Some("") | Some("0") => Ok(uid),
+        Some(given) if given == uid.to_string() => Ok(uid),
+        Some(_) => Err(ApiError::UidMismatch),
     }
 }
 
@@ -221,6 +344,13 @@ fn issue_token(
     }
     let JsonOrForm(body) = body?;
     let uid = text(body.uid);
+    // Numeric uids are IM accounts: their tokens come from /user/login only,
+    // or anyone could act as any IM user.
+    if im_uid(&uid).is_ok() {
+        return Err(ApiError::Forbidden(
+            "numeric uids are IM accounts: log in with /user/login".into(),
+        ));
+    }
     let token = app.issue(&uid)?;
     Span::current().record("uid", uid.as_str());
     info!("test token issued");

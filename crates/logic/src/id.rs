@@ -1,10 +1,13 @@
 //! Time-ordered unique message ids.
 //!
-//! Layout of the 63 used bits, most significant first:
+//! Room messages (`RoomMsg.id`) use 63 bits, most significant first:
 //! `| 41 bits ms since 2024-01-01 | 10 bits node | 12 bits sequence |`.
+//! IM messages (`ChatMsg.id`) travel in JSON, so they must stay exact in
+//! JavaScript (at most 2^53 - 1) and use 53 bits:
+//! `| 41 bits ms since 2024-01-01 | 6 bits node | 6 bits sequence |`
+//! (the low 6 bits of the node number; 64 ids per millisecond per node).
 //! Ids from one node strictly increase; ids from different nodes sort by the
-//! millisecond they were made in (good enough for "newest last" in clients and
-//! for job to tell messages apart). 41 bits of milliseconds last until 2093.
+//! millisecond they were made in. 41 bits of milliseconds last until 2093.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,25 +16,57 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const EPOCH_MS: u64 = 1_704_067_200_000;
 const SEQ_BITS: u32 = 12;
 const NODE_BITS: u32 = 10;
-const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 /// Largest node number that fits the node bits.
 pub const MAX_NODE: u16 = (1 << NODE_BITS) - 1;
+/// Bits of an IM message id (`2^53 - 1` is JavaScript's largest exact integer).
+pub const CHAT_ID_BITS: u32 = 53;
+const CHAT_NODE_BITS: u32 = 6;
+const CHAT_SEQ_BITS: u32 = 6;
+
+/// Where node and sequence sit in an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    node_bits: u32,
+    seq_bits: u32,
+}
+
+const ROOM: Layout = Layout {
+    node_bits: NODE_BITS,
+    seq_bits: SEQ_BITS,
+};
+const CHAT: Layout = Layout {
+    node_bits: CHAT_NODE_BITS,
+    seq_bits: CHAT_SEQ_BITS,
+};
 
 /// Makes ids for one logic node. Lock-free: one compare-and-swap per id.
 #[derive(Debug)]
 pub struct IdGen {
+    layout: Layout,
     node: u64,
-    /// `ms << SEQ_BITS | seq` of the last id handed out. Taking
-    /// `max(now << SEQ_BITS, last + 1)` means a sequence overflow borrows the
+    /// `ms << seq_bits | seq` of the last id handed out. Taking
+    /// `max(now << seq_bits, last + 1)` means a sequence overflow borrows the
     /// next millisecond and a clock that steps back never repeats an id.
     last: AtomicU64,
 }
 
 impl IdGen {
-    /// A generator for node number `node` (only its low 10 bits are used).
+    /// A room-message generator for node number `node` (only its low 10
+    /// bits are used).
     pub fn new(node: u16) -> Self {
+        Self::with_layout(ROOM, node)
+    }
+
+    /// An IM-message generator (53-bit ids) for node number `node` (only its
+    /// low 6 bits are used).
+    pub fn chat(node: u16) -> Self {
+        Self::with_layout(CHAT, node)
+    }
+
+    fn with_layout(layout: Layout, node: u16) -> Self {
         IdGen {
-            node: u64::from(node & MAX_NODE),
+            layout,
+            node: u64::from(node) & ((1 << layout.node_bits) - 1),
             last: AtomicU64::new(0),
         }
     }
@@ -50,7 +85,7 @@ impl IdGen {
 
     /// The next id.
     pub fn next_id(&self) -> u64 {
-        let now = now_ms().saturating_sub(EPOCH_MS) << SEQ_BITS;
+        let now = now_ms().saturating_sub(EPOCH_MS) << self.layout.seq_bits;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);
@@ -65,20 +100,34 @@ impl IdGen {
     }
 
     fn compose(&self, state: u64) -> u64 {
-        let ms = state >> SEQ_BITS;
-        let seq = state & SEQ_MASK;
-        (ms << (NODE_BITS + SEQ_BITS)) | (self.node << SEQ_BITS) | seq
+        let Layout {
+            node_bits,
+            seq_bits,
+        } = self.layout;
+        let ms = state >> seq_bits;
+        let seq = state & ((1 << seq_bits) - 1);
+        (ms << (node_bits + seq_bits)) | (self.node << seq_bits) | seq
     }
 }
 
-/// The Unix time in milliseconds of an id.
+/// The Unix time in milliseconds of a room-message id.
 pub fn timestamp_ms(id: u64) -> u64 {
     (id >> (NODE_BITS + SEQ_BITS)) + EPOCH_MS
 }
 
-/// The node number of an id.
+/// The node number of a room-message id.
 pub fn node_of(id: u64) -> u16 {
     ((id >> SEQ_BITS) & u64::from(MAX_NODE)) as u16
+}
+
+/// The Unix time in milliseconds of an IM-message id.
+pub fn chat_timestamp_ms(id: u64) -> u64 {
+    (id >> (CHAT_NODE_BITS + CHAT_SEQ_BITS)) + EPOCH_MS
+}
+
+/// The node number (low 6 bits) of an IM-message id.
+pub fn chat_node_of(id: u64) -> u16 {
+    ((id >> CHAT_SEQ_BITS) & ((1 << CHAT_NODE_BITS) - 1)) as u16
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -164,5 +213,39 @@ mod tests {
             IdGen::node_from_id("logic-1"),
             IdGen::node_from_id("logic-2")
         );
+    }
+
+    #[test]
+    fn chat_ids_fit_javascript_and_increase() {
+        let g = IdGen::chat(1000); // low 6 bits: 40
+        let before = now_ms();
+        let mut prev = 0;
+        for _ in 0..5_000 {
+            let id = g.next_id();
+            assert!(id > prev);
+            assert!(id < 1 << CHAT_ID_BITS, "{id} is not exact in JavaScript");
+            assert_eq!(chat_node_of(id), 1000 & 63);
+            prev = id;
+        }
+        let ts = chat_timestamp_ms(prev);
+        // 5 000 ids at 64 per ms borrow at most ~80 ms from the future.
+        assert!(
+            ts >= before && ts <= now_ms() + 100,
+            "ts {ts} not near {before}"
+        );
+        // The last millisecond that fits is still decades away.
+        let max_ms = ((1u64 << CHAT_ID_BITS) - 1) >> (CHAT_NODE_BITS + CHAT_SEQ_BITS);
+        assert!(
+            max_ms + EPOCH_MS > 3_900_000_000_000,
+            "chat ids run out before 2093"
+        );
+    }
+
+    #[test]
+    fn chat_ids_of_different_nodes_never_collide() {
+        let a = IdGen::chat(1);
+        let b = IdGen::chat(2);
+        let ids: HashSet<u64> = (0..1000).flat_map(|_| [a.next_id(), b.next_id()]).collect();
+        assert_eq!(ids.len(), 2000);
     }
 }

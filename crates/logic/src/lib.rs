@@ -15,12 +15,18 @@
 //! ```
 
 pub mod app;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod id;
+pub mod im_api;
+pub mod password;
 pub mod presence;
+pub mod ratelimit;
+pub mod store;
+pub mod upload;
 
 use std::io;
 use std::sync::Arc;
@@ -38,6 +44,7 @@ use tracing::{info, warn};
 pub use crate::config::LogicConfig;
 pub use crate::error::LogicError;
 use crate::presence::Presence;
+use crate::store::Store;
 
 /// The sockets logic serves on, bound before [`run`] so callers can bind
 /// port 0 and learn the real addresses first.
@@ -90,12 +97,14 @@ pub async fn run(
     let presence = Presence::connect(&cfg.presence).await?;
     let publisher = Publisher::connect(&cfg.queue, memory_queue.as_ref()).await?;
     let discovery = Discovery::connect(&cfg.discovery).await?;
+    let store = Store::connect(&cfg.store).await?;
 
     let app = Arc::new(app::App::new(
         &cfg,
         node_id.clone(),
         presence,
         publisher.clone(),
+        store.clone(),
     ));
     let tracker = TaskTracker::new();
     // Cancelled after deregistration: tells the servers to stop accepting.
@@ -147,6 +156,7 @@ pub async fn run(
                 cfg.shutdown_grace_ms,
             )
             .await;
+            store.close().await;
             return Err(e.into());
         }
     };
@@ -171,6 +181,7 @@ pub async fn run(
         cfg.shutdown_grace_ms,
     )
     .await;
+    store.close().await;
     info!("logic stopped");
     result
 }

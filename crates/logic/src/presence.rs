@@ -106,6 +106,26 @@ impl Presence {
         }
     }
 
+    /// The conn nodes where a user has live sessions, sorted, no repeats
+    /// (empty: offline).
+    pub async fn servers_of(&self, uid: &str) -> Result<Vec<String>, PresenceError> {
+        Ok(servers(self.sessions(uid).await?))
+    }
+
+    /// [`Presence::servers_of`] for many users at once (one Redis round trip).
+    pub async fn servers_of_many(
+        &self,
+        uids: &[String],
+    ) -> Result<Vec<Vec<String>>, PresenceError> {
+        match self {
+            Presence::Memory(m) => {
+                let now = Instant::now();
+                Ok(uids.iter().map(|u| servers(m.sessions(u, now))).collect())
+            }
+            Presence::Redis(r) => r.servers_of_many(uids).await,
+        }
+    }
+
     /// Replaces `server`'s per-room counts and answers the cluster totals
     /// (every live server) for the same rooms.
     pub async fn report_online(
@@ -118,6 +138,13 @@ impl Presence {
             Presence::Redis(r) => r.report_online(server, rooms).await,
         }
     }
+}
+
+fn servers(sessions: Vec<Session>) -> Vec<String> {
+    let mut out: Vec<String> = sessions.into_iter().map(|s| s.server).collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 // ---------------------------------------------------------------- memory
@@ -359,6 +386,29 @@ impl RedisPresence {
         Ok(out)
     }
 
+    async fn servers_of_many(&self, uids: &[String]) -> Result<Vec<Vec<String>>, PresenceError> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for uid in uids {
+            p.cmd("HVALS").arg(self.user_key(uid));
+        }
+        let all: Vec<Vec<String>> = p.query_async(&mut self.conn.clone()).await?;
+        Ok(all
+            .into_iter()
+            .map(|values| {
+                let mut out: Vec<String> = values
+                    .iter()
+                    .map(|v| v.split_once('|').map_or(v.as_str(), |(s, _)| s).to_string())
+                    .collect();
+                out.sort();
+                out.dedup();
+                out
+            })
+            .collect())
+    }
+
     async fn report_online(
         &self,
         server: &str,
@@ -477,6 +527,36 @@ mod tests {
             Some(&1)
         );
         assert_eq!(p.len().1, 1, "the dead server's entry is gone");
+    }
+
+    #[tokio::test]
+    async fn servers_of_a_user() {
+        let p = Presence::Memory(Arc::new(MemoryPresence::new(
+            Duration::from_secs(90),
+            Duration::from_secs(15),
+        )));
+        let s = |key: &str, server: &str| Session {
+            uid: "7".into(),
+            key: key.into(),
+            server: server.into(),
+            room: String::new(),
+        };
+        assert!(p.servers_of("7").await.expect("memory").is_empty());
+        for (k, srv) in [("k1", "conn-b"), ("k2", "conn-a"), ("k3", "conn-b")] {
+            p.sign_in(&s(k, srv)).await.expect("memory");
+        }
+        assert_eq!(
+            p.servers_of("7").await.expect("memory"),
+            ["conn-a", "conn-b"]
+        );
+        let many = p
+            .servers_of_many(&["7".into(), "8".into()])
+            .await
+            .expect("memory");
+        assert_eq!(
+            many,
+            vec![vec!["conn-a".to_string(), "conn-b".into()], vec![]]
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn sign_in(token: &str, room: &str) -> SignInReq {
         server: "conn-1".into(),
         token: token.into(),
         room_id: room.into(),
+        uid: String::new(),
     }
 }
 
@@ -78,7 +79,13 @@ async fn sign_in_accepts_good_tokens_and_explains_bad_ones() {
         ),
         (expired, "room-1", 100, "login needed: token has expired"),
         (other, "room-1", 100, "login needed: token is invalid"),
-        (node.token("alice"), "", 1002, "room id is empty"),
+        // Community rooms are joined through membership, never by name.
+        (
+            node.token("alice"),
+            "c:1001",
+            403,
+            "reserved for communities",
+        ),
         (
             node.token("alice"),
             &"x".repeat(65),
@@ -97,6 +104,19 @@ async fn sign_in_accepts_good_tokens_and_explains_bad_ones() {
         );
         assert!(r.uid.is_empty() && r.key.is_empty());
     }
+
+    // An IM session (/chat) signs in without a room.
+    let im = c
+        .sign_in(sign_in(&node.token("alice"), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((im.code, im.uid.as_str()), (0, "alice"), "{}", im.msg);
+    assert!(
+        im.rooms.is_empty(),
+        "alice is no IM account: {:?}",
+        im.rooms
+    );
 
     // A conn node that sends no server id is a bug on its side: a gRPC error.
     let mut bad = sign_in(&node.token("alice"), "r");

@@ -252,9 +252,17 @@ async fn tk_issues_tokens_that_logic_accepts() {
     let (_, reply) = node.post("/tk", &[FORM], "uid=dave").await;
     let token = reply["data"].as_str().expect("token from a form");
     assert_eq!(node.tokens.verify(token).unwrap().sub, "dave");
-    let (_, reply) = node.post_json("/tk", None, json!({"uid": 12345})).await;
-    let token = reply["data"].as_str().expect("token for a numeric uid");
-    assert_eq!(node.tokens.verify(token).unwrap().sub, "12345");
+    // Numeric uids are IM accounts: /tk must not hand out their tokens.
+    let (status, reply) = node.post_json("/tk", None, json!({"uid": 12345})).await;
+    assert_eq!(
+        (status.as_u16(), reply["code"].as_i64()),
+        (403, Some(0)),
+        "{reply}"
+    );
+    assert!(reply.get("data").is_none(), "{reply}");
+    let (_, reply) = node.post("/tk", &[FORM], "uid=u12345").await;
+    let token = reply["data"].as_str().expect("token for a non-numeric uid");
+    assert_eq!(node.tokens.verify(token).unwrap().sub, "u12345");
 
     for body in [
         json!({}),

@@ -179,6 +179,7 @@ async fn logic_uses_redis_and_turns_its_failures_into_grpc_errors() {
             server: "conn-1".into(),
             token: node.token("alice"),
             room_id: "room-1".into(),
+            uid: String::new(),
         })
         .await
         .unwrap()
@@ -223,6 +224,7 @@ async fn logic_uses_redis_and_turns_its_failures_into_grpc_errors() {
             server: "conn-1".into(),
             token: node.token("mallory"),
             room_id: "room-1".into(),
+            uid: String::new(),
         })
         .await
         .expect_err("a failing presence store must fail sign-in");
@@ -247,6 +249,7 @@ async fn logic_uses_redis_and_turns_its_failures_into_grpc_errors() {
             server: "conn-1".into(),
             token: node.token("bob"),
             room_id: "room-1".into(),
+            uid: String::new(),
         })
         .await
         .unwrap()
@@ -267,4 +270,44 @@ async fn an_unreachable_redis_stops_start_up_with_an_error() {
         .await
         .expect("connect gives up in time");
     assert!(r.is_err());
+}
+
+#[tokio::test]
+async fn servers_of_users_for_im_delivery() {
+    let prefix = unique_prefix("servers");
+    let p = Presence::connect(&presence_config(&prefix, 15))
+        .await
+        .expect("connect to CHATROOM_TEST_REDIS");
+    let s = |uid: &str, key: &str, server: &str| Session {
+        uid: uid.into(),
+        key: key.into(),
+        server: server.into(),
+        room: String::new(),
+    };
+    assert!(p.servers_of("10001").await.unwrap().is_empty());
+    for (uid, key, server) in [
+        ("10001", "k1", "conn-b"),
+        ("10001", "k2", "conn-a"),
+        ("10001", "k3", "conn-b"),
+        ("10002", "k4", "conn-c"),
+    ] {
+        p.sign_in(&s(uid, key, server)).await.unwrap();
+    }
+    assert_eq!(p.servers_of("10001").await.unwrap(), ["conn-a", "conn-b"]);
+    let many = p
+        .servers_of_many(&["10002".into(), "10003".into(), "10001".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        many,
+        vec![
+            vec!["conn-c".to_string()],
+            vec![],
+            vec!["conn-a".to_string(), "conn-b".to_string()]
+        ]
+    );
+    p.sign_out("10002", "k4").await.unwrap();
+    assert!(p.servers_of("10002").await.unwrap().is_empty());
+    assert!(p.servers_of_many(&[]).await.unwrap().is_empty());
+    cleanup(&prefix).await;
 }
