@@ -13,6 +13,7 @@ pub mod push;
 pub mod room;
 pub mod session;
 pub mod stats;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use crate::config::ConnConfig;
 use crate::bucket::Buckets;
+pub use crate::config::ConnConfig;
 use crate::logic_pool::LogicPool;
 use crate::online::Online;
 use crate::stats::Stats;
@@ -73,7 +74,11 @@ pub struct Ctx {
 /// Serves until `shutdown`, then stops in stages: deregister (job stops
 /// pushing here), stop accepting, close every session with Going Away,
 /// stop the push server, and wait for every task within the grace period.
-pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ConnError> {
+pub async fn run(
+    cfg: ConnConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError> {
     let server = cfg.node.id_or("conn");
     let ws_addr = listeners.ws.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
@@ -84,7 +89,9 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
     let sessions = CancellationToken::new();
 
     let discovery = Discovery::connect(&cfg.discovery).await?;
-    let logic_nodes = discovery.watch(Service::Logic, &tracker, bg.clone()).await?;
+    let logic_nodes = discovery
+        .watch(Service::Logic, &tracker, bg.clone())
+        .await?;
     let logic = Arc::new(LogicPool::new(logic_nodes, Duration::from_secs(5)));
     let buckets = Arc::new(Buckets::new(cfg.buckets));
     let stats = Arc::new(Stats::default());
@@ -105,7 +112,8 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
             buckets: buckets.clone(),
             stats: stats.clone(),
         };
-        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let stop = grpc_stop.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -118,7 +126,9 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
         id: server.clone(),
         uri: ctx.cfg.grpc.advertise_uri(grpc_addr),
     };
-    let registration = discovery.register(Service::Conn, me, &tracker, bg.clone()).await?;
+    let registration = discovery
+        .register(Service::Conn, me, &tracker, bg.clone())
+        .await?;
     tracker.spawn(online::report_loop(
         server.clone(),
         buckets,
@@ -152,7 +162,12 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
     Ok(())
 }
 
-async fn accept_loop(listener: &TcpListener, ctx: &Arc<Ctx>, sessions: &CancellationToken, shutdown: &CancellationToken) {
+async fn accept_loop(
+    listener: &TcpListener,
+    ctx: &Arc<Ctx>,
+    sessions: &CancellationToken,
+    shutdown: &CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(ctx.cfg.ws.max_connections));
     let next_id = AtomicU64::new(1);
     loop {
