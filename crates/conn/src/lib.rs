@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use crate::config::ConnConfig;
 use crate::bucket::Buckets;
+pub use crate::config::ConnConfig;
 use crate::logic_pool::LogicPool;
 use crate::online::Online;
 use crate::stats::Stats;
@@ -75,7 +75,11 @@ pub struct Ctx {
 /// Serves until `shutdown`, then stops in stages: deregister (job stops
 /// pushing here), stop accepting, close every session with Going Away,
 /// stop the push server, and wait for every task within the grace period.
-pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ConnError> {
+pub async fn run(
+    cfg: ConnConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError> {
     let server = cfg.node.id_or("conn");
     let ws_addr = listeners.ws.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
@@ -86,7 +90,9 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
     let sessions = CancellationToken::new();
 
     let discovery = Discovery::connect(&cfg.discovery).await?;
-    let logic_nodes = discovery.watch(Service::Logic, &tracker, bg.clone()).await?;
+    let logic_nodes = discovery
+        .watch(Service::Logic, &tracker, bg.clone())
+        .await?;
     let logic = Arc::new(LogicPool::new(logic_nodes, Duration::from_secs(5)));
     let buckets = Arc::new(Buckets::new(cfg.buckets));
     let stats = Arc::new(Stats::default());
@@ -107,7 +113,8 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
             buckets: buckets.clone(),
             stats: stats.clone(),
         };
-        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let stop = grpc_stop.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -120,7 +127,9 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
         id: server.clone(),
         uri: ctx.cfg.grpc.advertise_uri(grpc_addr),
     };
-    let registration = discovery.register(Service::Conn, me, &tracker, bg.clone()).await?;
+    let registration = discovery
+        .register(Service::Conn, me, &tracker, bg.clone())
+        .await?;
     tracker.spawn(online::report_loop(
         server.clone(),
         buckets,
@@ -154,7 +163,12 @@ pub async fn run(cfg: ConnConfig, listeners: Listeners, shutdown: CancellationTo
     Ok(())
 }
 
-async fn accept_loop(listener: &TcpListener, ctx: &Arc<Ctx>, sessions: &CancellationToken, shutdown: &CancellationToken) {
+async fn accept_loop(
+    listener: &TcpListener,
+    ctx: &Arc<Ctx>,
+    sessions: &CancellationToken,
+    shutdown: &CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(ctx.cfg.ws.max_connections));
     let next_id = AtomicU64::new(1);
     loop {

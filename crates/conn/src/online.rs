@@ -15,19 +15,32 @@ use crate::logic_pool::LogicPool;
 
 #[derive(Debug, Default)]
 pub struct Online {
-    totals: RwLock<HashMap<String, u64>>,
+    /// Per room: the cluster total logic answered, and this node's own
+    /// count that went into it.
+    totals: RwLock<HashMap<String, (u64, u32)>>,
 }
 
 impl Online {
-    /// The cluster total for `room` as of the last report, or `local` when
-    /// logic has not answered for that room yet.
+    /// The cluster total for `room`: the last answer from logic, corrected
+    /// by how this node's own count moved since (so a session that just
+    /// joined counts itself); `local` alone before logic has answered.
     pub fn total(&self, room: &str, local: u32) -> u64 {
         let totals = self.totals.read().unwrap_or_else(|p| p.into_inner());
-        totals.get(room).copied().unwrap_or(local as u64)
+        match totals.get(room) {
+            Some(&(total, reported)) => (total + local as u64).saturating_sub(reported as u64).max(local as u64),
+            None => local as u64,
+        }
     }
 
-    fn set(&self, totals: HashMap<String, u64>) {
-        *self.totals.write().unwrap_or_else(|p| p.into_inner()) = totals;
+    fn set(&self, reported: &HashMap<String, u32>, totals: HashMap<String, u64>) {
+        let merged = totals
+            .into_iter()
+            .map(|(room, total)| {
+                let mine = reported.get(&room).copied().unwrap_or(0);
+                (room, (total, mine))
+            })
+            .collect();
+        *self.totals.write().unwrap_or_else(|p| p.into_inner()) = merged;
     }
 }
 
@@ -50,14 +63,30 @@ pub async fn report_loop(
         let rooms = buckets.counts();
         let req = ReportOnlineReq {
             server: server.clone(),
-            rooms,
+            rooms: rooms.clone(),
         };
         match pool.report_online(req).await {
             Ok(reply) => {
                 debug!(rooms = reply.rooms.len(), "online totals updated");
-                online.set(reply.rooms);
+                online.set(&rooms, reply.rooms);
             }
             Err(e) => warn!(error = %e.message(), "reporting online counts failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn total_follows_local_changes_between_reports() {
+        let o = Online::default();
+        assert_eq!(o.total("r", 2), 2, "before any report: local only");
+        let reported = HashMap::from([("r".to_string(), 2u32)]);
+        o.set(&reported, HashMap::from([("r".to_string(), 5u64)]));
+        assert_eq!(o.total("r", 2), 5);
+        assert_eq!(o.total("r", 3), 6, "a session that just joined counts itself");
+        assert_eq!(o.total("r", 0), 3);
     }
 }
