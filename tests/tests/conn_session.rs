@@ -51,7 +51,10 @@ impl Logic for FakeLogic {
         self.signed_out.lock().unwrap().push(r.into_inner().uid);
         Ok(Response::new(SignOutReply {}))
     }
-    async fn heartbeat(&self, _: Request<HeartbeatReq>) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatReq>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
         Ok(Response::new(HeartbeatReply {}))
     }
     async fn receive(&self, r: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
@@ -62,8 +65,16 @@ impl Logic for FakeLogic {
             id: 7,
         }))
     }
-    async fn report_online(&self, r: Request<ReportOnlineReq>) -> Result<Response<ReportOnlineReply>, Status> {
-        let rooms: HashMap<String, u64> = r.into_inner().rooms.into_iter().map(|(k, v)| (k, v as u64 + 1000)).collect();
+    async fn report_online(
+        &self,
+        r: Request<ReportOnlineReq>,
+    ) -> Result<Response<ReportOnlineReply>, Status> {
+        let rooms: HashMap<String, u64> = r
+            .into_inner()
+            .rooms
+            .into_iter()
+            .map(|(k, v)| (k, v as u64 + 1000))
+            .collect();
         Ok(Response::new(ReportOnlineReply { rooms }))
     }
 }
@@ -140,7 +151,9 @@ async fn sign_in_heartbeat_message_members_and_push() {
     assert_eq!(&a.heartbeat().await.unwrap()[..], b"pong");
 
     // A client message goes to logic with the session's uid.
-    a.send_message("r1", MsgLevel::Normal, b"hello").await.unwrap();
+    a.send_message("r1", MsgLevel::Normal, b"hello")
+        .await
+        .unwrap();
     let logic = n.logic.clone();
     let got = eventually(T, "logic received the message", || {
         let l = logic.clone();
@@ -211,7 +224,10 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     let e = c.sign_in("forged", "r").await.unwrap();
     assert_eq!(e.code, 100);
     assert!(e.msg.contains("token"), "{}", e.msg);
-    assert_eq!(u16::from(c.expect_close().await.unwrap().unwrap().code), 1008);
+    assert_eq!(
+        u16::from(c.expect_close().await.unwrap().unwrap().code),
+        1008
+    );
 
     let mut c = Client::connect(&n.url).await.unwrap();
     let e = c.sign_in("good-x", "").await.unwrap();
@@ -219,7 +235,9 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
 
     let mut c = Client::connect(&n.url).await.unwrap();
     use futures_util::SinkExt;
-    c.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into())).await.unwrap();
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into()))
+        .await
+        .unwrap();
     assert_eq!(c.expect_err().await.unwrap().code, 400);
 
     // No sign-in within the deadline: closed.
@@ -233,10 +251,17 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     let mut s = Client::signed_in(&n.url, "good-s", "r").await.unwrap();
     s.send_raw(vec![0x0a, 0xff]).await.unwrap();
     assert_eq!(s.expect_err().await.unwrap().code, 400);
-    s.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into())).await.unwrap();
+    s.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into()))
+        .await
+        .unwrap();
     assert_eq!(s.expect_err().await.unwrap().code, 400);
-    let raw = chatroom_common::proto::protocol::Req { r#type: 9, data: Bytes::new() };
-    s.send_raw(prost::Message::encode_to_vec(&raw)).await.unwrap();
+    let raw = chatroom_common::proto::protocol::Req {
+        r#type: 9,
+        data: Bytes::new(),
+    };
+    s.send_raw(prost::Message::encode_to_vec(&raw))
+        .await
+        .unwrap();
     let e = s.expect_err().await.unwrap();
     assert_eq!(e.code, 404);
     assert!(e.msg.contains("unknown"), "{}", e.msg);
@@ -249,20 +274,34 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     // Oversize frame: an error, then the session is closed (1009).
     s.send_raw(vec![0u8; 8192]).await.unwrap();
     assert_eq!(s.expect_err().await.unwrap().code, 413);
-    assert_eq!(u16::from(s.expect_close().await.unwrap().unwrap().code), 1009);
+    assert_eq!(
+        u16::from(s.expect_close().await.unwrap().unwrap().code),
+        1009
+    );
 
     // The session signed in first was served all along.
     assert_eq!(&ok.heartbeat().await.unwrap()[..], b"pong");
     push(n.grpc, "r", MsgLevel::Normal, &[b"still here"]).await;
-    assert_eq!(&ok.recv_messages(1, T).await.unwrap()[0].1[..], b"still here");
+    assert_eq!(
+        &ok.recv_messages(1, T).await.unwrap()[0].1[..],
+        b"still here"
+    );
 
     // Wrong path: the handshake is refused.
-    assert!(Client::connect(&n.url.replace("/room", "/nope")).await.is_err());
+    assert!(
+        Client::connect(&n.url.replace("/room", "/nope"))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn silent_client_is_closed_after_missed_heartbeats() {
-    let n = start(&[("CHATROOM__WS__HEARTBEAT_SECS", "1"), ("CHATROOM__WS__HEARTBEAT_MISSES", "1")]).await;
+    let n = start(&[
+        ("CHATROOM__WS__HEARTBEAT_SECS", "1"),
+        ("CHATROOM__WS__HEARTBEAT_MISSES", "1"),
+    ])
+    .await;
     let mut a = Client::signed_in(&n.url, "good-a", "r").await.unwrap();
     let start = tokio::time::Instant::now();
     let f = a.expect_close().await.unwrap().unwrap();
@@ -272,7 +311,13 @@ async fn silent_client_is_closed_after_missed_heartbeats() {
     let logic = n.logic.clone();
     eventually(T, "sign-out", || {
         let l = logic.clone();
-        async move { l.signed_out.lock().unwrap().contains(&"a".to_string()).then_some(()) }
+        async move {
+            l.signed_out
+                .lock()
+                .unwrap()
+                .contains(&"a".to_string())
+                .then_some(())
+        }
     })
     .await
     .unwrap();
@@ -284,12 +329,20 @@ async fn slow_consumer_is_cut_off_without_slowing_others() {
     let _slow = Client::signed_in(&n.url, "good-slow", "r").await.unwrap();
     let mut fast = Client::signed_in(&n.url, "good-fast", "r").await.unwrap();
     let big = vec![b'x'; 32 * 1024];
-    let reader = tokio::spawn(async move { fast.recv_messages(400, Duration::from_secs(30)).await.map(|v| v.len()) });
+    let reader = tokio::spawn(async move {
+        fast.recv_messages(400, Duration::from_secs(30))
+            .await
+            .map(|v| v.len())
+    });
     let mut cut = false;
     for _ in 0..400 {
         let (_, dropped) = push(n.grpc, "r", MsgLevel::Important, &[&big]).await;
         cut |= dropped > 0;
     }
     assert!(cut, "the slow session was never cut off");
-    assert_eq!(reader.await.unwrap().unwrap(), 400, "the fast session lost messages");
+    assert_eq!(
+        reader.await.unwrap().unwrap(),
+        400,
+        "the fast session lost messages"
+    );
 }

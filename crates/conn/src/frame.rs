@@ -37,7 +37,10 @@ pub fn reply(kind: PackageType, data: impl Into<Bytes>) -> Bytes {
 
 /// `Reply{UNKNOWN, Err{code, msg}}` encoded.
 pub fn err(code: i32, msg: impl Into<String>) -> Bytes {
-    let e = Err { code, msg: msg.into() };
+    let e = Err {
+        code,
+        msg: msg.into(),
+    };
     reply(PackageType::Unknown, e.encode_to_vec())
 }
 

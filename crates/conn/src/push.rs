@@ -20,7 +20,10 @@ pub struct PushService {
 
 #[tonic::async_trait]
 impl Conn for PushService {
-    async fn push_room(&self, req: Request<PushRoomReq>) -> Result<Response<PushRoomReply>, Status> {
+    async fn push_room(
+        &self,
+        req: Request<PushRoomReq>,
+    ) -> Result<Response<PushRoomReply>, Status> {
         let req = req.into_inner();
         if req.room_id.is_empty() {
             return Err(Status::invalid_argument("room_id is empty"));

@@ -39,8 +39,15 @@ struct Identity {
 }
 
 /// Serves one accepted TCP connection until it ends or `shutdown` fires.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken) {
-    let span = info_span!("session", %peer, id, uid = tracing::field::Empty, room = tracing::field::Empty);
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+    id: u64,
+    shutdown: CancellationToken,
+) {
+    let span =
+        info_span!("session", %peer, id, uid = tracing::field::Empty, room = tracing::field::Empty);
     async move {
         let ws = match handshake(stream, &ctx).await {
             Ok(ws) => ws,
@@ -72,7 +79,8 @@ async fn handshake(stream: TcpStream, ctx: &Ctx) -> Result<Ws, WsError> {
         if req.uri().path() == "/room" {
             Ok(resp)
         } else {
-            let mut r = ErrorResponse::new(Some("not found: the WebSocket endpoint is /room".into()));
+            let mut r =
+                ErrorResponse::new(Some("not found: the WebSocket endpoint is /room".into()));
             *r.status_mut() = StatusCode::NOT_FOUND;
             Err(r)
         }
@@ -97,7 +105,8 @@ async fn run_session(ws: Ws, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken
     let (tx, rx) = mpsc::channel(ctx.cfg.ws.send_queue);
     let kill = shutdown.child_token();
     let ping = Duration::from_secs(ctx.cfg.ws.ping_secs);
-    let writer = tokio::spawn(write_loop(sink, rx, kill.clone(), shutdown.clone(), ping).in_current_span());
+    let writer =
+        tokio::spawn(write_loop(sink, rx, kill.clone(), shutdown.clone(), ping).in_current_span());
 
     let me = Arc::new(SessionTx {
         id,
@@ -157,7 +166,10 @@ async fn sign_in(
     };
     if req.r#type != PackageType::SignIn as i32 {
         warn!(kind = %frame::type_name(req.r#type), "frame before sign-in");
-        let msg = format!("login needed: sign in before {}", frame::type_name(req.r#type));
+        let msg = format!(
+            "login needed: sign in before {}",
+            frame::type_name(req.r#type)
+        );
         refuse(tx, code::LOGIN_NEEDED, msg).await;
         return None;
     }
@@ -179,15 +191,16 @@ async fn sign_in(
         token: sign.token,
         room_id: sign.room_id.clone(),
     };
-    let reply = match ctx
-        .logic
-        .sign_in(req)
-        .await
-    {
+    let reply = match ctx.logic.sign_in(req).await {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e.message(), "logic sign-in call failed");
-            refuse(tx, code::UNAVAILABLE, "sign-in service unavailable, try again").await;
+            refuse(
+                tx,
+                code::UNAVAILABLE,
+                "sign-in service unavailable, try again",
+            )
+            .await;
             return None;
         }
     };
@@ -214,7 +227,10 @@ async fn read_loop(
     who: &Identity,
     kill: &CancellationToken,
 ) {
-    let mut hb = Heartbeat::new(Duration::from_secs(ctx.cfg.ws.heartbeat_secs), ctx.cfg.ws.heartbeat_misses);
+    let mut hb = Heartbeat::new(
+        Duration::from_secs(ctx.cfg.ws.heartbeat_secs),
+        ctx.cfg.ws.heartbeat_misses,
+    );
     loop {
         let got = tokio::select! {
             _ = kill.cancelled() => return,
@@ -239,7 +255,13 @@ async fn read_loop(
             Err(e) => {
                 ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "malformed frame");
-                if send(tx, frame::err(code::BAD_REQUEST, format!("malformed Req frame: {e}"))).await.is_err() {
+                if send(
+                    tx,
+                    frame::err(code::BAD_REQUEST, format!("malformed Req frame: {e}")),
+                )
+                .await
+                .is_err()
+                {
                     return;
                 }
                 continue;
@@ -250,7 +272,10 @@ async fn read_loop(
                 if hb.should_renew(tokio::time::Instant::now()) {
                     renew(ctx, who);
                 }
-                Some(frame::reply(PackageType::Heartbeat, Bytes::from_static(b"pong")))
+                Some(frame::reply(
+                    PackageType::Heartbeat,
+                    Bytes::from_static(b"pong"),
+                ))
             }
             Ok(PackageType::Message) => on_message(ctx, who, req.data).await,
             Ok(PackageType::Members) => {
@@ -286,25 +311,27 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
         Err(e) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "malformed BroadcastRoomReq");
-            return Some(frame::err(code::BAD_REQUEST, format!("malformed BroadcastRoomReq: {e}")));
+            return Some(frame::err(
+                code::BAD_REQUEST,
+                format!("malformed BroadcastRoomReq: {e}"),
+            ));
         }
     };
     if msg.room_id.is_empty() {
         msg.room_id = who.room.clone();
     } else if msg.room_id != who.room {
         warn!(target_room = %msg.room_id, "message to a room the session is not in");
-        return Some(frame::err(code::FORBIDDEN, format!("not in room {}", msg.room_id)));
+        return Some(frame::err(
+            code::FORBIDDEN,
+            format!("not in room {}", msg.room_id),
+        ));
     }
     let req = ReceiveReq {
         server: ctx.server.clone(),
         uid: who.uid.clone(),
         msg: Some(msg),
     };
-    match ctx
-        .logic
-        .receive(req)
-        .await
-    {
+    match ctx.logic.receive(req).await {
         Ok(r) if r.code == code::OK => None,
         Ok(r) => {
             info!(code = r.code, msg = %r.msg, "message refused by logic");
@@ -312,7 +339,10 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
         }
         Err(e) => {
             warn!(error = %e.message(), "logic receive call failed");
-            Some(frame::err(code::UNAVAILABLE, "message service unavailable, try again"))
+            Some(frame::err(
+                code::UNAVAILABLE,
+                "message service unavailable, try again",
+            ))
         }
     }
 }
@@ -346,13 +376,21 @@ async fn next_data(stream: &mut SplitStream<Ws>) -> Incoming {
 }
 
 /// Answers a non-data event; true if the session may go on.
-async fn reject_incoming(tx: &mpsc::Sender<Outbound>, ctx: &Ctx, what: Incoming, when: &str) -> bool {
+async fn reject_incoming(
+    tx: &mpsc::Sender<Outbound>,
+    ctx: &Ctx,
+    what: Incoming,
+    when: &str,
+) -> bool {
     match what {
         Incoming::Data(_) | Incoming::Closed => false,
         Incoming::Text => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!("text frame {when}");
-            let e = frame::err(code::BAD_REQUEST, "text frames are not supported: send binary protobuf Req frames");
+            let e = frame::err(
+                code::BAD_REQUEST,
+                "text frames are not supported: send binary protobuf Req frames",
+            );
             if when.is_empty() {
                 send(tx, e).await.is_ok()
             } else {
@@ -363,7 +401,10 @@ async fn reject_incoming(tx: &mpsc::Sender<Outbound>, ctx: &Ctx, what: Incoming,
         }
         Incoming::TooLarge => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-            warn!(max = ctx.cfg.ws.max_frame_bytes, "frame over the size limit; closing");
+            warn!(
+                max = ctx.cfg.ws.max_frame_bytes,
+                "frame over the size limit; closing"
+            );
             let msg = format!("frame larger than {} bytes", ctx.cfg.ws.max_frame_bytes);
             let _ = send(tx, frame::err(code::TOO_LARGE, msg)).await;
             let _ = tx.send(Outbound::Close(1009, "frame too large")).await;
