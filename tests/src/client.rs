@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use chatroom_common::proto::protocol::{BroadcastRoomReq, Err, MsgLevel, PackageType, Reply, Req, SignIn};
+use chatroom_common::proto::protocol::{
+    BroadcastRoomReq, Err, MsgLevel, PackageType, Reply, Req, SignIn,
+};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::net::TcpStream;
@@ -25,13 +27,20 @@ pub enum Event {
 
 impl Client {
     pub async fn connect(url: &str) -> anyhow::Result<Client> {
-        let (ws, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url))
-            .await
-            .context("connect timed out")??;
+        let (ws, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .context("connect timed out")??;
         Ok(Client { ws })
     }
 
-    pub async fn send_req(&mut self, kind: PackageType, data: impl Into<Bytes>) -> anyhow::Result<()> {
+    pub async fn send_req(
+        &mut self,
+        kind: PackageType,
+        data: impl Into<Bytes>,
+    ) -> anyhow::Result<()> {
         let req = Req {
             r#type: kind as i32,
             data: data.into(),
@@ -50,7 +59,8 @@ impl Client {
             token: token.into(),
             room_id: room.into(),
         };
-        self.send_req(PackageType::SignIn, s.encode_to_vec()).await?;
+        self.send_req(PackageType::SignIn, s.encode_to_vec())
+            .await?;
         self.expect_err().await
     }
 
@@ -64,7 +74,12 @@ impl Client {
         Ok(c)
     }
 
-    pub async fn send_message(&mut self, room: &str, level: MsgLevel, data: &[u8]) -> anyhow::Result<()> {
+    pub async fn send_message(
+        &mut self,
+        room: &str,
+        level: MsgLevel,
+        data: &[u8],
+    ) -> anyhow::Result<()> {
         let m = BroadcastRoomReq {
             room_id: room.into(),
             msg_lv: level as i32,
@@ -86,7 +101,8 @@ impl Client {
                 Some(Ok(Message::Text(t))) => bail!("unexpected text frame: {t}"),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Ok(Event::Closed(Some(CloseFrame {
-                    code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Abnormal,
+                    code:
+                        tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Abnormal,
                     reason: e.to_string().into(),
                 }))),
                 None => return Ok(Event::Closed(None)),
@@ -146,13 +162,20 @@ impl Client {
 
     /// Reads pushed batches until `want` messages arrived; returns them with
     /// each batch's level. Errors at `within`.
-    pub async fn recv_messages(&mut self, want: usize, within: Duration) -> anyhow::Result<Vec<(MsgLevel, Bytes)>> {
+    pub async fn recv_messages(
+        &mut self,
+        want: usize,
+        within: Duration,
+    ) -> anyhow::Result<Vec<(MsgLevel, Bytes)>> {
         let deadline = tokio::time::Instant::now() + within;
         let mut out = Vec::new();
         while out.len() < want {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                bail!("got {} of {want} messages before the deadline: {out:?}", out.len());
+                bail!(
+                    "got {} of {want} messages before the deadline: {out:?}",
+                    out.len()
+                );
             }
             match self.next_event(left).await {
                 Ok(Event::Reply(r)) if r.r#type == PackageType::Message as i32 => {

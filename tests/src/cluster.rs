@@ -48,7 +48,9 @@ pub fn free_addr() -> SocketAddr {
 pub fn required_env(var: &str) -> String {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => v,
-        _ => panic!("{var} is not set: run the suite with scripts/test.sh, which starts etcd and Redis and sets it"),
+        _ => panic!(
+            "{var} is not set: run the suite with scripts/test.sh, which starts etcd and Redis and sets it"
+        ),
     }
 }
 
@@ -70,7 +72,12 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `bin` with `env` (on top of a log folder in `work`).
-    pub fn spawn(name: &str, bin_name: &str, work: &std::path::Path, env: &[(String, String)]) -> anyhow::Result<Proc> {
+    pub fn spawn(
+        name: &str,
+        bin_name: &str,
+        work: &std::path::Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Proc> {
         let log_dir = work.join(name);
         std::fs::create_dir_all(&log_dir)?;
         let out = std::fs::File::create(log_dir.join("stdout.log"))?;
@@ -92,6 +99,15 @@ impl Proc {
         })
     }
 
+    /// Wraps a process started elsewhere (e.g. a real nsqd).
+    pub fn adopt(name: &str, child: Child, log_dir: PathBuf) -> Proc {
+        Proc {
+            name: name.into(),
+            child,
+            log_dir,
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
@@ -107,7 +123,10 @@ impl Proc {
     }
 
     /// SIGTERM, then wait up to `within` for the exit status.
-    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    pub async fn terminate(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.pid().context("already exited")?;
         let ok = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -132,7 +151,11 @@ impl Proc {
 }
 
 /// Waits until `addr` accepts TCP connections, or the process dies.
-pub async fn wait_listening(p: &mut Proc, addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+pub async fn wait_listening(
+    p: &mut Proc,
+    addr: SocketAddr,
+    within: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         p.check_alive()?;
@@ -140,7 +163,11 @@ pub async fn wait_listening(p: &mut Proc, addr: SocketAddr, within: Duration) ->
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("{} not listening on {addr} after {within:?}:\n{}", p.name, p.output());
+            bail!(
+                "{} not listening on {addr} after {within:?}:\n{}",
+                p.name,
+                p.output()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -148,5 +175,8 @@ pub async fn wait_listening(p: &mut Proc, addr: SocketAddr, within: Duration) ->
 
 /// `(key, value)` pairs from string slices.
 pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

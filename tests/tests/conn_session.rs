@@ -59,7 +59,11 @@ impl Logic for FakeLogic {
                 uid: uid.into(),
                 key: format!("k-{uid}"),
                 heartbeat_secs: 30,
-                rooms: if uid == "9" { vec!["c:5".into()] } else { vec![] },
+                rooms: if uid == "9" {
+                    vec!["c:5".into()]
+                } else {
+                    vec![]
+                },
             },
             None => SignInReply {
                 code: 100,
@@ -73,7 +77,10 @@ impl Logic for FakeLogic {
         self.signed_out.lock().unwrap().push(r.into_inner().uid);
         Ok(Response::new(SignOutReply {}))
     }
-    async fn heartbeat(&self, _: Request<HeartbeatReq>) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatReq>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
         Ok(Response::new(HeartbeatReply {}))
     }
     async fn receive(&self, r: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
@@ -95,7 +102,11 @@ impl Logic for FakeLogic {
                 ack: None,
             }));
         }
-        let status = if m.dstid == 8 { ChatStatus::Stored } else { ChatStatus::Delivered };
+        let status = if m.dstid == 8 {
+            ChatStatus::Stored
+        } else {
+            ChatStatus::Delivered
+        };
         Ok(Response::new(ChatReply {
             code: 0,
             msg: "ok".into(),
@@ -111,7 +122,12 @@ impl Logic for FakeLogic {
     }
     async fn pending(&self, r: Request<PendingReq>) -> Result<Response<PendingReply>, Status> {
         let r = r.into_inner();
-        let acked = self.pending_acked.lock().unwrap().iter().any(|(u, _)| *u == r.uid);
+        let acked = self
+            .pending_acked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(u, _)| *u == r.uid);
         let msgs = if r.uid == "9" && !acked {
             vec![stored(1, "while you were away"), stored(2, "second")]
         } else {
@@ -119,13 +135,24 @@ impl Logic for FakeLogic {
         };
         Ok(Response::new(PendingReply { msgs, more: false }))
     }
-    async fn ack_pending(&self, r: Request<AckPendingReq>) -> Result<Response<AckPendingReply>, Status> {
+    async fn ack_pending(
+        &self,
+        r: Request<AckPendingReq>,
+    ) -> Result<Response<AckPendingReply>, Status> {
         let r = r.into_inner();
         self.pending_acked.lock().unwrap().push((r.uid, r.upto_id));
         Ok(Response::new(AckPendingReply {}))
     }
-    async fn report_online(&self, r: Request<ReportOnlineReq>) -> Result<Response<ReportOnlineReply>, Status> {
-        let rooms: HashMap<String, u64> = r.into_inner().rooms.into_iter().map(|(k, v)| (k, v as u64 + 1000)).collect();
+    async fn report_online(
+        &self,
+        r: Request<ReportOnlineReq>,
+    ) -> Result<Response<ReportOnlineReply>, Status> {
+        let rooms: HashMap<String, u64> = r
+            .into_inner()
+            .rooms
+            .into_iter()
+            .map(|(k, v)| (k, v as u64 + 1000))
+            .collect();
         Ok(Response::new(ReportOnlineReply { rooms }))
     }
 }
@@ -203,7 +230,9 @@ async fn sign_in_heartbeat_message_members_and_push() {
     assert_eq!(&a.heartbeat().await.unwrap()[..], b"pong");
 
     // A client message goes to logic with the session's uid.
-    a.send_message("r1", MsgLevel::Normal, b"hello").await.unwrap();
+    a.send_message("r1", MsgLevel::Normal, b"hello")
+        .await
+        .unwrap();
     let logic = n.logic.clone();
     let got = eventually(T, "logic received the message", || {
         let l = logic.clone();
@@ -274,7 +303,10 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     let e = c.sign_in("forged", "r").await.unwrap();
     assert_eq!(e.code, 100);
     assert!(e.msg.contains("token"), "{}", e.msg);
-    assert_eq!(u16::from(c.expect_close().await.unwrap().unwrap().code), 1008);
+    assert_eq!(
+        u16::from(c.expect_close().await.unwrap().unwrap().code),
+        1008
+    );
 
     let mut c = Client::connect(&n.url).await.unwrap();
     let e = c.sign_in("good-x", "").await.unwrap();
@@ -282,7 +314,9 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
 
     let mut c = Client::connect(&n.url).await.unwrap();
     use futures_util::SinkExt;
-    c.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into())).await.unwrap();
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into()))
+        .await
+        .unwrap();
     assert_eq!(c.expect_err().await.unwrap().code, 400);
 
     // No sign-in within the deadline: closed.
@@ -296,10 +330,17 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     let mut s = Client::signed_in(&n.url, "good-s", "r").await.unwrap();
     s.send_raw(vec![0x0a, 0xff]).await.unwrap();
     assert_eq!(s.expect_err().await.unwrap().code, 400);
-    s.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into())).await.unwrap();
+    s.ws.send(tokio_tungstenite::tungstenite::Message::Text("hi".into()))
+        .await
+        .unwrap();
     assert_eq!(s.expect_err().await.unwrap().code, 400);
-    let raw = chatroom_common::proto::protocol::Req { r#type: 9, data: Bytes::new() };
-    s.send_raw(prost::Message::encode_to_vec(&raw)).await.unwrap();
+    let raw = chatroom_common::proto::protocol::Req {
+        r#type: 9,
+        data: Bytes::new(),
+    };
+    s.send_raw(prost::Message::encode_to_vec(&raw))
+        .await
+        .unwrap();
     let e = s.expect_err().await.unwrap();
     assert_eq!(e.code, 404);
     assert!(e.msg.contains("unknown"), "{}", e.msg);
@@ -312,20 +353,34 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
     // Oversize frame: an error, then the session is closed (1009).
     s.send_raw(vec![0u8; 8192]).await.unwrap();
     assert_eq!(s.expect_err().await.unwrap().code, 413);
-    assert_eq!(u16::from(s.expect_close().await.unwrap().unwrap().code), 1009);
+    assert_eq!(
+        u16::from(s.expect_close().await.unwrap().unwrap().code),
+        1009
+    );
 
     // The session signed in first was served all along.
     assert_eq!(&ok.heartbeat().await.unwrap()[..], b"pong");
     push(n.grpc, "r", MsgLevel::Normal, &[b"still here"]).await;
-    assert_eq!(&ok.recv_messages(1, T).await.unwrap()[0].1[..], b"still here");
+    assert_eq!(
+        &ok.recv_messages(1, T).await.unwrap()[0].1[..],
+        b"still here"
+    );
 
     // Wrong path: the handshake is refused.
-    assert!(Client::connect(&n.url.replace("/room", "/nope")).await.is_err());
+    assert!(
+        Client::connect(&n.url.replace("/room", "/nope"))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn silent_client_is_closed_after_missed_heartbeats() {
-    let n = start(&[("CHATROOM__WS__HEARTBEAT_SECS", "1"), ("CHATROOM__WS__HEARTBEAT_MISSES", "1")]).await;
+    let n = start(&[
+        ("CHATROOM__WS__HEARTBEAT_SECS", "1"),
+        ("CHATROOM__WS__HEARTBEAT_MISSES", "1"),
+    ])
+    .await;
     let mut a = Client::signed_in(&n.url, "good-a", "r").await.unwrap();
     let start = tokio::time::Instant::now();
     let f = a.expect_close().await.unwrap().unwrap();
@@ -335,7 +390,13 @@ async fn silent_client_is_closed_after_missed_heartbeats() {
     let logic = n.logic.clone();
     eventually(T, "sign-out", || {
         let l = logic.clone();
-        async move { l.signed_out.lock().unwrap().contains(&"a".to_string()).then_some(()) }
+        async move {
+            l.signed_out
+                .lock()
+                .unwrap()
+                .contains(&"a".to_string())
+                .then_some(())
+        }
     })
     .await
     .unwrap();
@@ -347,14 +408,22 @@ async fn slow_consumer_is_cut_off_without_slowing_others() {
     let _slow = Client::signed_in(&n.url, "good-slow", "r").await.unwrap();
     let mut fast = Client::signed_in(&n.url, "good-fast", "r").await.unwrap();
     let big = vec![b'x'; 32 * 1024];
-    let reader = tokio::spawn(async move { fast.recv_messages(400, Duration::from_secs(30)).await.map(|v| v.len()) });
+    let reader = tokio::spawn(async move {
+        fast.recv_messages(400, Duration::from_secs(30))
+            .await
+            .map(|v| v.len())
+    });
     let mut cut = false;
     for _ in 0..400 {
         let (_, dropped) = push(n.grpc, "r", MsgLevel::Important, &[&big]).await;
         cut |= dropped > 0;
     }
     assert!(cut, "the slow session was never cut off");
-    assert_eq!(reader.await.unwrap().unwrap(), 400, "the fast session lost messages");
+    assert_eq!(
+        reader.await.unwrap().unwrap(),
+        400,
+        "the fast session lost messages"
+    );
 }
 
 mod im {
@@ -365,7 +434,9 @@ mod im {
     use prost::Message as _;
     use tokio_tungstenite::tungstenite::Message;
 
-    type Json = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+    type Json = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
 
     async fn json_client(n: &Node, query: &str) -> Json {
         let url = format!("{}?{query}", n.url.replace("/room", "/chat"));
@@ -375,7 +446,10 @@ mod im {
     /// The next JSON text frame; panics on anything else or on timeout.
     async fn next_json(ws: &mut Json) -> serde_json::Value {
         loop {
-            match tokio::time::timeout(T, ws.next()).await.expect("a frame in time") {
+            match tokio::time::timeout(T, ws.next())
+                .await
+                .expect("a frame in time")
+            {
                 Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 other => panic!("expected a JSON text frame, got {other:?}"),
@@ -400,7 +474,9 @@ mod im {
     }
 
     async fn conn_client(n: &Node) -> ConnClient<tonic::transport::Channel> {
-        ConnClient::connect(format!("http://{}", n.grpc)).await.unwrap()
+        ConnClient::connect(format!("http://{}", n.grpc))
+            .await
+            .unwrap()
     }
 
     /// Reads protobuf replies until a CHAT one arrives.
@@ -418,14 +494,24 @@ mod im {
         let n = start(&[]).await;
         let mut j = json_client(&n, "id=9&token=good-9").await;
         let w = next_json(&mut j).await;
-        assert_eq!((w["cmd"].as_i64(), w["code"].as_i64()), (Some(22), Some(0)), "{w}");
+        assert_eq!(
+            (w["cmd"].as_i64(), w["code"].as_i64()),
+            (Some(22), Some(0)),
+            "{w}"
+        );
         // What was stored while offline comes first, in order, then is acked.
         assert_eq!(next_json(&mut j).await["content"], "while you were away");
         assert_eq!(next_json(&mut j).await["content"], "second");
         let logic = n.logic.clone();
         eventually(T, "pending acked up to 2", || {
             let l = logic.clone();
-            async move { l.pending_acked.lock().unwrap().contains(&("9".to_string(), 2)).then_some(()) }
+            async move {
+                l.pending_acked
+                    .lock()
+                    .unwrap()
+                    .contains(&("9".to_string(), 2))
+                    .then_some(())
+            }
         })
         .await
         .unwrap();
@@ -433,15 +519,29 @@ mod im {
         // Sending: acks say delivered / stored and name both ids.
         send_json(&mut j, serde_json::json!({"id": 1, "userid": 777, "dstid": 3, "cmd": 10, "media": 1, "content": "hi"})).await;
         let a = next_json(&mut j).await;
-        assert_eq!((a["cmd"].as_i64(), a["cid"].as_i64(), a["id"].as_i64()), (Some(20), Some(1), Some(1001)));
+        assert_eq!(
+            (a["cmd"].as_i64(), a["cid"].as_i64(), a["id"].as_i64()),
+            (Some(20), Some(1), Some(1001))
+        );
         assert_eq!(a["content"], "success send");
         // logic saw the sender from the session, whatever the client claimed.
         assert_eq!(n.logic.chats.lock().unwrap()[0].uid, "9");
-        send_json(&mut j, serde_json::json!({"id": 2, "dstid": 8, "cmd": 10, "media": 1, "content": "hi"})).await;
+        send_json(
+            &mut j,
+            serde_json::json!({"id": 2, "dstid": 8, "cmd": 10, "media": 1, "content": "hi"}),
+        )
+        .await;
         assert_eq!(next_json(&mut j).await["content"], "not online");
-        send_json(&mut j, serde_json::json!({"id": 3, "dstid": 404, "cmd": 10, "media": 1, "content": "hi"})).await;
+        send_json(
+            &mut j,
+            serde_json::json!({"id": 3, "dstid": 404, "cmd": 10, "media": 1, "content": "hi"}),
+        )
+        .await;
         let e = next_json(&mut j).await;
-        assert_eq!((e["cmd"].as_i64(), e["code"].as_i64(), e["cid"].as_i64()), (Some(21), Some(403), Some(3)));
+        assert_eq!(
+            (e["cmd"].as_i64(), e["code"].as_i64(), e["cid"].as_i64()),
+            (Some(21), Some(403), Some(3))
+        );
 
         // Heartbeat, bad input: errors, and the session goes on.
         send_json(&mut j, serde_json::json!({"cmd": 0})).await;
@@ -465,7 +565,10 @@ mod im {
             .into_inner();
         assert_eq!(r.delivered, 1);
         assert_eq!(next_json(&mut j).await["content"], "direct");
-        let batch = chatroom_common::batch::encode([&chat(51, "g1").encode_to_vec()[..], &chat(52, "g2").encode_to_vec()[..]]);
+        let batch = chatroom_common::batch::encode([
+            &chat(51, "g1").encode_to_vec()[..],
+            &chat(52, "g2").encode_to_vec()[..],
+        ]);
         c.push_room(PushRoomReq {
             room_id: "c:5".into(),
             level: MsgLevel::Important as i32,
@@ -475,9 +578,16 @@ mod im {
         .await
         .unwrap();
         let (g1, g2) = (next_json(&mut j).await, next_json(&mut j).await);
-        assert_eq!((g1["content"].as_str(), g2["content"].as_str()), (Some("g1"), Some("g2")));
+        assert_eq!(
+            (g1["content"].as_str(), g2["content"].as_str()),
+            (Some("g1"), Some("g2"))
+        );
         assert_eq!(g1["cmd"], 11);
-        c.push_all(PushAllReq { msg: Some(chat(53, "everyone")) }).await.unwrap();
+        c.push_all(PushAllReq {
+            msg: Some(chat(53, "everyone")),
+        })
+        .await
+        .unwrap();
         assert_eq!(next_json(&mut j).await["content"], "everyone");
     }
 
@@ -525,7 +635,9 @@ mod im {
             content: "pb".into(),
             ..Default::default()
         };
-        p.send_req(PackageType::Chat, m.encode_to_vec()).await.unwrap();
+        p.send_req(PackageType::Chat, m.encode_to_vec())
+            .await
+            .unwrap();
         let r = loop {
             let r = p.next_reply().await.unwrap();
             if r.r#type != PackageType::Chat as i32 {
@@ -536,20 +648,32 @@ mod im {
         let ack = ChatAck::decode(r.data).unwrap();
         assert_eq!((ack.id, ack.client_id), (1007, 7));
         let bad = ChatMsg { dstid: 404, ..m };
-        p.send_req(PackageType::Chat, bad.encode_to_vec()).await.unwrap();
+        p.send_req(PackageType::Chat, bad.encode_to_vec())
+            .await
+            .unwrap();
         let e = p.expect_err().await.unwrap();
         assert_eq!((e.code, e.ref_id), (403, 7));
-        p.send_req(PackageType::Chat, vec![0xff, 0xff]).await.unwrap();
+        p.send_req(PackageType::Chat, vec![0xff, 0xff])
+            .await
+            .unwrap();
         assert_eq!(p.expect_err().await.unwrap().code, 400);
     }
 
     #[tokio::test]
     async fn chat_sign_in_refusals() {
         let n = start(&[]).await;
-        for (query, code) in [("id=1&token=good-9", 100), ("id=9", 100), ("id=9&token=forged", 100)] {
+        for (query, code) in [
+            ("id=1&token=good-9", 100),
+            ("id=9", 100),
+            ("id=9&token=forged", 100),
+        ] {
             let mut j = json_client(&n, query).await;
             let e = next_json(&mut j).await;
-            assert_eq!((e["cmd"].as_i64(), e["code"].as_i64()), (Some(21), Some(code)), "{query}: {e}");
+            assert_eq!(
+                (e["cmd"].as_i64(), e["code"].as_i64()),
+                (Some(21), Some(code)),
+                "{query}: {e}"
+            );
             match tokio::time::timeout(T, j.next()).await.unwrap() {
                 Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1008),
                 other => panic!("{query}: expected close, got {other:?}"),

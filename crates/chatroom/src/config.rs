@@ -21,7 +21,9 @@ pub struct StandaloneConfig {
 impl Validate for StandaloneConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let prefixed = |section: &str, e: ConfigError| match e {
-            ConfigError::Invalid { key, msg } => ConfigError::invalid(format!("{section}.{key}"), msg),
+            ConfigError::Invalid { key, msg } => {
+                ConfigError::invalid(format!("{section}.{key}"), msg)
+            }
             other => other,
         };
         self.conn.validate().map_err(|e| prefixed("conn", e))?;
@@ -51,11 +53,15 @@ impl StandaloneConfig {
         chatroom_common::config::load(&defaults(), file)
     }
 
-    pub fn from_overrides<'a>(overrides: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, ConfigError> {
+    pub fn from_overrides<'a>(
+        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
         chatroom_common::config::load_with_env(
             &defaults(),
             None,
-            overrides.into_iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            overrides
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
         )
     }
 }
@@ -69,7 +75,8 @@ mod tests {
         let c = StandaloneConfig::from_overrides([]).unwrap();
         assert_eq!(c.conn.ws.addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.logic.http.addr.to_string(), "127.0.0.1:8081");
-        let c = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__ADDR", "127.0.0.1:1234")]).unwrap();
+        let c = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__ADDR", "127.0.0.1:1234")])
+            .unwrap();
         assert_eq!(c.conn.ws.addr.port(), 1234);
         let e = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__SEND_QUEUE", "0")])
             .unwrap_err()

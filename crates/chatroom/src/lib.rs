@@ -51,7 +51,11 @@ pub struct Addrs {
 }
 
 /// Serves until `shutdown`, then stops all three services and waits for them.
-pub async fn run(mut cfg: StandaloneConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StandaloneError> {
+pub async fn run(
+    mut cfg: StandaloneConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), StandaloneError> {
     let loopback = |l: &TcpListener| l.local_addr();
     let ws = loopback(&listeners.ws)?;
     let http = loopback(&listeners.http)?;
@@ -103,7 +107,9 @@ pub async fn run(mut cfg: StandaloneConfig, listeners: Listeners, shutdown: Canc
         },
         shutdown.clone(),
     ));
-    info!("chatroom standalone: WebSocket ws://{ws}/room, HTTP API http://{http} (POST /msg, POST /tk)");
+    info!(
+        "chatroom standalone: WebSocket ws://{ws}/room, HTTP API http://{http} (POST /msg, POST /tk)"
+    );
 
     let (c, l, j) = tokio::join!(conn, logic, job);
     c??;

@@ -342,10 +342,13 @@ mod tests {
             self.queue.validate()
         }
     }
-    const D: &str = "[discovery]\nkind = \"static\"\nlogic = [\"http://a:1\"]\n[queue]\nkind = \"memory\"\n";
+    const D: &str =
+        "[discovery]\nkind = \"static\"\nlogic = [\"http://a:1\"]\n[queue]\nkind = \"memory\"\n";
 
     fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -355,20 +358,29 @@ mod tests {
             None,
             env(&[
                 ("CHATROOM__DISCOVERY__KIND", "etcd"),
-                ("CHATROOM__DISCOVERY__ENDPOINTS", "http://127.0.0.1:1,http://127.0.0.1:2"),
+                (
+                    "CHATROOM__DISCOVERY__ENDPOINTS",
+                    "http://127.0.0.1:1,http://127.0.0.1:2",
+                ),
                 ("CHATROOM__QUEUE__KIND", "nsq"),
                 ("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", "127.0.0.1:4150"),
             ]),
         )
         .unwrap();
         match t.discovery {
-            DiscoveryConfig::Etcd { endpoints, lease_ttl_secs, .. } => {
+            DiscoveryConfig::Etcd {
+                endpoints,
+                lease_ttl_secs,
+                ..
+            } => {
                 assert_eq!(endpoints.len(), 2);
                 assert_eq!(lease_ttl_secs, 10);
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(t.queue, QueueConfig::Nsq { ref nsqd_tcp_addresses, .. } if nsqd_tcp_addresses.len() == 1));
+        assert!(
+            matches!(t.queue, QueueConfig::Nsq { ref nsqd_tcp_addresses, .. } if nsqd_tcp_addresses.len() == 1)
+        );
     }
 
     #[test]
@@ -376,14 +388,21 @@ mod tests {
         let e = load_with_env::<T>(
             D,
             None,
-            env(&[("CHATROOM__DISCOVERY__KIND", "etcd"), ("CHATROOM__DISCOVERY__ENDPOINTS", "")]),
+            env(&[
+                ("CHATROOM__DISCOVERY__KIND", "etcd"),
+                ("CHATROOM__DISCOVERY__ENDPOINTS", ""),
+            ]),
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("discovery.endpoints"), "{e}");
-        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "kafka")])).unwrap_err().to_string();
+        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "kafka")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("kafka") || e.contains("queue"), "{e}");
-        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "nsq")])).unwrap_err().to_string();
+        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "nsq")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("queue.nsqd_tcp_addresses"), "{e}");
     }
 }

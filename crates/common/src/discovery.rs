@@ -415,6 +415,9 @@ mod tests {
             }
         );
         let n = static_node("http://h:1/?a=b");
-        assert_eq!((n.id.as_str(), n.uri.as_str()), ("http://h:1/?a=b", "http://h:1/?a=b"));
+        assert_eq!(
+            (n.id.as_str(), n.uri.as_str()),
+            ("http://h:1/?a=b", "http://h:1/?a=b")
+        );
     }
 }

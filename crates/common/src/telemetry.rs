@@ -21,7 +21,9 @@ pub fn init(service: &str, log: &LogConfig) -> Result<LogGuard, std::io::Error> 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     // Colours only for a person at a terminal, never into pipes or files.
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let stdout = tracing_subscriber::fmt::layer().with_target(true).with_ansi(ansi);
+    let stdout = tracing_subscriber::fmt::layer()
+        .with_target(true)
+        .with_ansi(ansi);
     let (file_layer, guard) = if log.dir.as_os_str().is_empty() {
         (None, None)
     } else {

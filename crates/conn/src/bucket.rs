@@ -56,7 +56,10 @@ impl Buckets {
     pub fn register(&self, s: Arc<SessionTx>) {
         lock(&self.bucket(s.id).sessions).insert(s.id, s.clone());
         if !s.uid.is_empty() {
-            lock(self.user_shard(&s.uid)).entry(s.uid.clone()).or_default().push(s);
+            lock(self.user_shard(&s.uid))
+                .entry(s.uid.clone())
+                .or_default()
+                .push(s);
         }
     }
 
@@ -77,7 +80,10 @@ impl Buckets {
 
     /// The sessions of `uid` on this node.
     pub fn sessions_of(&self, uid: &str) -> Vec<Arc<SessionTx>> {
-        lock(self.user_shard(uid)).get(uid).cloned().unwrap_or_default()
+        lock(self.user_shard(uid))
+            .get(uid)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Puts `s` in `room` (and records the room on the session).
@@ -175,7 +181,12 @@ mod tests {
 
     fn session(id: u64, cap: usize) -> (Arc<SessionTx>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(cap);
-        let s = Arc::new(SessionTx::new(id, tx, CancellationToken::new(), format!("u{}", id % 3)));
+        let s = Arc::new(SessionTx::new(
+            id,
+            tx,
+            CancellationToken::new(),
+            format!("u{}", id % 3),
+        ));
         (s, rx)
     }
 
@@ -243,15 +254,26 @@ mod user_tests {
         let mut ss = vec![];
         for id in 0..6u64 {
             let (tx, rx) = mpsc::channel(8);
-            let s = Arc::new(SessionTx::new(id, tx, CancellationToken::new(), format!("u{}", id % 3)));
+            let s = Arc::new(SessionTx::new(
+                id,
+                tx,
+                CancellationToken::new(),
+                format!("u{}", id % 3),
+            ));
             b.register(s.clone());
             rxs.push(rx);
             ss.push(s);
         }
         let f = Pushed::Frame(Bytes::from_static(b"x"));
         // u1 has sessions 1 and 4.
-        assert_eq!(b.push_users(&["u1".into(), "nobody".into()], &f, MsgLevel::Important).delivered, 2);
-        assert!(rxs[1].try_recv().is_ok() && rxs[4].try_recv().is_ok() && rxs[0].try_recv().is_err());
+        assert_eq!(
+            b.push_users(&["u1".into(), "nobody".into()], &f, MsgLevel::Important)
+                .delivered,
+            2
+        );
+        assert!(
+            rxs[1].try_recv().is_ok() && rxs[4].try_recv().is_ok() && rxs[0].try_recv().is_err()
+        );
         assert_eq!(b.push_all(&f, MsgLevel::Important).delivered, 6);
         // Joining a user's sessions to a room makes room pushes reach them.
         for s in b.sessions_of("u2") {

@@ -210,9 +210,13 @@ mod tests {
 
     #[test]
     fn seed_json_round_trip() {
-        let m = parse_json(r#"{"id":1,"userid":2,"dstid":3,"cmd":10,"media":1,"content":"hello"}"#).unwrap();
+        let m = parse_json(r#"{"id":1,"userid":2,"dstid":3,"cmd":10,"media":1,"content":"hello"}"#)
+            .unwrap();
         let c: ChatMsg = m.clone().into();
-        assert_eq!((c.id, c.dstid, c.cmd, c.media, c.content.as_str()), (1, 3, 10, 1, "hello"));
+        assert_eq!(
+            (c.id, c.dstid, c.cmd, c.media, c.content.as_str()),
+            (1, 3, 10, 1, "hello")
+        );
         let back: JsonMsg = (&c).into();
         assert_eq!(back, m);
         let f = ChatFrame::new(&ChatMsg { created_ms: 9, ..c });
@@ -240,8 +244,15 @@ mod tests {
             created_ms: 7,
         };
         let v: serde_json::Value = serde_json::from_slice(&ack_json(&a)).unwrap();
-        assert_eq!((v["cmd"].as_i64(), v["content"].as_str()), (Some(20), Some("not online")));
-        let e: serde_json::Value = serde_json::from_slice(&error_json(403, "not friends", 1)).unwrap();
-        assert_eq!((e["code"].as_i64(), e["cid"].as_i64()), (Some(403), Some(1)));
+        assert_eq!(
+            (v["cmd"].as_i64(), v["content"].as_str()),
+            (Some(20), Some("not online"))
+        );
+        let e: serde_json::Value =
+            serde_json::from_slice(&error_json(403, "not friends", 1)).unwrap();
+        assert_eq!(
+            (e["code"].as_i64(), e["cid"].as_i64()),
+            (Some(403), Some(1))
+        );
     }
 }

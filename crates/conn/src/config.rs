@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 
-use chatroom_common::config::{ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate};
+use chatroom_common::config::{
+    ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate,
+};
 use serde::Deserialize;
 
 /// Every key with its default; the base layer of every conn config.
@@ -15,11 +17,15 @@ impl ConnConfig {
     }
 
     /// Defaults plus explicit `CHATROOM__...` overrides only (tests, embedding).
-    pub fn from_overrides<'a>(overrides: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, ConfigError> {
+    pub fn from_overrides<'a>(
+        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
         chatroom_common::config::load_with_env(
             DEFAULTS,
             None,
-            overrides.into_iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            overrides
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
         )
     }
 }
@@ -68,14 +74,38 @@ impl Validate for ConnConfig {
         let w = &self.ws;
         let checks: [(&str, bool, &str); 9] = [
             ("ws.max_connections", w.max_connections > 0, "must be > 0"),
-            ("ws.max_frame_bytes", (64..=16 << 20).contains(&w.max_frame_bytes), "must be 64..=16777216"),
-            ("ws.read_buffer_bytes", (256..=1 << 20).contains(&w.read_buffer_bytes), "must be 256..=1048576"),
-            ("ws.send_queue", (1..=65_536).contains(&w.send_queue), "must be 1..=65536"),
-            ("ws.sign_in_timeout_ms", w.sign_in_timeout_ms > 0, "must be > 0"),
+            (
+                "ws.max_frame_bytes",
+                (64..=16 << 20).contains(&w.max_frame_bytes),
+                "must be 64..=16777216",
+            ),
+            (
+                "ws.read_buffer_bytes",
+                (256..=1 << 20).contains(&w.read_buffer_bytes),
+                "must be 256..=1048576",
+            ),
+            (
+                "ws.send_queue",
+                (1..=65_536).contains(&w.send_queue),
+                "must be 1..=65536",
+            ),
+            (
+                "ws.sign_in_timeout_ms",
+                w.sign_in_timeout_ms > 0,
+                "must be > 0",
+            ),
             ("ws.heartbeat_secs", w.heartbeat_secs > 0, "must be > 0"),
             ("ws.heartbeat_misses", w.heartbeat_misses > 0, "must be > 0"),
-            ("buckets", (1..=4096).contains(&self.buckets), "must be 1..=4096"),
-            ("report_online_ms", self.report_online_ms >= 100, "must be >= 100"),
+            (
+                "buckets",
+                (1..=4096).contains(&self.buckets),
+                "must be 1..=4096",
+            ),
+            (
+                "report_online_ms",
+                self.report_online_ms >= 100,
+                "must be >= 100",
+            ),
         ];
         for (key, ok, msg) in checks {
             if !ok {
@@ -101,15 +131,23 @@ mod tests {
     fn defaults_load_and_env_overrides() {
         let c = load(&[]).unwrap();
         assert_eq!(c.ws.addr.port(), 8080);
-        let c = load(&[("CHATROOM__WS__ADDR", "127.0.0.1:9999"), ("CHATROOM__WS__SEND_QUEUE", "8")]).unwrap();
+        let c = load(&[
+            ("CHATROOM__WS__ADDR", "127.0.0.1:9999"),
+            ("CHATROOM__WS__SEND_QUEUE", "8"),
+        ])
+        .unwrap();
         assert_eq!((c.ws.addr.port(), c.ws.send_queue), (9999, 8));
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = load(&[("CHATROOM__WS__SEND_QUEUE", "0")]).unwrap_err().to_string();
+        let e = load(&[("CHATROOM__WS__SEND_QUEUE", "0")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ws.send_queue"), "{e}");
-        let e = load(&[("CHATROOM__WS__ADDR", "nonsense")]).unwrap_err().to_string();
+        let e = load(&[("CHATROOM__WS__ADDR", "nonsense")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ws.addr") || e.contains("addr"), "{e}");
         let e = load(&[("CHATROOM__BUCKETS", "0")]).unwrap_err().to_string();
         assert!(e.contains("buckets"), "{e}");

@@ -8,8 +8,9 @@ use std::time::Duration;
 use chatroom_common::discovery::{Node, NodesRx};
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::logic::{
-    AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply, PendingReq,
-    ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply, SignInReq, SignOutReply, SignOutReq,
+    AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
+    PendingReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply,
+    SignInReq, SignOutReply, SignOutReq,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -31,7 +32,10 @@ struct State {
 impl LogicPool {
     pub fn new(rx: NodesRx, timeout: Duration) -> Self {
         let pool = LogicPool {
-            state: Mutex::new(State { rx, clients: vec![] }),
+            state: Mutex::new(State {
+                rx,
+                clients: vec![],
+            }),
             next: AtomicUsize::new(0),
             timeout,
         };

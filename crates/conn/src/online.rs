@@ -27,7 +27,9 @@ impl Online {
     pub fn total(&self, room: &str, local: u32) -> u64 {
         let totals = self.totals.read().unwrap_or_else(|p| p.into_inner());
         match totals.get(room) {
-            Some(&(total, reported)) => (total + local as u64).saturating_sub(reported as u64).max(local as u64),
+            Some(&(total, reported)) => (total + local as u64)
+                .saturating_sub(reported as u64)
+                .max(local as u64),
             None => local as u64,
         }
     }
@@ -86,7 +88,11 @@ mod tests {
         let reported = HashMap::from([("r".to_string(), 2u32)]);
         o.set(&reported, HashMap::from([("r".to_string(), 5u64)]));
         assert_eq!(o.total("r", 2), 5);
-        assert_eq!(o.total("r", 3), 6, "a session that just joined counts itself");
+        assert_eq!(
+            o.total("r", 3),
+            6,
+            "a session that just joined counts itself"
+        );
         assert_eq!(o.total("r", 0), 3);
     }
 }

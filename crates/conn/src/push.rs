@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use chatroom_common::proto::conn::conn_server::Conn;
 use chatroom_common::proto::conn::{
-    JoinRoomReply, JoinRoomReq, PushAllReq, PushKind, PushRoomReply, PushRoomReq, PushUsersReply, PushUsersReq,
+    JoinRoomReply, JoinRoomReq, PushAllReq, PushKind, PushRoomReply, PushRoomReq, PushUsersReply,
+    PushUsersReq,
 };
 use chatroom_common::proto::protocol::{ChatMsg, MsgLevel};
 use prost::Message as _;
@@ -41,7 +42,10 @@ impl PushService {
 
 #[tonic::async_trait]
 impl Conn for PushService {
-    async fn push_room(&self, req: Request<PushRoomReq>) -> Result<Response<PushRoomReply>, Status> {
+    async fn push_room(
+        &self,
+        req: Request<PushRoomReq>,
+    ) -> Result<Response<PushRoomReply>, Status> {
         let req = req.into_inner();
         if req.room_id.is_empty() {
             return Err(Status::invalid_argument("room_id is empty"));
@@ -53,7 +57,9 @@ impl Conn for PushService {
                 let item = item.map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
                 match ChatMsg::decode(item) {
                     Ok(m) => msgs.push(m),
-                    Err(e) => warn!(room = %req.room_id, error = %e, "undecodable chat message in batch skipped"),
+                    Err(e) => {
+                        warn!(room = %req.room_id, error = %e, "undecodable chat message in batch skipped")
+                    }
                 }
             }
             chat_frames(msgs.into_iter())
@@ -69,23 +75,36 @@ impl Conn for PushService {
         }))
     }
 
-    async fn push_users(&self, req: Request<PushUsersReq>) -> Result<Response<PushUsersReply>, Status> {
+    async fn push_users(
+        &self,
+        req: Request<PushUsersReq>,
+    ) -> Result<Response<PushUsersReply>, Status> {
         let req = req.into_inner();
-        let msg = req.msg.ok_or_else(|| Status::invalid_argument("msg is missing"))?;
+        let msg = req
+            .msg
+            .ok_or_else(|| Status::invalid_argument("msg is missing"))?;
         let pushed = chat_frames(std::iter::once(msg));
-        let st = self.buckets.push_users(&req.uids, &pushed, MsgLevel::Important);
+        let st = self
+            .buckets
+            .push_users(&req.uids, &pushed, MsgLevel::Important);
         Ok(Response::new(self.done(st)))
     }
 
     async fn push_all(&self, req: Request<PushAllReq>) -> Result<Response<PushUsersReply>, Status> {
-        let msg = req.into_inner().msg.ok_or_else(|| Status::invalid_argument("msg is missing"))?;
+        let msg = req
+            .into_inner()
+            .msg
+            .ok_or_else(|| Status::invalid_argument("msg is missing"))?;
         let pushed = chat_frames(std::iter::once(msg));
         let st = self.buckets.push_all(&pushed, MsgLevel::Important);
         info!(delivered = st.delivered, "broadcast pushed");
         Ok(Response::new(self.done(st)))
     }
 
-    async fn join_room(&self, req: Request<JoinRoomReq>) -> Result<Response<JoinRoomReply>, Status> {
+    async fn join_room(
+        &self,
+        req: Request<JoinRoomReq>,
+    ) -> Result<Response<JoinRoomReply>, Status> {
         let req = req.into_inner();
         if req.uid.is_empty() || req.room.is_empty() {
             return Err(Status::invalid_argument("uid and room are required"));

@@ -8,8 +8,8 @@
 //! frames. The encodings only differ at the edge (`Edge`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,7 +72,10 @@ impl Edge {
         let msg = msg.into();
         match self.enc {
             Encoding::Protobuf => self.binary(frame::err_ref(code, msg, ref_id)).await,
-            Encoding::Json => self.out(Outbound::Text(chat::error_json(code, &msg, ref_id))).await,
+            Encoding::Json => {
+                self.out(Outbound::Text(chat::error_json(code, &msg, ref_id)))
+                    .await
+            }
         }
     }
 
@@ -84,8 +87,15 @@ impl Edge {
 }
 
 /// Serves one accepted TCP connection until it ends or `shutdown` fires.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, id: u64, shutdown: CancellationToken) {
-    let span = info_span!("session", %peer, id, uid = tracing::field::Empty, room = tracing::field::Empty);
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+    id: u64,
+    shutdown: CancellationToken,
+) {
+    let span =
+        info_span!("session", %peer, id, uid = tracing::field::Empty, room = tracing::field::Empty);
     async move {
         let (reader, writer, endpoint) = match handshake(stream, &ctx).await {
             Ok(x) => x,
@@ -119,7 +129,8 @@ fn percent_decode(v: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
                     Ok(x) => {
                         out.push(x);
                         i += 3;
@@ -136,18 +147,22 @@ fn percent_decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handshake(mut stream: TcpStream, ctx: &Ctx) -> Result<(ws::Reader, ws::Writer, Endpoint), WsError> {
+async fn handshake(
+    mut stream: TcpStream,
+    ctx: &Ctx,
+) -> Result<(ws::Reader, ws::Writer, Endpoint), WsError> {
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_millis(ctx.cfg.ws.sign_in_timeout_ms);
-    let (up, leftover) = match tokio::time::timeout(timeout, ws::accept(&mut stream, &["/room", "/chat"])).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(WsError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "handshake timed out",
-            )));
-        }
-    };
+    let (up, leftover) =
+        match tokio::time::timeout(timeout, ws::accept(&mut stream, &["/room", "/chat"])).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(WsError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "handshake timed out",
+                )));
+            }
+        };
     let endpoint = if up.path == "/chat" {
         Endpoint::Chat {
             id: query_param(&up.query, "id"),
@@ -176,7 +191,9 @@ async fn run_session(
         Endpoint::Room => Encoding::Protobuf,
         Endpoint::Chat { .. } => Encoding::Json,
     };
-    let writer = tokio::spawn(write_loop(sink, rx, enc, kill.clone(), shutdown.clone(), ping).in_current_span());
+    let writer = tokio::spawn(
+        write_loop(sink, rx, enc, kill.clone(), shutdown.clone(), ping).in_current_span(),
+    );
     let edge = Edge { tx, enc };
 
     let signed = match endpoint {
@@ -187,7 +204,12 @@ async fn run_session(
         let span = tracing::Span::current();
         span.record("uid", who.uid.as_str());
         span.record("room", who.room.as_deref().unwrap_or(""));
-        let me = Arc::new(SessionTx::new(id, edge.tx.clone(), kill.clone(), who.uid.clone()));
+        let me = Arc::new(SessionTx::new(
+            id,
+            edge.tx.clone(),
+            kill.clone(),
+            who.uid.clone(),
+        ));
         ctx.buckets.register(me.clone());
         for room in who.room.iter().chain(extra_rooms.iter()) {
             ctx.buckets.join_session(room, &me);
@@ -221,7 +243,8 @@ async fn sign_in_room(
     let data = match first {
         Err(_) => {
             info!("no sign-in within the deadline; closing");
-            edge.refuse(code::LOGIN_NEEDED, "login needed: sign in first").await;
+            edge.refuse(code::LOGIN_NEEDED, "login needed: sign in first")
+                .await;
             return None;
         }
         Ok(Incoming::Binary(d)) => d,
@@ -235,13 +258,17 @@ async fn sign_in_room(
         Err(e) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "malformed frame before sign-in");
-            edge.refuse(code::BAD_REQUEST, format!("malformed Req frame: {e}")).await;
+            edge.refuse(code::BAD_REQUEST, format!("malformed Req frame: {e}"))
+                .await;
             return None;
         }
     };
     if req.r#type != PackageType::SignIn as i32 {
         warn!(kind = %frame::type_name(req.r#type), "frame before sign-in");
-        let msg = format!("login needed: sign in before {}", frame::type_name(req.r#type));
+        let msg = format!(
+            "login needed: sign in before {}",
+            frame::type_name(req.r#type)
+        );
         edge.refuse(code::LOGIN_NEEDED, msg).await;
         return None;
     }
@@ -249,7 +276,8 @@ async fn sign_in_room(
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "malformed SignIn");
-            edge.refuse(code::BAD_REQUEST, format!("malformed SignIn: {e}")).await;
+            edge.refuse(code::BAD_REQUEST, format!("malformed SignIn: {e}"))
+                .await;
             return None;
         }
     };
@@ -270,10 +298,16 @@ async fn sign_in_room(
 }
 
 /// `/chat?id=&token=`: the query carries the credentials.
-async fn sign_in_chat(id: String, token: String, edge: &Edge, ctx: &Ctx) -> Option<(Identity, Vec<String>)> {
+async fn sign_in_chat(
+    id: String,
+    token: String,
+    edge: &Edge,
+    ctx: &Ctx,
+) -> Option<(Identity, Vec<String>)> {
     if token.is_empty() {
         warn!("chat connection without a token");
-        edge.refuse(code::LOGIN_NEEDED, "login needed: token is missing").await;
+        edge.refuse(code::LOGIN_NEEDED, "login needed: token is missing")
+            .await;
         return None;
     }
     let req = SignInReq {
@@ -283,7 +317,9 @@ async fn sign_in_chat(id: String, token: String, edge: &Edge, ctx: &Ctx) -> Opti
         uid: id,
     };
     let (who, rooms) = ask_logic(ctx, edge, req, None).await?;
-    edge.out(Outbound::Text(chat::welcome_json(&who.uid))).await.ok()?;
+    edge.out(Outbound::Text(chat::welcome_json(&who.uid)))
+        .await
+        .ok()?;
     Some((who, rooms))
 }
 
@@ -297,7 +333,8 @@ async fn ask_logic(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e.message(), "logic sign-in call failed");
-            edge.refuse(code::UNAVAILABLE, "sign-in service unavailable, try again").await;
+            edge.refuse(code::UNAVAILABLE, "sign-in service unavailable, try again")
+                .await;
             return None;
         }
     };
@@ -356,8 +393,17 @@ async fn deliver_pending(ctx: &Ctx, who: &Identity, edge: &Edge) -> Result<(), (
 }
 
 /// Serves a signed-in session's frames until it ends.
-async fn read_loop(stream: &mut ws::Reader, edge: &Edge, ctx: &Ctx, who: &Identity, kill: &CancellationToken) {
-    let mut hb = Heartbeat::new(Duration::from_secs(ctx.cfg.ws.heartbeat_secs), ctx.cfg.ws.heartbeat_misses);
+async fn read_loop(
+    stream: &mut ws::Reader,
+    edge: &Edge,
+    ctx: &Ctx,
+    who: &Identity,
+    kill: &CancellationToken,
+) {
+    let mut hb = Heartbeat::new(
+        Duration::from_secs(ctx.cfg.ws.heartbeat_secs),
+        ctx.cfg.ws.heartbeat_misses,
+    );
     loop {
         let got = tokio::select! {
             _ = kill.cancelled() => return,
@@ -372,7 +418,9 @@ async fn read_loop(stream: &mut ws::Reader, edge: &Edge, ctx: &Ctx, who: &Identi
             Ok(i) => i,
         };
         let ok = match (edge.enc, incoming) {
-            (Encoding::Protobuf, Incoming::Binary(data)) => on_binary(edge, ctx, who, &mut hb, data).await,
+            (Encoding::Protobuf, Incoming::Binary(data)) => {
+                on_binary(edge, ctx, who, &mut hb, data).await
+            }
             (Encoding::Json, Incoming::Text(text)) => on_json(edge, ctx, who, &mut hb, text).await,
             (_, other) => reject_incoming(edge, ctx, other, false).await,
         };
@@ -383,19 +431,31 @@ async fn read_loop(stream: &mut ws::Reader, edge: &Edge, ctx: &Ctx, who: &Identi
 }
 
 /// One protobuf `Req`; false when the session must end.
-async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, data: Bytes) -> bool {
+async fn on_binary(
+    edge: &Edge,
+    ctx: &Ctx,
+    who: &Identity,
+    hb: &mut Heartbeat,
+    data: Bytes,
+) -> bool {
     let req = match Req::decode(data) {
         Ok(r) => r,
         Err(e) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "malformed frame");
-            return edge.err(code::BAD_REQUEST, format!("malformed Req frame: {e}"), 0).await.is_ok();
+            return edge
+                .err(code::BAD_REQUEST, format!("malformed Req frame: {e}"), 0)
+                .await
+                .is_ok();
         }
     };
     let answer = match PackageType::try_from(req.r#type) {
         Ok(PackageType::Heartbeat) => {
             beat(ctx, who, hb);
-            Some(frame::reply(PackageType::Heartbeat, Bytes::from_static(b"pong")))
+            Some(frame::reply(
+                PackageType::Heartbeat,
+                Bytes::from_static(b"pong"),
+            ))
         }
         Ok(PackageType::Message) => on_message(ctx, who, req.data).await,
         Ok(PackageType::Members) => Some(match &who.room {
@@ -411,7 +471,9 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, d
                 Err(e) => {
                     ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, "malformed ChatMsg");
-                    edge.err(code::BAD_REQUEST, format!("malformed ChatMsg: {e}"), 0).await.is_ok()
+                    edge.err(code::BAD_REQUEST, format!("malformed ChatMsg: {e}"), 0)
+                        .await
+                        .is_ok()
                 }
             };
         }
@@ -454,7 +516,9 @@ async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, tex
         other => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(cmd = other, "unknown cmd");
-            edge.err(code::UNKNOWN_TYPE, format!("unknown cmd {other}"), m.id).await.is_ok()
+            edge.err(code::UNKNOWN_TYPE, format!("unknown cmd {other}"), m.id)
+                .await
+                .is_ok()
         }
     }
 }
@@ -470,7 +534,10 @@ fn beat(ctx: &Ctx, who: &Identity, hb: &mut Heartbeat) {
 async fn send_chat(edge: &Edge, ctx: &Ctx, who: &Identity, msg: ChatMsg) -> bool {
     let client_id = msg.id;
     if msg.cmd == chat::cmd::HEARTBEAT && edge.enc == Encoding::Protobuf {
-        return edge.err(code::BAD_REQUEST, "use HEARTBEAT frames", client_id).await.is_ok();
+        return edge
+            .err(code::BAD_REQUEST, "use HEARTBEAT frames", client_id)
+            .await
+            .is_ok();
     }
     let req = ChatReq {
         server: ctx.server.clone(),
@@ -495,9 +562,13 @@ async fn send_chat(edge: &Edge, ctx: &Ctx, who: &Identity, msg: ChatMsg) -> bool
         }
         Err(e) => {
             warn!(error = %e.message(), "logic chat call failed");
-            edge.err(code::UNAVAILABLE, "message service unavailable, try again", client_id)
-                .await
-                .is_ok()
+            edge.err(
+                code::UNAVAILABLE,
+                "message service unavailable, try again",
+                client_id,
+            )
+            .await
+            .is_ok()
         }
     }
 }
@@ -510,7 +581,10 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
         Err(e) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "malformed BroadcastRoomReq");
-            return Some(frame::err(code::BAD_REQUEST, format!("malformed BroadcastRoomReq: {e}")));
+            return Some(frame::err(
+                code::BAD_REQUEST,
+                format!("malformed BroadcastRoomReq: {e}"),
+            ));
         }
     };
     let Some(room) = &who.room else {
@@ -520,7 +594,10 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
         msg.room_id = room.clone();
     } else if &msg.room_id != room {
         warn!(target_room = %msg.room_id, "message to a room the session is not in");
-        return Some(frame::err(code::FORBIDDEN, format!("not in room {}", msg.room_id)));
+        return Some(frame::err(
+            code::FORBIDDEN,
+            format!("not in room {}", msg.room_id),
+        ));
     }
     let req = ReceiveReq {
         server: ctx.server.clone(),
@@ -535,7 +612,10 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
         }
         Err(e) => {
             warn!(error = %e.message(), "logic receive call failed");
-            Some(frame::err(code::UNAVAILABLE, "message service unavailable, try again"))
+            Some(frame::err(
+                code::UNAVAILABLE,
+                "message service unavailable, try again",
+            ))
         }
     }
 }
@@ -588,14 +668,21 @@ async fn reject_incoming(edge: &Edge, ctx: &Ctx, what: Incoming, before_sign_in:
         }
         (_, Incoming::TooLarge) => {
             ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-            warn!(max = ctx.cfg.ws.max_frame_bytes, "frame over the size limit; closing");
+            warn!(
+                max = ctx.cfg.ws.max_frame_bytes,
+                "frame over the size limit; closing"
+            );
             let msg = format!("frame larger than {} bytes", ctx.cfg.ws.max_frame_bytes);
             let _ = edge.err(code::TOO_LARGE, msg, 0).await;
             let _ = edge.out(Outbound::Close(1009, "frame too large")).await;
             return false;
         }
-        (Encoding::Protobuf, Incoming::Text(_)) => "text frames are not supported here: send binary protobuf Req frames",
-        (Encoding::Json, Incoming::Binary(_)) => "binary frames are not supported here: send JSON text frames",
+        (Encoding::Protobuf, Incoming::Text(_)) => {
+            "text frames are not supported here: send binary protobuf Req frames"
+        }
+        (Encoding::Json, Incoming::Binary(_)) => {
+            "binary frames are not supported here: send JSON text frames"
+        }
         _ => "unexpected frame",
     };
     ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -684,7 +771,11 @@ async fn write_loop(
                     break;
                 }
             }
-            next = if frames.len() < WRITE_BATCH { rx.try_recv().ok() } else { None };
+            next = if frames.len() < WRITE_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if !frames.is_empty() {
             let wrote = tokio::select! {
@@ -712,7 +803,8 @@ async fn write_loop(
         }
     };
     if closing.0 != 0 {
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close(closing.0, closing.1)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), sink.close(closing.0, closing.1)).await;
     }
     // Whatever ended the writer ends the reader too.
     kill.cancel();

@@ -19,7 +19,8 @@ pub struct Stats {
 impl Stats {
     pub fn record_push(&self, st: PushStats) {
         self.pushes.fetch_add(1, Ordering::Relaxed);
-        self.delivered.fetch_add(st.delivered as u64, Ordering::Relaxed);
+        self.delivered
+            .fetch_add(st.delivered as u64, Ordering::Relaxed);
         self.dropped.fetch_add(st.dropped as u64, Ordering::Relaxed);
         self.slow_disconnects
             .fetch_add(st.disconnected as u64, Ordering::Relaxed);

@@ -75,7 +75,13 @@ impl Batch {
         Self::with_target(label, target, MsgLevel::Important, Bytes::new(), 1)
     }
 
-    fn with_target(room_id: String, target: Target, level: MsgLevel, data: Bytes, messages: usize) -> Self {
+    fn with_target(
+        room_id: String,
+        target: Target,
+        level: MsgLevel,
+        data: Bytes,
+        messages: usize,
+    ) -> Self {
         Batch {
             room_id,
             target,

@@ -31,12 +31,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatroom_common::config::Validate;
 use chatroom_common::discovery::{Discovery, NodesRx, Service};
-use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushUsersReq};
+use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::QueueMsg;
 use chatroom_common::proto::queue::queue_msg::Body;
-use chatroom_common::rooms;
 use chatroom_common::queue::{Delivery, MemoryQueue, Subscriber};
+use chatroom_common::rooms;
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -188,7 +188,10 @@ fn classify(msg: QueueMsg) -> Result<Route, String> {
             // Community rooms carry only IM messages, and IM messages only
             // go to community rooms: conn renders them differently.
             if m.chat != rooms::is_community(&m.room_id) {
-                return Err(format!("chat flag {} does not match room {}", m.chat, m.room_id));
+                return Err(format!(
+                    "chat flag {} does not match room {}",
+                    m.chat, m.room_id
+                ));
             }
             // Unknown (future) levels are treated as NORMAL.
             let level = MsgLevel::try_from(m.level).unwrap_or(MsgLevel::Normal);
@@ -203,19 +206,28 @@ fn classify(msg: QueueMsg) -> Result<Route, String> {
                 return Err("UserMsg without msg".into());
             };
             let label = format!("users:{}", u.uids.join(","));
-            let req = PushUsersReq { uids: u.uids, msg: Some(msg) };
+            let req = PushUsersReq {
+                uids: u.uids,
+                msg: Some(msg),
+            };
             Route::Direct {
                 batch: Box::new(Batch::direct(label, Target::Users(req))),
                 nodes: Some(u.servers),
             }
         }
         Body::Broadcast(b) => Route::Direct {
-            batch: Box::new(Batch::direct("broadcast".into(), Target::All(PushAllReq { msg: b.msg }))),
+            batch: Box::new(Batch::direct(
+                "broadcast".into(),
+                Target::All(PushAllReq { msg: b.msg }),
+            )),
             nodes: None,
         },
         Body::Join(j) => {
             let label = format!("join:{}:{}", j.uid, j.room);
-            let req = JoinRoomReq { uid: j.uid, room: j.room };
+            let req = JoinRoomReq {
+                uid: j.uid,
+                room: j.room,
+            };
             Route::Direct {
                 batch: Box::new(Batch::direct(label, Target::Join(req))),
                 nodes: Some(j.servers),

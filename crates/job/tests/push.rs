@@ -409,9 +409,16 @@ async fn user_messages_go_only_to_their_nodes_broadcasts_and_joins_as_asked() {
     use chatroom_common::proto::queue::queue_msg::Body;
     use chatroom_common::proto::queue::{BroadcastMsg, JoinMsg, UserMsg};
     init_tracing();
-    let (a, b) = (FakeConn::start(Mode::Ok).await, FakeConn::start(Mode::Ok).await);
+    let (a, b) = (
+        FakeConn::start(Mode::Ok).await,
+        FakeConn::start(Mode::Ok).await,
+    );
     // Static discovery names nodes `id=uri`; user messages address ids.
-    let job = Job::start(config(vec![format!("node-a={}", a.uri), format!("node-b={}", b.uri)])).await;
+    let job = Job::start(config(vec![
+        format!("node-a={}", a.uri),
+        format!("node-b={}", b.uri),
+    ]))
+    .await;
     let chat = |content: &str| ChatMsg {
         content: content.into(),
         ..Default::default()
@@ -421,23 +428,41 @@ async fn user_messages_go_only_to_their_nodes_broadcasts_and_joins_as_asked() {
         servers: vec!["node-b".into()],
         msg: Some(chat("to seven")),
     };
-    job.publisher.publish(queue_msg(Body::User(user))).await.unwrap();
-    let bc = BroadcastMsg { msg: Some(chat("hear ye")) };
-    job.publisher.publish(queue_msg(Body::Broadcast(bc))).await.unwrap();
+    job.publisher
+        .publish(queue_msg(Body::User(user)))
+        .await
+        .unwrap();
+    let bc = BroadcastMsg {
+        msg: Some(chat("hear ye")),
+    };
+    job.publisher
+        .publish(queue_msg(Body::Broadcast(bc)))
+        .await
+        .unwrap();
     let join = JoinMsg {
         uid: "7".into(),
         room: "c:1".into(),
         servers: vec!["node-a".into(), "node-b".into()],
     };
-    job.publisher.publish(queue_msg(Body::Join(join))).await.unwrap();
+    job.publisher
+        .publish(queue_msg(Body::Join(join)))
+        .await
+        .unwrap();
     // A community room carries chat messages only: a plain one is poison.
     job.publish("c:1", I, "not a chat message").await;
 
-    wait_until("b got user, broadcast and join", SECS5, || b.got().len() >= 3).await;
+    wait_until("b got user, broadcast and join", SECS5, || {
+        b.got().len() >= 3
+    })
+    .await;
     wait_until("a got broadcast and join", SECS5, || a.got().len() >= 2).await;
     let rooms = |n: &FakeConn| n.got().into_iter().map(|g| g.room).collect::<Vec<_>>();
     assert_eq!(rooms(&b), ["users:7", "all", "join:7"]);
-    assert_eq!(rooms(&a), ["all", "join:7"], "node-a is not where user 7 is");
+    assert_eq!(
+        rooms(&a),
+        ["all", "join:7"],
+        "node-a is not where user 7 is"
+    );
     let metrics = job.metrics.clone();
     let q = job.stop(SECS5).await;
     let m = metrics.snapshot();

@@ -1,10 +1,21 @@
-//! NSQ client (TCP protocol V2). API skeleton: being implemented.
+//! NSQ client speaking nsqd's TCP protocol V2, plus nsqlookupd discovery.
+//!
+//! Written in-house because the published Rust clients either do not build
+//! on stable or are unmaintained. [`Producer`] publishes over one pipelined
+//! connection with fail-over; [`Consumer`] subscribes to every nsqd it is
+//! given or discovers, with RDY flow control, reconnects and a draining
+//! shutdown. Messages are at-least-once: anything not FINed is redelivered.
 
-use std::time::Duration;
+mod conn;
+mod consumer;
+mod frame;
+mod lookup;
+mod message;
+mod producer;
 
-use bytes::Bytes;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+pub use consumer::{Consumer, ConsumerConfig};
+pub use message::Message;
+pub use producer::Producer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NsqError {
@@ -18,6 +29,14 @@ pub enum NsqError {
     NoServer,
     #[error("closed")]
     Closed,
+    /// The connection died with the request outstanding: it may or may not
+    /// have been applied.
+    #[error("connection to nsqd lost before it answered")]
+    Disconnected,
+    #[error("timed out waiting for nsqd")]
+    Timeout,
+    #[error("nsqlookupd: {0}")]
+    Lookup(String),
 }
 
 /// Topic and channel names: 1-64 characters of `[.a-zA-Z0-9_-]`
@@ -31,76 +50,17 @@ pub fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Publishes to nsqd.
-#[derive(Clone)]
-pub struct Producer {}
+#[cfg(test)]
+mod tests {
+    use super::valid_name;
 
-impl Producer {
-    pub async fn connect(_nsqd_tcp_addresses: &[String]) -> Result<Producer, NsqError> {
-        Err(NsqError::NoServer)
+    #[test]
+    fn names() {
+        assert!(valid_name("chatroom-room"));
+        assert!(valid_name("job#ephemeral"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("#ephemeral"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(&"x".repeat(65)));
     }
-    pub async fn publish(&self, _topic: &str, _body: Bytes) -> Result<(), NsqError> {
-        Err(NsqError::Closed)
-    }
-    pub async fn multi_publish(&self, _topic: &str, _bodies: &[Bytes]) -> Result<(), NsqError> {
-        Err(NsqError::Closed)
-    }
-    pub async fn close(&self) {}
-}
-
-#[derive(Debug, Clone)]
-pub struct ConsumerConfig {
-    pub topic: String,
-    pub channel: String,
-    pub nsqd_tcp_addresses: Vec<String>,
-    pub lookupd_http_addresses: Vec<String>,
-    pub max_in_flight: u32,
-    pub client_id: String,
-    pub heartbeat_interval: Duration,
-    pub lookupd_poll_interval: Duration,
-    pub drain_timeout: Duration,
-}
-
-impl Default for ConsumerConfig {
-    fn default() -> Self {
-        ConsumerConfig {
-            topic: String::new(),
-            channel: String::new(),
-            nsqd_tcp_addresses: vec![],
-            lookupd_http_addresses: vec![],
-            max_in_flight: 256,
-            client_id: String::new(),
-            heartbeat_interval: Duration::from_secs(30),
-            lookupd_poll_interval: Duration::from_secs(15),
-            drain_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-pub struct Consumer {}
-
-impl Consumer {
-    pub fn start(
-        _cfg: ConsumerConfig,
-        _tracker: &TaskTracker,
-        _shutdown: CancellationToken,
-    ) -> Consumer {
-        Consumer {}
-    }
-    pub async fn next(&mut self) -> Option<Message> {
-        None
-    }
-}
-
-pub struct Message {
-    pub id: [u8; 16],
-    pub attempts: u16,
-    pub timestamp_ns: i64,
-    pub body: Bytes,
-}
-
-impl Message {
-    pub fn finish(self) {}
-    pub fn requeue(self, _delay: Duration) {}
-    pub fn touch(&self) {}
 }

@@ -14,7 +14,8 @@ use chatroom_common::batch::decode;
 use chatroom_common::config::{DiscoveryConfig, QueueConfig, load_with_env};
 use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
 use chatroom_common::proto::conn::{
-    JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushUsersReply, PushUsersReq,
+    JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushUsersReply,
+    PushUsersReq,
 };
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::queue_msg::Body;
@@ -108,20 +109,32 @@ impl Conn for Svc {
         }))
     }
 
-    async fn push_users(&self, req: Request<PushUsersReq>) -> Result<Response<PushUsersReply>, Status> {
+    async fn push_users(
+        &self,
+        req: Request<PushUsersReq>,
+    ) -> Result<Response<PushUsersReply>, Status> {
         let req = req.into_inner();
         let content = req.msg.map(|m| m.content).unwrap_or_default();
         self.record(format!("users:{}", req.uids.join(",")), content);
-        Ok(Response::new(PushUsersReply { delivered: 1, dropped: 0 }))
+        Ok(Response::new(PushUsersReply {
+            delivered: 1,
+            dropped: 0,
+        }))
     }
 
     async fn push_all(&self, req: Request<PushAllReq>) -> Result<Response<PushUsersReply>, Status> {
         let content = req.into_inner().msg.map(|m| m.content).unwrap_or_default();
         self.record("all".into(), content);
-        Ok(Response::new(PushUsersReply { delivered: 1, dropped: 0 }))
+        Ok(Response::new(PushUsersReply {
+            delivered: 1,
+            dropped: 0,
+        }))
     }
 
-    async fn join_room(&self, req: Request<JoinRoomReq>) -> Result<Response<JoinRoomReply>, Status> {
+    async fn join_room(
+        &self,
+        req: Request<JoinRoomReq>,
+    ) -> Result<Response<JoinRoomReply>, Status> {
         let req = req.into_inner();
         self.record(format!("join:{}", req.uid), req.room);
         Ok(Response::new(JoinRoomReply { sessions: 1 }))
