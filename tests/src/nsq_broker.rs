@@ -389,6 +389,7 @@ enum Out {
 }
 
 /// An error frame, as nsqd sends it: `E_CODE description`.
+#[derive(Debug)]
 struct ClientErr {
     code: &'static str,
     desc: String,
