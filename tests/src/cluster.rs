@@ -8,7 +8,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use chatroom_common::config::DiscoveryConfig;
+use chatroom_common::discovery::{Discovery, NodesRx, Service};
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::nsq_broker::TestNsqd;
 
 /// Folder of the built service binaries: `CHATROOM_BIN_DIR`, else the
 /// workspace's `target/debug`. The test script builds them first.
@@ -179,4 +185,253 @@ pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Lease TTL of the test cluster's etcd registrations.
+pub const LEASE_TTL: u64 = 3;
+/// Deadline for one step of a cluster test.
+pub const T: Duration = Duration::from_secs(15);
+
+/// Where the services find the queue.
+pub enum Queue {
+    Broker(TestNsqd),
+    Real {
+        tcp: SocketAddr,
+        _proc: Proc,
+        _dir: TempDir,
+    },
+}
+
+/// Two logic, two conn and two job processes on etcd, Redis, PostgreSQL
+/// and a queue.
+pub struct Cluster {
+    _work: TempDir,
+    pub prefix: String,
+    /// HTTP API of the first logic node.
+    pub http: String,
+    pub ws_a: String,
+    pub ws_b: String,
+    pub conn_a: Proc,
+    pub conn_b: Proc,
+    pub others: Vec<Proc>,
+    _queue: Queue,
+}
+
+/// A temporary folder, removed on drop unless a test is failing (kept for
+/// the logs).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&p).expect("creating temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A fresh PostgreSQL database on the server of `CHATROOM_TEST_PG`; its URL.
+pub async fn fresh_pg_database(tag: &str) -> String {
+    use sqlx::Connection;
+    let base = required_env("CHATROOM_TEST_PG");
+    let name: String = unique(tag)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connecting to CHATROOM_TEST_PG");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await
+        .expect("creating a test database");
+    let _ = conn.close().await;
+    match base.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => panic!("CHATROOM_TEST_PG must end in /<database>"),
+    }
+}
+
+/// A real nsqd from `NSQD_BIN`, or `None` (with a notice) when it is unset.
+pub async fn start_nsqd() -> Option<Queue> {
+    let Some(bin) = std::env::var_os("NSQD_BIN") else {
+        eprintln!(
+            "NOTICE: NSQD_BIN is not set; the real-nsqd cluster test did not run (set NSQD_BIN=/path/to/nsqd)"
+        );
+        return None;
+    };
+    let work = TempDir::new("nsqd");
+    let tcp = free_addr();
+    let http_addr = free_addr();
+    let mut p = Command::new(&bin);
+    p.args([
+        format!("--tcp-address={tcp}"),
+        format!("--http-address={http_addr}"),
+        format!("--data-path={}", work.0.display()),
+        "--broadcast-address=127.0.0.1".into(),
+    ])
+    .kill_on_drop(true)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = p.spawn().expect("starting nsqd");
+    let mut proc_ = Proc::adopt("nsqd", child, work.0.clone());
+    wait_listening(&mut proc_, tcp, T)
+        .await
+        .expect("nsqd listening");
+    Some(Queue::Real {
+        tcp,
+        _proc: proc_,
+        _dir: work,
+    })
+}
+
+/// Starts the cluster: logic-0/1, conn-a/b, job-0/1.
+pub async fn start_cluster(queue: Queue) -> Cluster {
+    let etcd = required_env("CHATROOM_TEST_ETCD");
+    let redis = required_env("CHATROOM_TEST_REDIS");
+    let work = TempDir::new("cluster");
+    let store = fresh_pg_database("cluster").await;
+    let uploads = work.0.join("uploads");
+    let id = unique("c");
+    let prefix = format!("/test-{id}");
+    let topic = format!("room-{}", id.replace(['/', ':'], "-"));
+    let topic = &topic[..topic.len().min(60)];
+    let ttl = LEASE_TTL.to_string();
+    let common = env(&[
+        ("CHATROOM__DISCOVERY__KIND", "etcd"),
+        ("CHATROOM__DISCOVERY__ENDPOINTS", &etcd),
+        ("CHATROOM__DISCOVERY__PREFIX", &prefix),
+        ("CHATROOM__DISCOVERY__LEASE_TTL_SECS", &ttl),
+        ("CHATROOM__SHUTDOWN_GRACE_MS", "3000"),
+        ("RUST_LOG", "info"),
+    ]);
+    let nsqd_tcp = match &queue {
+        Queue::Broker(b) => b.tcp_addr().to_string(),
+        Queue::Real { tcp, .. } => tcp.to_string(),
+    };
+    let consumer_env = match &queue {
+        Queue::Broker(b) => env(&[(
+            "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES",
+            &format!("http://{}", b.http_addr()),
+        )]),
+        Queue::Real { tcp, .. } => {
+            env(&[("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", &tcp.to_string())])
+        }
+    };
+
+    let mut others = vec![];
+    let mut http_addrs = vec![];
+    for i in 0..2 {
+        let grpc = free_addr();
+        let http_addr = free_addr();
+        let mut e = common.clone();
+        e.extend(env(&[
+            ("CHATROOM__NODE__ID", &format!("logic-{i}")),
+            ("CHATROOM__ID_NODE", &i.to_string()),
+            ("CHATROOM__GRPC__ADDR", &grpc.to_string()),
+            ("CHATROOM__HTTP__ADDR", &http_addr.to_string()),
+            ("CHATROOM__QUEUE__KIND", "nsq"),
+            ("CHATROOM__QUEUE__TOPIC", topic),
+            ("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", &nsqd_tcp),
+            ("CHATROOM__PRESENCE__KIND", "redis"),
+            ("CHATROOM__PRESENCE__URL", &redis),
+            ("CHATROOM__PRESENCE__PREFIX", &format!("{id}:")),
+            ("CHATROOM__PRESENCE__ONLINE_TTL_SECS", "3"),
+            ("CHATROOM__TOKEN__SECRET", "cluster-test-secret-0123456789"),
+            ("CHATROOM__STORE__URL", &store),
+            ("CHATROOM__IM__UPLOAD_DIR", &uploads.to_string_lossy()),
+        ]));
+        let mut p = Proc::spawn(&format!("logic-{i}"), "chatroom-logic", &work.0, &e).unwrap();
+        wait_listening(&mut p, http_addr, T).await.unwrap();
+        wait_listening(&mut p, grpc, T).await.unwrap();
+        http_addrs.push(http_addr);
+        others.push(p);
+    }
+    let mut conns = vec![];
+    let mut ws = vec![];
+    for name in ["conn-a", "conn-b"] {
+        let ws_addr = free_addr();
+        let mut e = common.clone();
+        e.extend(env(&[
+            ("CHATROOM__NODE__ID", name),
+            ("CHATROOM__WS__ADDR", &ws_addr.to_string()),
+            ("CHATROOM__GRPC__ADDR", &free_addr().to_string()),
+            ("CHATROOM__REPORT_ONLINE_MS", "300"),
+        ]));
+        let mut p = Proc::spawn(name, "chatroom-conn", &work.0, &e).unwrap();
+        wait_listening(&mut p, ws_addr, T).await.unwrap();
+        ws.push(format!("ws://{ws_addr}/room"));
+        conns.push(p);
+    }
+    for i in 0..2 {
+        let mut e = common.clone();
+        e.extend(consumer_env.clone());
+        e.extend(env(&[
+            ("CHATROOM__NODE__ID", &format!("job-{i}")),
+            ("CHATROOM__QUEUE__KIND", "nsq"),
+            ("CHATROOM__QUEUE__TOPIC", topic),
+            ("CHATROOM__QUEUE__CHANNEL", "job"),
+        ]));
+        others.push(Proc::spawn(&format!("job-{i}"), "chatroom-job", &work.0, &e).unwrap());
+    }
+    let conn_b = conns.pop().unwrap();
+    let conn_a = conns.pop().unwrap();
+    Cluster {
+        _work: work,
+        prefix,
+        http: format!("http://{}", http_addrs[0]),
+        ws_a: ws[0].clone(),
+        ws_b: ws[1].clone(),
+        conn_a,
+        conn_b,
+        others,
+        _queue: queue,
+    }
+}
+
+impl Cluster {
+    /// The live conn nodes in etcd, kept current until `stop`.
+    pub async fn watch_conns(&self, tracker: &TaskTracker, stop: CancellationToken) -> NodesRx {
+        let cfg = DiscoveryConfig::Etcd {
+            endpoints: vec![required_env("CHATROOM_TEST_ETCD")],
+            prefix: self.prefix.clone(),
+            lease_ttl_secs: LEASE_TTL,
+        };
+        let d = Discovery::connect(&cfg).await.unwrap();
+        d.watch(Service::Conn, tracker, stop).await.unwrap()
+    }
+
+    /// The tail of every process's output, for failure messages.
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        for p in [&self.conn_a, &self.conn_b]
+            .into_iter()
+            .chain(self.others.iter())
+        {
+            s.push_str(&format!(
+                "\n===== {} =====\n{}",
+                p.name,
+                tail(&p.output(), 40)
+            ));
+        }
+        s
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
 }
