@@ -1,4 +1,5 @@
 //! Test doubles and helpers for the cluster tests.
+pub mod chat;
 pub mod client;
 pub mod cluster;
 pub mod http;
