@@ -360,37 +360,32 @@ impl Writer {
     /// Writes the frames in one go (vectored: headers and shared payloads,
     /// no copies).
     pub async fn send(&mut self, frames: &[(OpCode, Bytes)]) -> std::io::Result<()> {
+        if let [(op, payload)] = frames {
+            // The common case in fan-out: nothing allocated.
+            let (h, n) = header(*op, payload.len());
+            let mut slices = [IoSlice::new(&h[..n]), IoSlice::new(payload)];
+            return self.write_all(&mut slices).await;
+        }
         let heads: Vec<([u8; 10], usize)> =
             frames.iter().map(|(op, p)| header(*op, p.len())).collect();
-        // Every part as (slice start within its owner) — advanced as written.
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames.len() * 2);
         for ((_, p), (h, n)) in frames.iter().zip(heads.iter()) {
-            parts.push(&h[..*n]);
-            if !p.is_empty() {
-                parts.push(&p[..]);
-            }
+            slices.push(IoSlice::new(&h[..*n]));
+            slices.push(IoSlice::new(p));
         }
-        let mut first = 0;
-        while first < parts.len() {
-            let slices: Vec<IoSlice<'_>> = parts[first..]
-                .iter()
-                .take(64)
-                .map(|p| IoSlice::new(p))
-                .collect();
-            let mut n = self.io.write_vectored(&slices).await?;
+        self.write_all(&mut slices).await
+    }
+
+    async fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        // Skip empty parts up front: a zero-length write would look like EOF.
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let upto = bufs.len().min(64);
+            let n = self.io.write_vectored(&bufs[..upto]).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
-            while n > 0 {
-                let p = parts[first];
-                if n >= p.len() {
-                    n -= p.len();
-                    first += 1;
-                } else {
-                    parts[first] = &p[n..];
-                    n = 0;
-                }
-            }
+            IoSlice::advance_slices(&mut bufs, n);
         }
         Ok(())
     }
