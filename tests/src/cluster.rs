@@ -353,6 +353,9 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
             ("CHATROOM__TOKEN__SECRET", "cluster-test-secret-0123456789"),
             ("CHATROOM__STORE__URL", &store),
             ("CHATROOM__IM__UPLOAD_DIR", &uploads.to_string_lossy()),
+            // Tests send faster than a person; the limiter has its own tests.
+            ("CHATROOM__IM__CHAT_RATE_PER_SEC", "1000"),
+            ("CHATROOM__IM__CHAT_BURST", "1000"),
         ]));
         let mut p = Proc::spawn(&format!("logic-{i}"), "chatroom-logic", &work.0, &e).unwrap();
         wait_listening(&mut p, http_addr, T).await.unwrap();

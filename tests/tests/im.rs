@@ -411,6 +411,9 @@ async fn im_on_standalone() {
         ("CHATROOM__LOGIC__HTTP__ADDR", "127.0.0.1:0"),
         ("CHATROOM__LOGIC__STORE__URL", db.as_str()),
         ("CHATROOM__LOGIC__IM__UPLOAD_DIR", uploads.as_str()),
+        // The scenario sends faster than a person; the limiter has its own tests.
+        ("CHATROOM__LOGIC__IM__CHAT_RATE_PER_SEC", "1000"),
+        ("CHATROOM__LOGIC__IM__CHAT_BURST", "1000"),
     ])
     .unwrap();
     let listeners = chatroom::Listeners::bind(&cfg).await.unwrap();
