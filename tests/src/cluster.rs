@@ -193,6 +193,7 @@ pub const LEASE_TTL: u64 = 3;
 pub const T: Duration = Duration::from_secs(15);
 
 /// Where the services find the queue.
+#[allow(clippy::large_enum_variant)] // one per test run
 pub enum Queue {
     Broker(TestNsqd),
     Real {

@@ -362,7 +362,7 @@ async fn scenario(t: &Target) -> anyhow::Result<()> {
     .await?;
     // carol's own conversation with alice is empty; she cannot read bob's.
     anyhow::ensure!(
-        r["rows"].as_array().map_or(true, |v| v.is_empty()),
+        r["rows"].as_array().is_none_or(|v| v.is_empty()),
         "carol read others' history: {r}"
     );
     let r = call_raw(
@@ -373,7 +373,7 @@ async fn scenario(t: &Target) -> anyhow::Result<()> {
     )
     .await?;
     anyhow::ensure!(
-        r["code"] == 0 && !r["rows"].as_array().map_or(true, |v| v.is_empty()),
+        r["code"] == 0 && !r["rows"].as_array().is_none_or(|v| v.is_empty()),
         "member history: {r}"
     );
 

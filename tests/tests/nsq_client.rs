@@ -665,7 +665,7 @@ async fn garbage_from_the_broker_causes_a_reconnect_not_a_panic() {
         let before = b.accepted();
         b.send_raw(g);
         eventually(&format!("reconnect after garbage #{i}"), WAIT, || {
-            b.accepted() >= before + 1 && subscribers(&b) == 1
+            b.accepted() > before && subscribers(&b) == 1
         })
         .await;
         publish_eventually(&p, b"still works").await;
