@@ -1,10 +1,12 @@
-// Development server for room.html:
+// Development server for room.html and chat.html:
 //
 //   node serve.mjs            # then open http://127.0.0.1:8000/web/room.html
 //
 // Serves web/ and api/ of the repository (the page loads ../api/protocol.proto
-// and node_modules/protobufjs) and forwards POST /tk and POST /msg to the
-// logic HTTP API. The forwarding is why this exists: logic sends no CORS
+// and node_modules/protobufjs) and forwards POST /tk, POST /msg, the IM
+// routes (/user/*, /contact/*, /chat/history, /attach/upload) and
+// GET /attach/files/* to the logic HTTP API. (Logic serves both pages itself
+// too, from `http.web_dir`: http://127.0.0.1:8081/web/chat.html.) The forwarding is why this exists: logic sends no CORS
 // headers, so a page from another origin cannot read its answers.
 //
 // Environment: PORT (default 8000; 0 picks a free one), HOST (127.0.0.1),
@@ -44,8 +46,13 @@ async function forward(req, res) {
   const headers = {};
   for (const h of ['content-type', 'authorization']) if (req.headers[h]) headers[h] = req.headers[h];
   try {
-    const r = await fetch(LOGIC + req.url, { method: 'POST', headers, body: Buffer.concat(chunks) });
-    res.writeHead(r.status, { 'content-type': r.headers.get('content-type') ?? 'application/json' });
+    const body = req.method === 'POST' ? Buffer.concat(chunks) : undefined;
+    const r = await fetch(LOGIC + req.url, { method: req.method, headers, body });
+    const out = { 'content-type': r.headers.get('content-type') ?? 'application/json' };
+    for (const h of ['x-content-type-options', 'content-security-policy', 'cache-control']) {
+      if (r.headers.has(h)) out[h] = r.headers.get(h);
+    }
+    res.writeHead(r.status, out);
     res.end(Buffer.from(await r.arrayBuffer()));
   } catch (e) {
     fail(res, 502, `logic at ${LOGIC} unreachable: ${e.cause?.message ?? e.message}`);
@@ -73,9 +80,12 @@ async function file(req, res) {
   createReadStream(full).pipe(res);
 }
 
+// Logic's routes: the room API, the IM API (chat.html) and uploaded files.
+const FORWARDED = /^\/(tk|msg|user\/[a-z]+|contact\/[a-z]+|chat\/history|attach\/upload)$/;
+
 const server = http.createServer((req, res) => {
   const route = new URL(req.url, 'http://x').pathname;
-  const handled = req.method === 'POST' && (route === '/tk' || route === '/msg')
+  const handled = (req.method === 'POST' && FORWARDED.test(route)) || (req.method === 'GET' && route.startsWith('/attach/files/'))
     ? forward(req, res)
     : req.method === 'GET' || req.method === 'HEAD'
       ? file(req, res)

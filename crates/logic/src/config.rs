@@ -53,6 +53,9 @@ pub struct HttpConfig {
     pub test_token: bool,
     /// `Authorization` value of `POST /admin/broadcast`; empty: route disabled.
     pub admin_token: String,
+    /// Folder of the web pages served at `/web/` (its sibling `api/` at
+    /// `/api/`); relative to the working directory; empty: not served.
+    pub web_dir: String,
 }
 
 /// The IM database.
@@ -360,6 +363,7 @@ mod tests {
             cfg.http.admin_token.is_empty(),
             "broadcast is off by default"
         );
+        assert_eq!(cfg.http.web_dir, "web");
         assert!(matches!(cfg.queue, QueueConfig::Memory { .. }));
         assert!(matches!(cfg.discovery, DiscoveryConfig::Static { .. }));
     }

@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod http;
 pub mod id;
 pub mod im_api;
+pub mod pages;
 pub mod password;
 pub mod presence;
 pub mod ratelimit;
@@ -119,7 +120,8 @@ pub async fn run(
     let mut grpc_task: JoinHandle<Result<(), LogicError>> =
         tracker.spawn(async move { grpc.await.map_err(LogicError::Grpc) });
 
-    let http = axum::serve(listeners.http, http::router(app.clone()))
+    let routes = http::router(app.clone()).merge(pages::router(&cfg.http.web_dir));
+    let http = axum::serve(listeners.http, routes)
         .with_graceful_shutdown(stop_serving.clone().cancelled_owned());
     let mut http_task: JoinHandle<Result<(), LogicError>> =
         tracker.spawn(async move { http.await.map_err(LogicError::Http) });
