@@ -28,6 +28,7 @@ struct FakeLogic {
     signed_out: Arc<Mutex<Vec<String>>>,
     chats: Arc<Mutex<Vec<ChatReq>>>,
     pending_acked: Arc<Mutex<Vec<(String, i64)>>>,
+    undelivered: Arc<Mutex<Vec<UndeliveredReq>>>,
 }
 
 fn stored(id: i64, content: &str) -> ChatMsg {
@@ -142,6 +143,13 @@ impl Logic for FakeLogic {
         let r = r.into_inner();
         self.pending_acked.lock().unwrap().push((r.uid, r.upto_id));
         Ok(Response::new(AckPendingReply {}))
+    }
+    async fn undelivered(
+        &self,
+        r: Request<UndeliveredReq>,
+    ) -> Result<Response<UndeliveredReply>, Status> {
+        self.undelivered.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(UndeliveredReply { stored: 1 }))
     }
     async fn report_online(
         &self,
@@ -657,6 +665,53 @@ mod im {
             .await
             .unwrap();
         assert_eq!(p.expect_err().await.unwrap().code, 400);
+    }
+
+    #[tokio::test]
+    async fn a_message_for_a_user_who_left_is_reported_to_logic() {
+        let n = start(&[]).await;
+        let mut c = conn_client(&n).await;
+        // A 1:1 message routed here for user 9, who has no session here:
+        // conn tells logic, which stores it for the next sign-in.
+        let m = ChatMsg {
+            id: 77,
+            userid: 2,
+            dstid: 9,
+            cmd: 10,
+            media: 1,
+            content: "late".into(),
+            ..Default::default()
+        };
+        let r = c
+            .push_users(PushUsersReq {
+                uids: vec!["9".into(), "2".into()],
+                msg: Some(m.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.delivered, 0);
+        let logic = n.logic.clone();
+        let got = eventually(T, "undelivered reported", || {
+            let l = logic.clone();
+            async move { l.undelivered.lock().unwrap().first().cloned() }
+        })
+        .await
+        .unwrap();
+        assert_eq!((got.uid.as_str(), got.ids.as_slice()), ("9", &[77][..]));
+        // With the user here, nothing is reported.
+        let mut j = json_client(&n, "id=9&token=good-9").await;
+        for _ in 0..3 {
+            next_json(&mut j).await; // welcome, two pending
+        }
+        c.push_users(PushUsersReq {
+            uids: vec!["9".into()],
+            msg: Some(ChatMsg { id: 78, ..m }),
+        })
+        .await
+        .unwrap();
+        assert_eq!(next_json(&mut j).await["id"], 78);
+        assert_eq!(n.logic.undelivered.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -112,6 +112,9 @@ pub async fn run(
         let svc = push::PushService {
             buckets: buckets.clone(),
             stats: stats.clone(),
+            server: server.clone(),
+            logic: logic.clone(),
+            tracker: tracker.clone(),
         };
         let incoming =
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));

@@ -10,7 +10,7 @@ use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::logic::{
     AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
     PendingReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply,
-    SignInReq, SignOutReply, SignOutReq,
+    SignInReq, SignOutReply, SignOutReq, UndeliveredReply, UndeliveredReq,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -165,6 +165,14 @@ impl LogicPool {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.ack_pending(req).await }
+        })
+        .await
+    }
+
+    pub async fn undelivered(&self, req: UndeliveredReq) -> Result<UndeliveredReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.undelivered(req).await }
         })
         .await
     }

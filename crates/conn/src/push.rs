@@ -9,20 +9,27 @@ use chatroom_common::proto::conn::{
     JoinRoomReply, JoinRoomReq, PushAllReq, PushKind, PushRoomReply, PushRoomReq, PushUsersReply,
     PushUsersReq,
 };
+use chatroom_common::proto::logic::UndeliveredReq;
 use chatroom_common::proto::protocol::{ChatMsg, MsgLevel};
 use prost::Message as _;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::bucket::Buckets;
-use crate::chat::ChatFrame;
+use crate::chat::{self, ChatFrame};
 use crate::frame;
+use crate::logic_pool::LogicPool;
 use crate::room::{PushStats, Pushed};
 use crate::stats::Stats;
 
 pub struct PushService {
     pub buckets: Arc<Buckets>,
     pub stats: Arc<Stats>,
+    /// This node's id, for reports to logic.
+    pub server: String,
+    pub logic: Arc<LogicPool>,
+    pub tracker: TaskTracker,
 }
 
 fn chat_frames(items: impl Iterator<Item = ChatMsg>) -> Pushed {
@@ -31,6 +38,24 @@ fn chat_frames(items: impl Iterator<Item = ChatMsg>) -> Pushed {
 }
 
 impl PushService {
+    fn report_undelivered(&self, uid: String, ids: Vec<i64>) {
+        let req = UndeliveredReq {
+            server: self.server.clone(),
+            uid,
+            ids,
+        };
+        let logic = self.logic.clone();
+        self.tracker.spawn(async move {
+            let uid = req.uid.clone();
+            match logic.undelivered(req).await {
+                Ok(r) => debug!(%uid, stored = r.stored, "undelivered messages reported"),
+                Err(e) => {
+                    warn!(%uid, error = %e.message(), "reporting undelivered messages failed")
+                }
+            }
+        });
+    }
+
     fn done(&self, st: PushStats) -> PushUsersReply {
         self.stats.record_push(st);
         PushUsersReply {
@@ -83,10 +108,21 @@ impl Conn for PushService {
         let msg = req
             .msg
             .ok_or_else(|| Status::invalid_argument("msg is missing"))?;
+        let (id, recipient) = (msg.id, msg.dstid.to_string());
+        let one_to_one = msg.cmd == chat::cmd::SINGLE;
         let pushed = chat_frames(std::iter::once(msg));
         let st = self
             .buckets
             .push_users(&req.uids, &pushed, MsgLevel::Important);
+        // logic routed this here because the recipient was on this node; if
+        // it has left since, say so, or the message would only be in history.
+        if one_to_one
+            && id != 0
+            && req.uids.contains(&recipient)
+            && self.buckets.sessions_of(&recipient).is_empty()
+        {
+            self.report_undelivered(recipient, vec![id]);
+        }
         Ok(Response::new(self.done(st)))
     }
 

@@ -323,6 +323,25 @@ pub async fn ack_pending(app: &App, uid: &str, upto: i64) -> Result<u64, ApiErro
     Ok(app.store.ack_pending(uid, upto).await?)
 }
 
+/// Messages a conn node could not hand to `uid` (it has no session for it
+/// any more): into the inbox, unless the user is online on another node,
+/// which got them too. Answers how many were stored.
+pub async fn undelivered(app: &App, server: &str, uid: &str, ids: &[i64]) -> Result<u64, ApiError> {
+    let Ok(id) = im_uid(uid) else {
+        return Ok(0);
+    };
+    let elsewhere = app
+        .presence
+        .servers_of(uid)
+        .await?
+        .into_iter()
+        .any(|s| s != server);
+    if elsewhere {
+        return Ok(0);
+    }
+    Ok(app.store.add_inbox(id, ids).await?)
+}
+
 /// An operator broadcast to every session (not stored: it is not part of
 /// any conversation). Answers the message as sent.
 pub async fn broadcast(app: &App, msg: ChatMsg) -> Result<ChatMsg, ApiError> {

@@ -11,7 +11,7 @@ use chatroom_common::proto::logic::logic_server::Logic;
 use chatroom_common::proto::logic::{
     AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
     PendingReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply,
-    SignInReq, SignOutReply, SignOutReq,
+    SignInReq, SignOutReply, SignOutReq, UndeliveredReply, UndeliveredReq,
 };
 use chatroom_common::rooms;
 use chatroom_common::token::valid_uid;
@@ -121,6 +121,15 @@ impl Logic for LogicService {
         req: Request<AckPendingReq>,
     ) -> Result<Response<AckPendingReply>, Status> {
         self.do_ack_pending(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn undelivered(
+        &self,
+        req: Request<UndeliveredReq>,
+    ) -> Result<Response<UndeliveredReply>, Status> {
+        self.do_undelivered(req.into_inner())
             .await
             .map(Response::new)
     }
@@ -325,6 +334,23 @@ impl LogicService {
             .map_err(unavailable)?;
         debug!(n, upto = req.upto_id, "pending messages acknowledged");
         Ok(AckPendingReply {})
+    }
+
+    #[tracing::instrument(name = "grpc.undelivered", skip_all, fields(server, uid))]
+    async fn do_undelivered(&self, req: UndeliveredReq) -> Result<UndeliveredReply, Status> {
+        check_server(&req.server)?;
+        check_uid(&req.uid)?;
+        Span::current().record("server", req.server.as_str());
+        Span::current().record("uid", req.uid.as_str());
+        let stored = chat::undelivered(&self.app, &req.server, &req.uid, &req.ids)
+            .await
+            .map_err(unavailable)?;
+        if stored > 0 {
+            info!(stored, "messages for a user who left stored for later");
+        }
+        Ok(UndeliveredReply {
+            stored: stored as u32,
+        })
     }
 
     #[tracing::instrument(name = "grpc.report_online", skip_all, fields(server))]

@@ -516,6 +516,24 @@ impl Store {
         Ok(())
     }
 
+    /// Puts already stored messages in `uid`'s inbox (ids of messages that
+    /// do not exist are ignored; ones already there stay once).
+    pub async fn add_inbox(&self, uid: i64, ids: &[i64]) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for id in ids {
+            n += sqlx::query(
+                "INSERT INTO inbox (uid, msg_id) SELECT $1, id FROM messages WHERE id = $2 \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(uid)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(n)
+    }
+
     /// True when an insert failed only because the id was taken (two logic
     /// nodes sharing a node number): the caller may retry with a new id.
     pub fn is_duplicate_id(e: &StoreError) -> bool {

@@ -7,7 +7,7 @@ mod support;
 
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::logic::{
-    AckPendingReq, ChatReply, ChatReq, PendingReq, SignInReply, SignInReq,
+    AckPendingReq, ChatReply, ChatReq, PendingReq, SignInReply, SignInReq, UndeliveredReq,
 };
 use chatroom_common::proto::protocol::{ChatMsg, ChatStatus, MsgLevel};
 use chatroom_common::proto::queue::queue_msg::Body;
@@ -516,6 +516,62 @@ async fn one_to_one_delivery_and_inbox(db: Db) {
     w.node.stop().await;
 }
 both!(one_to_one_delivery_and_inbox);
+
+/// A conn node that no longer has the recipient reports the message; it is
+/// stored for the next sign-in unless the user is online on another node.
+async fn undelivered_goes_to_the_inbox(db: Db) {
+    let w = world(db, &[]).await;
+    let mut c = w.node.grpc().await;
+    let (a, b) = (w.a.0, w.b.0);
+    assert_eq!(sign_in(&mut c, "conn-2", &w.b.1, "").await.code, 0);
+    let ack = chat(&mut c, a, text(10, b, "racing"))
+        .await
+        .ack
+        .expect("ack");
+    assert_eq!(ack.status, ChatStatus::Delivered as i32);
+    let pending = |c: &mut LogicClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.pending(PendingReq {
+                uid: b.to_string(),
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .msgs
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>()
+        }
+    };
+    assert!(pending(&mut c).await.is_empty());
+    // conn-1 never had b: b is online on conn-2, so nothing is stored.
+    let r = c
+        .undelivered(UndeliveredReq {
+            server: "conn-1".into(),
+            uid: b.to_string(),
+            ids: vec![ack.id],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stored, 0);
+    // conn-2 lost b (its presence still names conn-2): stored once, and
+    // unknown ids are ignored.
+    for _ in 0..2 {
+        c.undelivered(UndeliveredReq {
+            server: "conn-2".into(),
+            uid: b.to_string(),
+            ids: vec![ack.id, 123_456],
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(pending(&mut c).await, vec![ack.id]);
+    w.node.stop().await;
+}
+both!(undelivered_goes_to_the_inbox);
 
 async fn community_delivery(db: Db) {
     let mut w = world(db, &[]).await;
