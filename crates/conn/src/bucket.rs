@@ -174,20 +174,20 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::Outbox;
     use crate::room::Outbound;
     use bytes::Bytes;
-    use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 
-    fn session(id: u64, cap: usize) -> (Arc<SessionTx>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn session(id: u64, cap: usize) -> (Arc<SessionTx>, Arc<Outbox>) {
+        let tx = Arc::new(Outbox::new(cap));
         let s = Arc::new(SessionTx::new(
             id,
-            tx,
+            tx.clone(),
             CancellationToken::new(),
             format!("u{}", id % 3),
         ));
-        (s, rx)
+        (s, tx)
     }
 
     #[test]
@@ -204,7 +204,7 @@ mod tests {
         let st = b.push_room("a", &Pushed::Frame(frame.clone()), MsgLevel::Normal);
         assert_eq!(st.delivered, 6);
         for (id, rx) in rxs.iter_mut().enumerate() {
-            let got = matches!(rx.try_recv(), Ok(Outbound::Frame(f)) if f == frame);
+            let got = matches!(rx.try_take(), Some(Outbound::Frame(f)) if f == frame);
             assert_eq!(got, id < 6, "session {id}");
         }
         b.leave("a", 0);
@@ -219,7 +219,7 @@ mod tests {
     fn full_queue_drops_normal_and_disconnects_on_important() {
         let b = Buckets::new(2);
         let (slow, _rx_slow) = session(1, 1);
-        let (fast, mut rx_fast) = session(2, 8);
+        let (fast, rx_fast) = session(2, 8);
         b.join("r", slow.clone());
         b.join("r", fast.clone());
         let f = Pushed::Frame(Bytes::from_static(b"m"));
@@ -232,7 +232,7 @@ mod tests {
         assert!(slow.kill.is_cancelled());
         // The fast session got everything.
         let mut n = 0;
-        while rx_fast.try_recv().is_ok() {
+        while rx_fast.try_take().is_some() {
             n += 1;
         }
         assert_eq!(n, 3);
@@ -242,9 +242,9 @@ mod tests {
 #[cfg(test)]
 mod user_tests {
     use super::*;
+    use crate::outbox::Outbox;
     use crate::room::Outbound;
     use bytes::Bytes;
-    use tokio::sync::mpsc;
     use tokio_util::sync::CancellationToken;
 
     #[test]
@@ -253,10 +253,10 @@ mod user_tests {
         let mut rxs = vec![];
         let mut ss = vec![];
         for id in 0..6u64 {
-            let (tx, rx) = mpsc::channel(8);
+            let rx = Arc::new(Outbox::new(8));
             let s = Arc::new(SessionTx::new(
                 id,
-                tx,
+                rx.clone(),
                 CancellationToken::new(),
                 format!("u{}", id % 3),
             ));
@@ -272,7 +272,9 @@ mod user_tests {
             2
         );
         assert!(
-            rxs[1].try_recv().is_ok() && rxs[4].try_recv().is_ok() && rxs[0].try_recv().is_err()
+            rxs[1].try_take().is_some()
+                && rxs[4].try_take().is_some()
+                && rxs[0].try_take().is_none()
         );
         assert_eq!(b.push_all(&f, MsgLevel::Important).delivered, 6);
         // Joining a user's sessions to a room makes room pushes reach them.
@@ -285,6 +287,6 @@ mod user_tests {
         b.unregister(&ss[2]);
         assert_eq!(b.count("c:9"), 1);
         assert_eq!(b.sessions_of("u2").len(), 1);
-        assert!(matches!(rxs[0].try_recv(), Ok(Outbound::Frame(_))));
+        assert!(matches!(rxs[0].try_take(), Some(Outbound::Frame(_))));
     }
 }

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod heartbeat;
 pub mod logic_pool;
 pub mod online;
+pub mod outbox;
 pub mod push;
 pub mod room;
 pub mod session;

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::chat::ChatFrame;
+use crate::outbox::{Outbox, PushError};
 
 /// What a session's writer task sends.
 #[derive(Debug)]
@@ -33,7 +33,7 @@ pub enum Outbound {
 #[derive(Debug)]
 pub struct SessionTx {
     pub id: u64,
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: Arc<Outbox>,
     /// Cancelled to disconnect the session (slow consumer, shutdown).
     pub kill: CancellationToken,
     /// Signed-in user ("" until signed in).
@@ -43,7 +43,7 @@ pub struct SessionTx {
 }
 
 impl SessionTx {
-    pub fn new(id: u64, tx: mpsc::Sender<Outbound>, kill: CancellationToken, uid: String) -> Self {
+    pub fn new(id: u64, tx: Arc<Outbox>, kill: CancellationToken, uid: String) -> Self {
         SessionTx {
             id,
             tx,
@@ -62,9 +62,9 @@ impl SessionTx {
     /// slow to be trusted with messages that must arrive).
     pub fn push(&self, out: Outbound, level: MsgLevel) -> PushStats {
         let mut st = PushStats::default();
-        match self.tx.try_send(out) {
+        match self.tx.try_push(out) {
             Ok(()) => st.delivered += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => match level {
+            Err(PushError::Full) => match level {
                 MsgLevel::Normal => st.dropped += 1,
                 MsgLevel::Important => {
                     st.disconnected += 1;
@@ -72,7 +72,7 @@ impl SessionTx {
                 }
             },
             // The session is ending; it leaves its rooms by itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(PushError::Closed) => {}
         }
         st
     }

@@ -19,7 +19,6 @@ use chatroom_common::proto::logic::{
 use chatroom_common::proto::protocol::{BroadcastRoomReq, ChatMsg, PackageType, Req, SignIn};
 use prost::Message as _;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -27,6 +26,7 @@ use crate::Ctx;
 use crate::chat::{self, ChatFrame, Encoding};
 use crate::frame::{self, code};
 use crate::heartbeat::Heartbeat;
+use crate::outbox::Outbox;
 use crate::room::{Outbound, SessionTx};
 use crate::ws::{self, Frame, OpCode, WsError};
 
@@ -54,13 +54,15 @@ struct Identity {
 
 /// The session's side of the writer queue, speaking its encoding.
 struct Edge {
-    tx: mpsc::Sender<Outbound>,
+    tx: Arc<Outbox>,
     enc: Encoding,
 }
 
 impl Edge {
     async fn out(&self, o: Outbound) -> Result<(), ()> {
-        self.tx.send(o).await.map_err(|_| ())
+        // Answers never wait; a client that floods requests without
+        // reading the answers is cut off (see `Outbox::reply`).
+        self.tx.reply(o).map_err(|_| ())
     }
 
     async fn binary(&self, b: Bytes) -> Result<(), ()> {
@@ -97,7 +99,9 @@ pub async fn serve(
     let span =
         info_span!("session", %peer, id, uid = tracing::field::Empty, room = tracing::field::Empty);
     async move {
-        let (reader, writer, endpoint) = match handshake(stream, &ctx).await {
+        // Futures used once or rarely are boxed: an idle session's task then
+        // only holds the state of its read loop, not of the largest call.
+        let (reader, writer, endpoint) = match Box::pin(handshake(stream, &ctx)).await {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "websocket handshake failed");
@@ -184,7 +188,7 @@ async fn run_session(
     id: u64,
     shutdown: CancellationToken,
 ) {
-    let (tx, rx) = mpsc::channel(ctx.cfg.ws.send_queue);
+    let tx = Arc::new(Outbox::new(ctx.cfg.ws.send_queue));
     let kill = shutdown.child_token();
     let ping = Duration::from_secs(ctx.cfg.ws.ping_secs);
     let enc = match endpoint {
@@ -192,13 +196,13 @@ async fn run_session(
         Endpoint::Chat { .. } => Encoding::Json,
     };
     let writer = tokio::spawn(
-        write_loop(sink, rx, enc, kill.clone(), shutdown.clone(), ping).in_current_span(),
+        write_loop(sink, tx.clone(), enc, kill.clone(), shutdown.clone(), ping).in_current_span(),
     );
     let edge = Edge { tx, enc };
 
     let signed = match endpoint {
-        Endpoint::Room => sign_in_room(&mut stream, &edge, &ctx, &kill).await,
-        Endpoint::Chat { id, token } => sign_in_chat(id, token, &edge, &ctx).await,
+        Endpoint::Room => Box::pin(sign_in_room(&mut stream, &edge, &ctx, &kill)).await,
+        Endpoint::Chat { id, token } => Box::pin(sign_in_chat(id, token, &edge, &ctx)).await,
     };
     if let Some((who, extra_rooms)) = signed {
         let span = tracing::Span::current();
@@ -215,15 +219,15 @@ async fn run_session(
             ctx.buckets.join_session(room, &me);
         }
         info!(rooms = me.rooms().len(), "signed in");
-        if deliver_pending(&ctx, &who, &edge).await.is_ok() {
+        if Box::pin(deliver_pending(&ctx, &who, &edge)).await.is_ok() {
             read_loop(&mut stream, &edge, &ctx, &who, &kill).await;
         }
         ctx.buckets.unregister(&me);
         sign_out(&ctx, who);
     }
-    // With every sender gone the writer sends what is queued (an Err and a
-    // close frame, say) and stops; give it a moment, then force it.
-    drop(edge);
+    // Closed, the outbox lets the writer send what is queued (an Err and a
+    // close frame, say) and stop; give it a moment, then force it.
+    edge.tx.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     kill.cancel();
 }
@@ -419,10 +423,12 @@ async fn read_loop(
         };
         let ok = match (edge.enc, incoming) {
             (Encoding::Protobuf, Incoming::Binary(data)) => {
-                on_binary(edge, ctx, who, &mut hb, data).await
+                Box::pin(on_binary(edge, ctx, who, &mut hb, data)).await
             }
-            (Encoding::Json, Incoming::Text(text)) => on_json(edge, ctx, who, &mut hb, text).await,
-            (_, other) => reject_incoming(edge, ctx, other, false).await,
+            (Encoding::Json, Incoming::Text(text)) => {
+                Box::pin(on_json(edge, ctx, who, &mut hb, text)).await
+            }
+            (_, other) => Box::pin(reject_incoming(edge, ctx, other, false)).await,
         };
         if !ok {
             return;
@@ -638,7 +644,7 @@ async fn next_data(stream: &mut ws::Reader, edge: &Edge) -> Incoming {
             Ok(Some(Frame::Text(t))) => return Incoming::Text(t),
             Ok(Some(Frame::Ping(p))) => {
                 // Best effort: a client whose queue is full gets no pong.
-                let _ = edge.tx.try_send(Outbound::Pong(p));
+                let _ = edge.tx.try_push(Outbound::Pong(p));
             }
             // Pongs only prove liveness, which any frame does.
             Ok(Some(Frame::Pong)) => {}
@@ -732,31 +738,34 @@ fn sign_out(ctx: &Ctx, who: Identity) {
 /// Sends queued frames (all that piled up, in one vectored write) and pings.
 async fn write_loop(
     mut sink: ws::Writer,
-    mut rx: mpsc::Receiver<Outbound>,
+    outbox: Arc<Outbox>,
     enc: Encoding,
     kill: CancellationToken,
     shutdown: CancellationToken,
     ping: Duration,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
+    let mut taken: Vec<Outbound> = Vec::new();
     let mut frames: Vec<(OpCode, Bytes)> = Vec::new();
     let closing = loop {
-        let first = tokio::select! {
+        let more = tokio::select! {
             biased;
             _ = kill.cancelled() => break if shutdown.is_cancelled() {
                 (1001, "server going away")
             } else {
                 (1008, "too slow: messages could not be delivered")
             },
-            m = rx.recv() => m,
-            _ = ping.tick() => Some(Outbound::Ping),
+            more = outbox.take(&mut taken, WRITE_BATCH) => more,
+            _ = ping.tick() => {
+                taken.push(Outbound::Ping);
+                true
+            }
         };
-        let Some(first) = first else {
+        if !more {
             break (1000, "");
-        };
+        }
         let mut close = None;
-        let mut next = Some(first);
-        while let Some(o) = next {
+        for o in taken.drain(..) {
             match o {
                 Outbound::Frame(b) => frames.push((OpCode::Binary, b)),
                 Outbound::Text(t) => frames.push((OpCode::Text, t)),
@@ -771,19 +780,20 @@ async fn write_loop(
                     break;
                 }
             }
-            next = if frames.len() < WRITE_BATCH {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
         }
+        taken.clear();
         if !frames.is_empty() {
+            // Boxed: the write's state exists only while a write is under way.
+            let write = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, sink.send(&frames)));
             let wrote = tokio::select! {
                 biased;
                 _ = kill.cancelled() => None,
-                r = tokio::time::timeout(WRITE_TIMEOUT, sink.send(&frames)) => Some(r),
+                r = write => Some(r),
             };
             frames.clear();
+            if frames.capacity() > WRITE_BATCH {
+                frames = Vec::new();
+            }
             match wrote {
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => {
@@ -802,6 +812,7 @@ async fn write_loop(
             break c;
         }
     };
+    outbox.close();
     if closing.0 != 0 {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), sink.close(closing.0, closing.1)).await;
