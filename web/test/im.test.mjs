@@ -15,13 +15,13 @@ import { execFile, spawn } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { randomInt } from 'node:crypto';
-import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
 import { Build, ChatSocket, Cmd, ImApi, ImError, LOGIN_NEEDED, Media, defaultWsUrl } from '../lib/im.mjs';
 import { EMOJI_BUTTONS, formatTime, renderBody, safeUrl, yuan } from '../lib/im-render.mjs';
+import { canConnect, delay, eventually, freePorts, within } from './support.mjs';
 
 const webDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const BIN = path.resolve(webDir, process.env.CHATROOM_BIN ?? '../target/debug/chatroom');
@@ -50,57 +50,6 @@ function wav() {
 }
 
 // ---------------------------------------------------------------- helpers
-
-async function freePorts(n) {
-  const servers = [];
-  try {
-    for (let i = 0; i < n; i++) {
-      const s = net.createServer();
-      servers.push(s);
-      await new Promise((resolve, reject) => {
-        s.once('error', reject);
-        s.listen(0, '127.0.0.1', resolve);
-      });
-    }
-    return servers.map((s) => s.address().port);
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  }
-}
-
-function canConnect(port) {
-  return new Promise((resolve) => {
-    const sock = net.connect({ host: '127.0.0.1', port });
-    sock.once('connect', () => { sock.destroy(); resolve(true); });
-    sock.once('error', () => { sock.destroy(); resolve(false); });
-  });
-}
-
-const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Asks `check` again (paced by `pauseMs`) until it answers something other than undefined; fails after `ms`. */
-async function eventually(what, ms, check, pauseMs = 50) {
-  const deadline = Date.now() + ms;
-  let last;
-  for (;;) {
-    const r = await check((v) => { last = v; });
-    if (r !== undefined) return r;
-    if (Date.now() >= deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}; last seen: ${JSON.stringify(last)}`);
-    await delay(pauseMs);
-  }
-}
-
-async function within(ms, what, promise) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** Records a socket's events of `name` from now on; `until` waits (woken by each arrival) for a condition. */
 function record(sock, name = 'message') {

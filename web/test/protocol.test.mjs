@@ -14,7 +14,6 @@ import { once } from 'node:events';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { randomUUID } from 'node:crypto';
-import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -22,6 +21,7 @@ import { promisify } from 'node:util';
 import WebSocket from 'ws';
 
 import { ErrCode, MsgLevel, PackageType, RoomClient, loadProtocol, pack, text, unpack } from '../lib/chatroom.mjs';
+import { canConnect, delay, eventually, freePorts, within } from './support.mjs';
 
 const webDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const BIN = path.resolve(webDir, process.env.CHATROOM_BIN ?? '../target/debug/chatroom');
@@ -44,71 +44,6 @@ let proto;
 const clients = new Set();
 
 // ---------------------------------------------------------------- helpers
-
-/**
- * `n` distinct free TCP ports on 127.0.0.1, from the kernel (bind port 0).
- * They are released before the server binds them; another process could
- * take one in between, which would show as a clear startup failure.
- */
-async function freePorts(n) {
-  const servers = [];
-  try {
-    for (let i = 0; i < n; i++) {
-      const s = net.createServer();
-      servers.push(s);
-      await new Promise((resolve, reject) => {
-        s.once('error', reject);
-        s.listen(0, '127.0.0.1', resolve);
-      });
-    }
-    // Held open together so the kernel cannot hand out the same port twice.
-    return servers.map((s) => s.address().port);
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  }
-}
-
-/** Resolves when something accepts a TCP connection on `port`, false if refused. */
-function canConnect(port) {
-  return new Promise((resolve) => {
-    const sock = net.connect({ host: '127.0.0.1', port });
-    sock.once('connect', () => { sock.destroy(); resolve(true); });
-    sock.once('error', () => { sock.destroy(); resolve(false); });
-  });
-}
-
-const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/**
- * Re-evaluates `check` (async, returns a value or undefined) until it
- * returns something other than undefined; fails with `what` and the last
- * value seen after `ms`. For state that is only observable by asking again
- * (a port opening, a periodically refreshed count); the pause only paces
- * the polling, the deadline decides.
- */
-async function eventually(what, ms, check, pauseMs = 50) {
-  const deadline = Date.now() + ms;
-  let last;
-  for (;;) {
-    const r = await check((v) => { last = v; });
-    if (r !== undefined) return r;
-    if (Date.now() >= deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}; last seen: ${JSON.stringify(last)}`);
-    await delay(pauseMs);
-  }
-}
-
-/** `promise`, or a failure naming `what` after `ms`. */
-async function within(ms, what, promise) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** The first `name` event of `client` that satisfies `pred`. */
 function nextEvent(client, name, pred = () => true, ms = ANSWER_MS) {
