@@ -1,5 +1,5 @@
 // Helpers shared by the Node tests: free ports, waiting on conditions with
-// deadlines. (Not a test file: node --test only runs *.test.mjs.)
+// deadlines. (node --test also loads this file; it defines no tests.)
 
 import net from 'node:net';
 
