@@ -196,7 +196,17 @@ async fn run_session(
         Endpoint::Chat { .. } => Encoding::Json,
     };
     let writer = tokio::spawn(
-        write_loop(sink, tx.clone(), enc, kill.clone(), shutdown.clone(), ping).in_current_span(),
+        // Not instrumented: the writer wakes for every push, and entering the
+        // span on each poll showed in profiles; its rare logs enter it instead.
+        write_loop(
+            sink,
+            tx.clone(),
+            enc,
+            kill.clone(),
+            shutdown.clone(),
+            ping,
+            tracing::Span::current(),
+        ),
     );
     let edge = Edge { tx, enc };
 
@@ -743,6 +753,7 @@ async fn write_loop(
     kill: CancellationToken,
     shutdown: CancellationToken,
     ping: Duration,
+    span: tracing::Span,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
     let mut taken: Vec<Outbound> = Vec::new();
@@ -797,11 +808,11 @@ async fn write_loop(
             match wrote {
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => {
-                    debug!(error = %e, "websocket write failed");
+                    span.in_scope(|| debug!(error = %e, "websocket write failed"));
                     break (0, "");
                 }
                 Some(Err(_)) => {
-                    info!("client not reading for {WRITE_TIMEOUT:?}; closing");
+                    span.in_scope(|| info!("client not reading for {WRITE_TIMEOUT:?}; closing"));
                     break (0, "");
                 }
                 // Killed mid-write: the close frame would queue behind it.
