@@ -15,6 +15,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v curl >/dev/null || need+=(curl)
+# The load generator's smoke test also drives nats-server, the peer it is compared with.
+[ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null || need+=(nats-server)
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 [ -n "$(pg_bin)" ] || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
