@@ -214,7 +214,9 @@ async fn nats_target_when_installed() {
     ]
     .into_iter()
     .find(|p| std::path::Path::new(p).exists()) else {
-        eprintln!("NOTICE: nats-server is not installed (scripts/test.sh installs it); the NATS comparison smoke test did not run");
+        eprintln!(
+            "NOTICE: nats-server is not installed (scripts/test.sh installs it); the NATS comparison smoke test did not run"
+        );
         return;
     };
     let free = || {
