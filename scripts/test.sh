@@ -88,7 +88,7 @@ echo "etcd $CHATROOM_TEST_ETCD, redis $CHATROOM_TEST_REDIS, postgres $CHATROOM_T
 
 log "building"
 cargo build --workspace --bins
-export CHATROOM_BIN_DIR="$root/target/debug"
+export CHATROOM_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 log "cargo test --workspace"
 cargo test --workspace
