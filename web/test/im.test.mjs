@@ -21,7 +21,7 @@ import { promisify } from 'node:util';
 
 import { Build, ChatSocket, Cmd, ImApi, ImError, LOGIN_NEEDED, Media, defaultWsUrl } from '../lib/im.mjs';
 import { EMOJI_BUTTONS, formatTime, renderBody, safeUrl, yuan } from '../lib/im-render.mjs';
-import { canConnect, delay, eventually, freePorts, within } from './support.mjs';
+import { canConnect, delay, eventually, freePorts, watchChild, within } from './support.mjs';
 
 const webDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const BIN = path.resolve(webDir, process.env.CHATROOM_BIN ?? '../target/debug/chatroom');
@@ -108,18 +108,7 @@ async function startServer() {
       NO_COLOR: '1',
     },
   });
-  const tail = [];
-  const keep = (chunk) => {
-    if (LOG) process.stderr.write(chunk);
-    tail.push(...chunk.toString().split('\n').filter(Boolean));
-    tail.splice(0, Math.max(0, tail.length - 40));
-  };
-  child.stdout.on('data', keep);
-  child.stderr.on('data', keep);
-  const exited = new Promise((resolve) => {
-    child.once('exit', (code, signal) => resolve({ code, signal }));
-    child.once('error', (e) => resolve({ error: `cannot run ${BIN}: ${e.message}` }));
-  });
+  const { tail, exited } = watchChild(child, BIN, LOG);
   const s = { child, ws, http, tail, exited, dir };
   let gone = null;
   exited.then((x) => { gone = x; });

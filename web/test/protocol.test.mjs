@@ -21,7 +21,7 @@ import { promisify } from 'node:util';
 import WebSocket from 'ws';
 
 import { ErrCode, MsgLevel, PackageType, RoomClient, loadProtocol, pack, text, unpack } from '../lib/chatroom.mjs';
-import { canConnect, delay, eventually, freePorts, within } from './support.mjs';
+import { canConnect, delay, eventually, freePorts, watchChild, within } from './support.mjs';
 
 const webDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const BIN = path.resolve(webDir, process.env.CHATROOM_BIN ?? '../target/debug/chatroom');
@@ -140,20 +140,7 @@ function startServer() {
         NO_COLOR: '1',
       },
     });
-    // The last lines of output, for the failure message if it never gets ready.
-    const tail = [];
-    const keep = (chunk) => {
-      if (LOG) process.stderr.write(chunk);
-      tail.push(...chunk.toString().split('\n').filter(Boolean));
-      tail.splice(0, Math.max(0, tail.length - 40));
-    };
-    child.stdout.on('data', keep);
-    child.stderr.on('data', keep);
-    // 'exit' may not fire when the spawn itself fails (no such binary).
-    const exited = new Promise((resolve) => {
-      child.once('exit', (code, signal) => resolve({ code, signal }));
-      child.once('error', (e) => resolve({ error: `cannot run ${BIN}: ${e.message}` }));
-    });
+    const { tail, exited } = watchChild(child, BIN, LOG);
     return { child, ws, http, tail, exited };
   });
 }

@@ -68,3 +68,24 @@ export async function within(ms, what, promise) {
   }
 }
 
+
+/**
+ * Follows a spawned server: keeps its last 40 output lines (for failure
+ * messages; echoed to stderr when `echo`), and resolves `exited` when it
+ * ends — also when the spawn itself fails, where 'exit' may never fire.
+ */
+export function watchChild(child, bin, echo) {
+  const tail = [];
+  const keep = (chunk) => {
+    if (echo) process.stderr.write(chunk);
+    tail.push(...chunk.toString().split('\n').filter(Boolean));
+    tail.splice(0, Math.max(0, tail.length - 40));
+  };
+  child.stdout.on('data', keep);
+  child.stderr.on('data', keep);
+  const exited = new Promise((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('error', (e) => resolve({ error: `cannot run ${bin}: ${e.message}` }));
+  });
+  return { tail, exited };
+}
