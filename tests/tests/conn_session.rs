@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatroom_common::proto::conn::PushRoomReq;
 use chatroom_common::proto::conn::conn_client::ConnClient;
+use chatroom_common::proto::conn::{PushRoomReq, PushRoomsReq};
 use chatroom_common::proto::logic::logic_server::{Logic, LogicServer};
 use chatroom_common::proto::logic::*;
 use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, MsgLevel, PackageType};
@@ -25,6 +26,13 @@ use tonic::{Request, Response, Status};
 #[derive(Default, Clone)]
 struct FakeLogic {
     received: Arc<Mutex<Vec<ReceiveReq>>>,
+    /// Messages per `ReceiveMany` call.
+    bundles: Arc<Mutex<Vec<usize>>>,
+    /// While set, room message calls wait until `open_gate`.
+    gated: Arc<AtomicBool>,
+    gate: Arc<tokio::sync::Notify>,
+    /// Messages in calls that are waiting at the gate.
+    held: Arc<AtomicUsize>,
     signed_out: Arc<Mutex<Vec<String>>>,
     chats: Arc<Mutex<Vec<ChatReq>>>,
     pending_acked: Arc<Mutex<Vec<(String, i64)>>>,
@@ -41,6 +49,25 @@ fn stored(id: i64, content: &str) -> ChatMsg {
         content: content.into(),
         created_ms: id,
         ..Default::default()
+    }
+}
+
+impl FakeLogic {
+    async fn hold(&self, messages: usize) {
+        // Registered before looking at the flag, so an opening in between
+        // is not missed.
+        let opened = self.gate.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if self.gated.load(Ordering::SeqCst) {
+            self.held.fetch_add(messages, Ordering::SeqCst);
+            opened.await;
+        }
+    }
+
+    fn open_gate(&self) {
+        self.gated.store(false, Ordering::SeqCst);
+        self.gate.notify_waiters();
     }
 }
 
@@ -85,11 +112,30 @@ impl Logic for FakeLogic {
         Ok(Response::new(HeartbeatReply {}))
     }
     async fn receive(&self, r: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
+        self.hold(1).await;
         self.received.lock().unwrap().push(r.into_inner());
         Ok(Response::new(ReceiveReply {
             code: 0,
             msg: "ok".into(),
             id: 7,
+        }))
+    }
+    async fn receive_many(
+        &self,
+        r: Request<ReceiveManyReq>,
+    ) -> Result<Response<ReceiveManyReply>, Status> {
+        let msgs = r.into_inner().msgs;
+        let n = msgs.len();
+        self.hold(n).await;
+        self.received.lock().unwrap().extend(msgs);
+        self.bundles.lock().unwrap().push(n);
+        let reply = ReceiveReply {
+            code: 0,
+            msg: "ok".into(),
+            id: 7,
+        };
+        Ok(Response::new(ReceiveManyReply {
+            replies: vec![reply; n],
         }))
     }
     async fn chat(&self, r: Request<ChatReq>) -> Result<Response<ChatReply>, Status> {
@@ -735,4 +781,111 @@ mod im {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn client_messages_that_gather_while_logic_is_busy_go_in_one_call() {
+    let n = start(&[]).await;
+    let logic = n.logic.clone();
+    logic.gated.store(true, Ordering::SeqCst);
+    let mut clients = vec![];
+    for i in 0..40 {
+        let token = format!("good-u{i}");
+        clients.push(Client::signed_in(&n.url, &token, "r1").await.unwrap());
+    }
+    // Eight messages take conn's eight call slots, held by logic...
+    for c in &mut clients[..8] {
+        c.send_message("r1", MsgLevel::Normal, b"first")
+            .await
+            .unwrap();
+    }
+    eventually(T, "eight messages held by logic", || {
+        let held = logic.held.load(Ordering::SeqCst);
+        async move { (held == 8).then_some(()) }
+    })
+    .await
+    .unwrap();
+    // ... so these wait at conn, and go together once a slot is free.
+    for (i, c) in clients[8..].iter_mut().enumerate() {
+        let m = format!("m{i}");
+        c.send_message("r1", MsgLevel::Normal, m.as_bytes())
+            .await
+            .unwrap();
+    }
+    logic.open_gate();
+    eventually(T, "every message reached logic", || {
+        let n = logic.received.lock().unwrap().len();
+        async move { (n == 40).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let bundles = logic.bundles.lock().unwrap().clone();
+    assert!(bundles.iter().any(|&b| b > 1), "bundles: {bundles:?}");
+    let mut uids: Vec<String> = logic
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.uid.clone())
+        .collect();
+    uids.sort();
+    uids.dedup();
+    assert_eq!(uids.len(), 40, "each message once, with its session's uid");
+    n.stop.cancel();
+}
+
+#[tokio::test]
+async fn push_rooms_pushes_several_rooms_in_order_or_nothing() {
+    let n = start(&[]).await;
+    let mut a = Client::signed_in(&n.url, "good-alice", "r1").await.unwrap();
+    let mut b = Client::signed_in(&n.url, "good-bob", "r2").await.unwrap();
+    let item = |room: &str, msgs: &[&[u8]]| PushRoomReq {
+        room_id: room.into(),
+        level: MsgLevel::Normal as i32,
+        batch: chatroom_common::batch::encode(msgs.iter().copied()),
+        kind: 0,
+    };
+    let mut c = ConnClient::connect(format!("http://{}", n.grpc))
+        .await
+        .unwrap();
+
+    // One bad item refuses the call before anything is pushed.
+    let err = c
+        .push_rooms(PushRoomsReq {
+            rooms: vec![item("r1", &[b"never"]), item("", &[b"x"])],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let r = c
+        .push_rooms(PushRoomsReq {
+            rooms: vec![
+                item("r1", &[b"a1"]),
+                item("r2", &[b"b1", b"b2"]),
+                item("nobody-here", &[b"z"]),
+                item("r1", &[b"a2"]),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rooms;
+    let counts: Vec<(u32, u32)> = r.iter().map(|r| (r.delivered, r.dropped)).collect();
+    assert_eq!(counts, [(1, 0), (1, 0), (0, 0), (1, 0)]);
+    let got: Vec<Bytes> = a
+        .recv_messages(2, T)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(
+        got,
+        [&b"a1"[..], &b"a2"[..]],
+        "the refused call pushed nothing"
+    );
+    let got = b.recv_messages(2, T).await.unwrap();
+    assert_eq!((&got[0].1[..], &got[1].1[..]), (&b"b1"[..], &b"b2"[..]));
+    n.stop.cancel();
 }

@@ -12,6 +12,7 @@ pub mod logic_pool;
 pub mod online;
 pub mod outbox;
 pub mod push;
+pub mod receive;
 pub mod room;
 pub mod session;
 pub mod stats;
@@ -34,6 +35,7 @@ use crate::bucket::Buckets;
 pub use crate::config::ConnConfig;
 use crate::logic_pool::LogicPool;
 use crate::online::Online;
+use crate::receive::Receiver;
 use crate::stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,8 @@ pub struct Ctx {
     pub server: String,
     pub buckets: Arc<Buckets>,
     pub logic: Arc<LogicPool>,
+    /// Client room messages to logic, bundled.
+    pub receiver: Receiver,
     pub online: Arc<Online>,
     pub stats: Arc<Stats>,
     pub tracker: TaskTracker,
@@ -102,6 +106,7 @@ pub async fn run(
         server: server.clone(),
         buckets: buckets.clone(),
         logic: logic.clone(),
+        receiver: Receiver::start(logic.clone(), &tracker, bg.clone()),
         online: online.clone(),
         stats: stats.clone(),
         tracker: tracker.clone(),

@@ -9,8 +9,9 @@ use chatroom_common::discovery::{Node, NodesRx};
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::logic::{
     AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
-    PendingReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply,
-    SignInReq, SignOutReply, SignOutReq, UndeliveredReply, UndeliveredReq,
+    PendingReq, ReceiveManyReply, ReceiveManyReq, ReceiveReply, ReceiveReq, ReportOnlineReply,
+    ReportOnlineReq, SignInReply, SignInReq, SignOutReply, SignOutReq, UndeliveredReply,
+    UndeliveredReq,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -133,6 +134,14 @@ impl LogicPool {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.receive(req).await }
+        })
+        .await
+    }
+
+    pub async fn receive_many(&self, req: ReceiveManyReq) -> Result<ReceiveManyReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.receive_many(req).await }
         })
         .await
     }

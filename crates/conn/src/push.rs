@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use chatroom_common::proto::conn::conn_server::Conn;
 use chatroom_common::proto::conn::{
-    JoinRoomReply, JoinRoomReq, PushAllReq, PushKind, PushRoomReply, PushRoomReq, PushUsersReply,
-    PushUsersReq,
+    JoinRoomReply, JoinRoomReq, PushAllReq, PushKind, PushRoomReply, PushRoomReq, PushRoomsReply,
+    PushRoomsReq, PushUsersReply, PushUsersReq,
 };
 use chatroom_common::proto::logic::UndeliveredReq;
 use chatroom_common::proto::protocol::{ChatMsg, MsgLevel};
@@ -37,7 +37,55 @@ fn chat_frames(items: impl Iterator<Item = ChatMsg>) -> Pushed {
     Pushed::Chat(frames.into())
 }
 
+/// A room batch checked and turned into frames, ready to push.
+struct RoomPush {
+    room_id: String,
+    level: MsgLevel,
+    pushed: Pushed,
+}
+
+impl RoomPush {
+    fn check(req: PushRoomReq) -> Result<RoomPush, Status> {
+        if req.room_id.is_empty() {
+            return Err(Status::invalid_argument("room_id is empty"));
+        }
+        let level = MsgLevel::try_from(req.level).unwrap_or(MsgLevel::Normal);
+        let pushed = if req.kind == PushKind::Chat as i32 {
+            let mut msgs = Vec::new();
+            for item in chatroom_common::batch::decode(&req.batch) {
+                let item = item.map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+                match ChatMsg::decode(item) {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => {
+                        warn!(room = %req.room_id, error = %e, "undecodable chat message in batch skipped")
+                    }
+                }
+            }
+            chat_frames(msgs.into_iter())
+        } else {
+            Pushed::Frame(frame::room_batch(&req.room_id, level, req.batch))
+        };
+        Ok(RoomPush {
+            room_id: req.room_id,
+            level,
+            pushed,
+        })
+    }
+}
+
 impl PushService {
+    fn push_checked(&self, room: RoomPush) -> PushRoomReply {
+        let st = self
+            .buckets
+            .push_room(&room.room_id, &room.pushed, room.level);
+        let r = self.done(st);
+        debug!(room = %room.room_id, delivered = r.delivered, dropped = r.dropped, "pushed");
+        PushRoomReply {
+            delivered: r.delivered,
+            dropped: r.dropped,
+        }
+    }
+
     fn report_undelivered(&self, uid: String, ids: Vec<i64>) {
         let req = UndeliveredReq {
             server: self.server.clone(),
@@ -71,33 +119,24 @@ impl Conn for PushService {
         &self,
         req: Request<PushRoomReq>,
     ) -> Result<Response<PushRoomReply>, Status> {
-        let req = req.into_inner();
-        if req.room_id.is_empty() {
-            return Err(Status::invalid_argument("room_id is empty"));
-        }
-        let level = MsgLevel::try_from(req.level).unwrap_or(MsgLevel::Normal);
-        let pushed = if req.kind == PushKind::Chat as i32 {
-            let mut msgs = Vec::new();
-            for item in chatroom_common::batch::decode(&req.batch) {
-                let item = item.map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
-                match ChatMsg::decode(item) {
-                    Ok(m) => msgs.push(m),
-                    Err(e) => {
-                        warn!(room = %req.room_id, error = %e, "undecodable chat message in batch skipped")
-                    }
-                }
-            }
-            chat_frames(msgs.into_iter())
-        } else {
-            Pushed::Frame(frame::room_batch(&req.room_id, level, req.batch))
-        };
-        let st = self.buckets.push_room(&req.room_id, &pushed, level);
-        let r = self.done(st);
-        debug!(room = %req.room_id, delivered = r.delivered, dropped = r.dropped, "pushed");
-        Ok(Response::new(PushRoomReply {
-            delivered: r.delivered,
-            dropped: r.dropped,
-        }))
+        let room = RoomPush::check(req.into_inner())?;
+        Ok(Response::new(self.push_checked(room)))
+    }
+
+    async fn push_rooms(
+        &self,
+        req: Request<PushRoomsReq>,
+    ) -> Result<Response<PushRoomsReply>, Status> {
+        // All checked first: a refused bundle has pushed nothing, so job may
+        // retry its items one by one without anyone getting a duplicate.
+        let rooms = req
+            .into_inner()
+            .rooms
+            .into_iter()
+            .map(RoomPush::check)
+            .collect::<Result<Vec<_>, _>>()?;
+        let rooms = rooms.into_iter().map(|r| self.push_checked(r)).collect();
+        Ok(Response::new(PushRoomsReply { rooms }))
     }
 
     async fn push_users(

@@ -620,7 +620,7 @@ async fn on_message(ctx: &Ctx, who: &Identity, data: Bytes) -> Option<Bytes> {
         uid: who.uid.clone(),
         msg: Some(msg),
     };
-    match ctx.logic.receive(req).await {
+    match ctx.receiver.receive(req).await {
         Ok(r) if r.code == code::OK => None,
         Ok(r) => {
             info!(code = r.code, msg = %r.msg, "message refused by logic");

@@ -70,6 +70,14 @@ impl Batch {
         Self::with_target(room_id, Target::Room(kind), level, data, messages)
     }
 
+    /// The kind of a room batch; `None` for a direct message.
+    pub fn room_kind(&self) -> Option<PushKind> {
+        match self.target {
+            Target::Room(kind) => Some(kind),
+            _ => None,
+        }
+    }
+
     /// A batch of one direct (not room-batched) queue message.
     pub fn direct(label: String, target: Target) -> Self {
         Self::with_target(label, target, MsgLevel::Important, Bytes::new(), 1)

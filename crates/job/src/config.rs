@@ -56,6 +56,9 @@ pub struct PushConfig {
     pub timeout_ms: u64,
     /// Batches waiting per node; when full, that node misses the batch.
     pub node_queue: usize,
+    /// Most room batches sent to one node in one `PushRooms` call (taken
+    /// from what is already queued, so bundling never waits); 1 turns it off.
+    pub bundle_max: usize,
     /// How long a node worker keeps retrying an IMPORTANT batch; longer than
     /// an etcd lease, so a dead node leaves discovery before we give up.
     pub important_retry_ms: u64,
@@ -144,6 +147,9 @@ impl Validate for PushConfig {
                 "must be 1..=1000000",
             ));
         }
+        if !(1..=1024).contains(&self.bundle_max) {
+            return Err(ConfigError::invalid("push.bundle_max", "must be 1..=1024"));
+        }
         if self.important_retry_ms > 3_600_000 {
             return Err(ConfigError::invalid(
                 "push.important_retry_ms",
@@ -225,6 +231,7 @@ mod tests {
             ("CHATROOM__BATCH__MAX_MESSAGES", "0", "batch.max_messages"),
             ("CHATROOM__BATCH__MAX_BYTES", "999999999", "batch.max_bytes"),
             ("CHATROOM__PUSH__NODE_QUEUE", "0", "push.node_queue"),
+            ("CHATROOM__PUSH__BUNDLE_MAX", "0", "push.bundle_max"),
             ("CHATROOM__PUSH__TIMEOUT_MS", "0", "push.timeout_ms"),
             ("CHATROOM__PUSH__MAX_BACKOFF_MS", "1", "push.max_backoff_ms"),
             (

@@ -44,10 +44,12 @@ counters! {
     undecodable,
     /// Batches flushed by the batcher.
     batches,
-    /// `PushRoom` calls that succeeded (first attempt or retry).
+    /// Batches a node took (first attempt or retry), bundled or not.
     pushes_ok,
-    /// `PushRoom` calls that failed (every attempt counts).
+    /// Batch pushes that failed (every attempt counts).
     push_failures,
+    /// `PushRooms` calls: several room batches to one node in one call.
+    bundles,
     /// Retry attempts of IMPORTANT batches.
     retries,
     /// Sessions conn nodes say got a frame (`PushRoomReply.delivered`).

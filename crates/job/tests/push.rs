@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chatroom_common::config::QueueConfig;
+use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::queue::Subscriber;
 use common::*;
 use tokio::time::Instant;
@@ -96,14 +97,14 @@ async fn failing_stuck_and_dead_nodes_do_not_hold_back_the_healthy_one() {
     assert_eq!(healthy.msgs(), sent, "order kept");
     // NORMAL batches are tried once per node, never retried.
     wait_until("failing node saw every batch once", SECS5, || {
-        failing.calls() == 20
+        failing.tried() == 20
     })
     .await;
     assert!(failing.got().is_empty());
 
     let metrics = job.metrics.clone();
     job.stop(SECS5).await;
-    assert_eq!(failing.calls(), 20, "no retry of NORMAL batches");
+    assert_eq!(failing.tried(), 20, "no retry of NORMAL batches");
     let m = metrics.snapshot();
     assert_eq!(m.retries, 0);
     assert_eq!(m.pushes_ok, 20);
@@ -469,4 +470,122 @@ async fn user_messages_go_only_to_their_nodes_broadcasts_and_joins_as_asked() {
     // The poison message is finished too, but counted as undecodable.
     assert_eq!((m.received, m.undecodable, m.finished), (4, 1, 3));
     assert_eq!(q.depth(), 0);
+}
+
+/// Publishes `m0` (which the held node takes and holds), then `m1..=m20` to
+/// twenty rooms, one batch each, and waits until all 21 were handed to the
+/// node queues.
+async fn pile_up_behind_a_held_call(
+    job: &Job,
+    held: &FakeConn,
+    levels: &[MsgLevel],
+) -> Vec<String> {
+    job.publish("r0", N, "m0").await;
+    wait_until("the held node took m0", SECS5, || held.calls() == 1).await;
+    let mut sent = vec!["m0".to_string()];
+    for i in 1..=20 {
+        let m = format!("m{i}");
+        job.publish(&format!("r{i}"), levels[i % levels.len()], &m)
+            .await;
+        sent.push(m);
+    }
+    let metrics = job.metrics.clone();
+    wait_until("21 batches flushed", SECS5, || {
+        metrics.snapshot().batches == 21
+    })
+    .await;
+    sent
+}
+
+#[tokio::test]
+async fn batches_queued_for_a_node_go_out_in_one_call_in_order() {
+    init_tracing();
+    let node = FakeConn::start_held(Mode::Ok).await;
+    let mut cfg = config(vec![node.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    let job = Job::start(cfg).await;
+
+    let sent = pile_up_behind_a_held_call(&job, &node, &[N, I]).await;
+    node.release();
+    wait_until("all 21 pushed", SECS5, || node.msgs().len() == 21).await;
+    assert_eq!(node.msgs(), sent, "queue order kept across the bundle");
+    // m0 alone, then what piled up in (nearly always) one bundle.
+    assert!(
+        node.bundles() >= 1 && node.calls() <= 3,
+        "calls {}",
+        node.calls()
+    );
+    assert_eq!(node.tried(), 21, "every batch pushed once");
+
+    let metrics = job.metrics.clone();
+    job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    assert_eq!((m.pushes_ok, m.finished, m.requeued), (21, 21, 0));
+    assert_eq!(m.bundles as usize, node.bundles());
+}
+
+#[tokio::test]
+async fn a_failed_bundle_drops_its_normal_batches_and_retries_its_important_ones() {
+    init_tracing();
+    let healthy = FakeConn::start(Mode::Ok).await;
+    // Call 1 (m0, held) and call 2 (the bundle) fail; retries succeed.
+    let flaky = FakeConn::start_held(Mode::FailFirst(2)).await;
+    let mut cfg = config(vec![healthy.uri.clone(), flaky.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    cfg.push.important_retry_ms = 5000;
+    let job = Job::start(cfg).await;
+
+    let sent = pile_up_behind_a_held_call(&job, &flaky, &[N, I]).await;
+    // Once the healthy node has m20, every batch is in the flaky node's queue.
+    wait_until("the healthy node got everything", SECS5, || {
+        healthy.msgs() == sent
+    })
+    .await;
+    flaky.release();
+    let important: Vec<String> = (1..=20)
+        .filter(|i| i % 2 == 1)
+        .map(|i| format!("m{i}"))
+        .collect();
+    wait_until("the flaky node got every IMPORTANT batch", SECS5, || {
+        flaky.msgs() == important
+    })
+    .await;
+    assert_eq!(
+        flaky.calls(),
+        12,
+        "m0, the bundle, one retry per IMPORTANT batch"
+    );
+
+    let metrics = job.metrics.clone();
+    job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    // m0 and the 10 NORMAL batches of the bundle were lost to the flaky
+    // node only; each IMPORTANT one was retried once, none twice.
+    assert_eq!(
+        (m.dropped_normal, m.dropped_important, m.retries),
+        (11, 0, 10)
+    );
+    assert_eq!((m.finished, m.requeued), (21, 0));
+}
+
+#[tokio::test]
+async fn a_node_without_push_rooms_gets_one_batch_per_call() {
+    init_tracing();
+    let old = FakeConn::start_held(Mode::NoBundles).await;
+    let mut cfg = config(vec![old.uri.clone()]);
+    cfg.batch.max_messages = 1;
+    let job = Job::start(cfg).await;
+
+    let sent = pile_up_behind_a_held_call(&job, &old, &[N]).await;
+    old.release();
+    wait_until("all 21 pushed", SECS5, || old.msgs().len() == 21).await;
+    assert_eq!(old.msgs(), sent, "order kept");
+    assert_eq!(old.bundles(), 0);
+    // One refused bundle at most; after it, never another.
+    let calls = old.calls();
+    assert!((21..=22).contains(&calls), "calls {calls}");
+    let metrics = job.metrics.clone();
+    job.stop(SECS5).await;
+    let m = metrics.snapshot();
+    assert_eq!((m.pushes_ok, m.dropped_normal, m.finished), (21, 0, 21));
 }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use chatroom_common::proto::logic::logic_server::Logic;
 use chatroom_common::proto::logic::{
     AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
-    PendingReq, ReceiveReply, ReceiveReq, ReportOnlineReply, ReportOnlineReq, SignInReply,
-    SignInReq, SignOutReply, SignOutReq, UndeliveredReply, UndeliveredReq,
+    PendingReq, ReceiveManyReply, ReceiveManyReq, ReceiveReply, ReceiveReq, ReportOnlineReply,
+    ReportOnlineReq, SignInReply, SignInReq, SignOutReply, SignOutReq, UndeliveredReply,
+    UndeliveredReq,
 };
 use chatroom_common::rooms;
 use chatroom_common::token::valid_uid;
@@ -22,6 +23,9 @@ use crate::app::{App, im_uid};
 use crate::chat;
 use crate::error::{ApiError, code};
 use crate::presence::{RoomCounts, Session};
+
+/// Most messages in one `ReceiveMany` call; conn sends at most 256.
+const MAX_RECEIVE_MANY: usize = 4096;
 
 /// Serves `chatroom.logic.Logic`.
 #[derive(Clone)]
@@ -97,6 +101,15 @@ impl Logic for LogicService {
 
     async fn receive(&self, req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
         self.do_receive(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn receive_many(
+        &self,
+        req: Request<ReceiveManyReq>,
+    ) -> Result<Response<ReceiveManyReply>, Status> {
+        self.do_receive_many(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn report_online(
@@ -245,6 +258,29 @@ impl LogicService {
             debug!(key = %req.key, "heartbeat for an unknown session");
         }
         Ok(HeartbeatReply {})
+    }
+
+    /// Each message is judged and published on its own, concurrently (a
+    /// session has one message in flight at a time, so nothing here needs
+    /// an order); what conn got wrong refuses the whole call.
+    #[tracing::instrument(name = "grpc.receive_many", skip_all, fields(messages = req.msgs.len()))]
+    async fn do_receive_many(&self, req: ReceiveManyReq) -> Result<ReceiveManyReply, Status> {
+        if req.msgs.len() > MAX_RECEIVE_MANY {
+            warn!(messages = req.msgs.len(), "ReceiveMany call too large");
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_RECEIVE_MANY} messages per call"
+            )));
+        }
+        for m in &req.msgs {
+            check_server(&m.server)?;
+            check_uid(&m.uid)?;
+        }
+        let replies =
+            futures_util::future::join_all(req.msgs.into_iter().map(|m| self.do_receive(m)))
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+        Ok(ReceiveManyReply { replies })
     }
 
     #[tracing::instrument(name = "grpc.receive", skip_all, fields(server, uid, room))]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::proto::logic::{
-    HeartbeatReq, ReceiveReq, ReportOnlineReq, SignInReq, SignOutReq,
+    HeartbeatReq, ReceiveManyReq, ReceiveReq, ReportOnlineReq, SignInReq, SignOutReq,
 };
 use chatroom_common::proto::protocol::{BroadcastRoomReq, MsgLevel};
 use chatroom_common::token::Tokens;
@@ -352,5 +352,64 @@ async fn report_online_forgets_servers_that_stop_reporting() {
     })
     .await;
     assert_eq!(r1, 4);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn receive_many_judges_each_message_and_answers_in_order() {
+    let mut node = Node::start(&[], 16).await;
+    let mut c = node.grpc().await;
+
+    let msgs = vec![
+        receive("alice", "room-1", MsgLevel::Normal, b"a1"),
+        receive("bob", "", MsgLevel::Normal, b"refused: no room"),
+        receive("carol", "room-2", MsgLevel::Important, b"c1"),
+    ];
+    let r = c
+        .receive_many(ReceiveManyReq { msgs })
+        .await
+        .unwrap()
+        .into_inner()
+        .replies;
+    assert_eq!(r.len(), 3);
+    assert_eq!((r[0].code, r[1].code, r[2].code), (0, 1002, 0));
+    assert!(r[1].msg.starts_with("room id is empty"), "{}", r[1].msg);
+    assert_ne!(r[0].id, r[2].id);
+    let mut published = [node.next_published().await, node.next_published().await];
+    published.sort_by_key(|m| m.id);
+    let mut want = [(r[0].id, "alice", "a1"), (r[2].id, "carol", "c1")];
+    want.sort();
+    for (m, (id, uid, data)) in published.iter().zip(want) {
+        assert_eq!(
+            (m.id, m.uid.as_str(), &m.data[..]),
+            (id, uid, data.as_bytes())
+        );
+    }
+    assert_eq!(node.queue.depth(), 0, "the refused one was not published");
+
+    // What conn got wrong refuses the whole call, and nothing is published.
+    let mut no_server = receive("dave", "room-1", MsgLevel::Normal, b"d1");
+    no_server.server.clear();
+    let err = c
+        .receive_many(ReceiveManyReq {
+            msgs: vec![
+                receive("erin", "room-1", MsgLevel::Normal, b"e1"),
+                no_server,
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(node.queue.depth(), 0);
+    let too_many = (0..4097)
+        .map(|_| receive("erin", "room-1", MsgLevel::Normal, b"e"))
+        .collect();
+    let err = c
+        .receive_many(ReceiveManyReq { msgs: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(node.queue.depth(), 0);
+
     node.stop().await;
 }

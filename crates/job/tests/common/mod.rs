@@ -14,8 +14,8 @@ use chatroom_common::batch::decode;
 use chatroom_common::config::{DiscoveryConfig, QueueConfig, load_with_env};
 use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
 use chatroom_common::proto::conn::{
-    JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushUsersReply,
-    PushUsersReq,
+    JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushRoomsReply,
+    PushRoomsReq, PushUsersReply, PushUsersReq,
 };
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::queue_msg::Body;
@@ -50,6 +50,8 @@ pub enum Mode {
     AlwaysFail,
     /// Never answers (a stuck node).
     Hang,
+    /// Answers `PushRoom` but not `PushRooms` (a node from before bundling).
+    NoBundles,
 }
 
 /// One push as a fake node received it.
@@ -72,6 +74,12 @@ pub fn got(room: &str, level: MsgLevel, msgs: &[&str]) -> Got {
 struct State {
     got: Mutex<Vec<Got>>,
     calls: AtomicUsize,
+    /// `PushRooms` calls answered (several rooms in one call).
+    bundles: AtomicUsize,
+    /// Room batches in calls, failed ones included.
+    tried: AtomicUsize,
+    /// When set, the first call waits for a permit (see `FakeConn::release`).
+    gate: Option<tokio::sync::Semaphore>,
 }
 
 struct Svc {
@@ -85,28 +93,22 @@ impl Conn for Svc {
         &self,
         req: Request<PushRoomReq>,
     ) -> Result<Response<PushRoomReply>, Status> {
-        let call = self.state.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        match self.mode {
-            Mode::Ok => {}
-            Mode::FailFirst(n) if call > n => {}
-            Mode::FailFirst(_) | Mode::AlwaysFail => {
-                return Err(Status::unavailable("fake conn outage"));
-            }
-            Mode::Hang => std::future::pending::<()>().await,
-        }
+        self.answer(1).await?;
+        Ok(Response::new(self.record_room(req.into_inner())))
+    }
+
+    async fn push_rooms(
+        &self,
+        req: Request<PushRoomsReq>,
+    ) -> Result<Response<PushRoomsReply>, Status> {
         let req = req.into_inner();
-        let msgs = decode(&req.batch)
-            .map(|m| String::from_utf8(m.expect("well-formed batch").to_vec()).unwrap())
-            .collect();
-        self.state.got.lock().unwrap().push(Got {
-            room: req.room_id,
-            level: MsgLevel::try_from(req.level).expect("known level"),
-            msgs,
-        });
-        Ok(Response::new(PushRoomReply {
-            delivered: 1,
-            dropped: 0,
-        }))
+        self.answer(req.rooms.len()).await?;
+        if matches!(self.mode, Mode::NoBundles) {
+            return Err(Status::unimplemented("PushRooms"));
+        }
+        self.state.bundles.fetch_add(1, Ordering::SeqCst);
+        let rooms = req.rooms.into_iter().map(|r| self.record_room(r)).collect();
+        Ok(Response::new(PushRoomsReply { rooms }))
     }
 
     async fn push_users(
@@ -142,6 +144,37 @@ impl Conn for Svc {
 }
 
 impl Svc {
+    /// Counts the call (of `batches` room batches) and fails or hangs as
+    /// the mode says.
+    async fn answer(&self, batches: usize) -> Result<(), Status> {
+        self.state.tried.fetch_add(batches, Ordering::SeqCst);
+        let call = self.state.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if let (1, Some(gate)) = (call, &self.state.gate) {
+            let _ = gate.acquire().await;
+        }
+        match self.mode {
+            Mode::Ok | Mode::NoBundles => Ok(()),
+            Mode::FailFirst(n) if call > n => Ok(()),
+            Mode::FailFirst(_) | Mode::AlwaysFail => Err(Status::unavailable("fake conn outage")),
+            Mode::Hang => std::future::pending().await,
+        }
+    }
+
+    fn record_room(&self, req: PushRoomReq) -> PushRoomReply {
+        let msgs = decode(&req.batch)
+            .map(|m| String::from_utf8(m.expect("well-formed batch").to_vec()).unwrap())
+            .collect();
+        self.state.got.lock().unwrap().push(Got {
+            room: req.room_id,
+            level: MsgLevel::try_from(req.level).expect("known level"),
+            msgs,
+        });
+        PushRoomReply {
+            delivered: 1,
+            dropped: 0,
+        }
+    }
+
     /// Direct pushes are recorded as one IMPORTANT message to a pseudo-room.
     fn record(&self, room: String, msg: String) {
         self.state.calls.fetch_add(1, Ordering::SeqCst);
@@ -162,9 +195,29 @@ pub struct FakeConn {
 
 impl FakeConn {
     pub async fn start(mode: Mode) -> FakeConn {
+        Self::start_with(mode, false).await
+    }
+
+    /// A node whose first call waits until [`FakeConn::release`], so that
+    /// batches pile up in job's queue for it meanwhile.
+    pub async fn start_held(mode: Mode) -> FakeConn {
+        Self::start_with(mode, true).await
+    }
+
+    /// Lets the held first call go on.
+    pub fn release(&self) {
+        if let Some(gate) = &self.state.gate {
+            gate.add_permits(1);
+        }
+    }
+
+    async fn start_with(mode: Mode, held: bool) -> FakeConn {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let uri = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            gate: held.then(|| tokio::sync::Semaphore::new(0)),
+            ..State::default()
+        });
         let svc = ConnServer::new(Svc {
             mode,
             state: state.clone(),
@@ -190,9 +243,20 @@ impl FakeConn {
         self.got().into_iter().flat_map(|g| g.msgs).collect()
     }
 
-    /// `PushRoom` calls, failed ones included.
+    /// `PushRoom`/`PushRooms` calls, failed ones included.
     pub fn calls(&self) -> usize {
         self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// Room batches pushed to this node, failed attempts included, however
+    /// they were bundled into calls.
+    pub fn tried(&self) -> usize {
+        self.state.tried.load(Ordering::SeqCst)
+    }
+
+    /// `PushRooms` calls answered.
+    pub fn bundles(&self) -> usize {
+        self.state.bundles.load(Ordering::SeqCst)
     }
 }
 
