@@ -1,5 +1,8 @@
 //! gRPC clients for the live logic nodes, kept in step with discovery and
 //! used round-robin; a call that finds a node unreachable tries the next one.
+//! Calls in flight are bounded ([`MAX_IN_FLIGHT`]): when thousands of
+//! sessions sign in or out at once (a restart, a network blip) the rest wait
+//! their turn instead of each holding request and HTTP/2 stream buffers.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,16 +16,21 @@ use chatroom_common::proto::logic::{
     ReportOnlineReq, SignInReply, SignInReq, SignOutReply, SignOutReq, UndeliveredReply,
     UndeliveredReq,
 };
+use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
 type Client = LogicClient<Channel>;
 
+/// Calls to logic in flight at once from this node.
+pub const MAX_IN_FLIGHT: usize = 256;
+
 pub struct LogicPool {
     state: Mutex<State>,
     next: AtomicUsize,
     timeout: Duration,
+    in_flight: Semaphore,
 }
 
 struct State {
@@ -39,6 +47,7 @@ impl LogicPool {
             }),
             next: AtomicUsize::new(0),
             timeout,
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
         };
         pool.refresh(true);
         pool
@@ -90,6 +99,9 @@ impl LogicPool {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
     {
+        let Ok(_slot) = self.in_flight.acquire().await else {
+            return Err(Status::unavailable("logic calls are closed"));
+        };
         let Some((n, c)) = self.pick(0) else {
             return Err(Status::unavailable("no logic node is known"));
         };

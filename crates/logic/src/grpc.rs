@@ -210,7 +210,7 @@ impl LogicService {
             .sign_in(&session)
             .await
             .map_err(unavailable)?;
-        info!(key = %session.key, "signed in");
+        debug!(key = %session.key, "signed in");
         Ok(SignInReply {
             code: code::OK,
             msg: "ok".into(),
@@ -234,7 +234,7 @@ impl LogicService {
             .sign_out(&req.uid, &req.key)
             .await
             .map_err(unavailable)?;
-        info!(key = %req.key, "signed out");
+        debug!(key = %req.key, "signed out");
         Ok(SignOutReply {})
     }
 

@@ -21,7 +21,7 @@ use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::token::TokenError;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
-use tracing::{Span, info};
+use tracing::{Span, debug, info};
 
 use crate::app::{App, im_uid};
 use crate::error::{ApiError, Reply};
@@ -323,7 +323,7 @@ async fn send_msg(
     let id = app
         .publish(&uid, &room, MsgLevel::Important as i32, Bytes::from(msg))
         .await?;
-    info!(id, "message accepted");
+    debug!(id, "message accepted");
     Ok(Some(MsgData { id: id.to_string() }))
 }
 
