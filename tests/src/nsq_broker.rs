@@ -55,6 +55,12 @@ pub struct TestNsqdConfig {
     /// Answer `/lookup` with 404 TOPIC_NOT_FOUND until the topic exists, as
     /// nsqlookupd does. Off by default so consumers find the broker at once.
     pub lookup_requires_topic: bool,
+    /// Where the TCP protocol listens (nsqd's `--tcp-address`); default
+    /// 127.0.0.1 on an ephemeral port.
+    pub tcp_addr: SocketAddr,
+    /// Where `/lookup` and `/ping` are served (nsqlookupd's
+    /// `--http-address`); default 127.0.0.1 on an ephemeral port.
+    pub http_addr: SocketAddr,
 }
 
 impl Default for TestNsqdConfig {
@@ -72,6 +78,8 @@ impl Default for TestNsqdConfig {
             max_queue_depth: 100_000,
             max_connections: 1024,
             lookup_requires_topic: false,
+            tcp_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -122,16 +130,20 @@ impl TestNsqd {
     }
 
     /// # Panics
-    /// If it cannot bind 127.0.0.1 (a broken test environment).
+    /// If it cannot bind its addresses (a broken test environment).
     pub async fn start_with(cfg: TestNsqdConfig) -> TestNsqd {
-        let tcp_l = TcpListener::bind("127.0.0.1:0")
+        Self::try_start_with(cfg)
             .await
-            .expect("test nsqd: bind tcp");
-        let http_l = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("test nsqd: bind http");
-        let tcp = tcp_l.local_addr().expect("test nsqd: tcp addr");
-        let http = http_l.local_addr().expect("test nsqd: http addr");
+            .expect("test nsqd: binding its listeners")
+    }
+
+    /// Starts on `cfg.tcp_addr` and `cfg.http_addr`; fails if either
+    /// cannot be bound.
+    pub async fn try_start_with(cfg: TestNsqdConfig) -> std::io::Result<TestNsqd> {
+        let tcp_l = TcpListener::bind(cfg.tcp_addr).await?;
+        let http_l = TcpListener::bind(cfg.http_addr).await?;
+        let tcp = tcp_l.local_addr()?;
+        let http = http_l.local_addr()?;
         let shared = Arc::new(Shared {
             cfg,
             tcp,
@@ -144,7 +156,7 @@ impl TestNsqd {
         shared.tracker.spawn(accept_http(shared.clone(), http_l));
         shared.tracker.spawn(ticker(shared.clone()));
         tracing::info!(%tcp, %http, "test nsqd started");
-        TestNsqd { shared, tcp, http }
+        Ok(TestNsqd { shared, tcp, http })
     }
 
     pub fn tcp_addr(&self) -> SocketAddr {

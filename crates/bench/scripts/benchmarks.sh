@@ -1,83 +1,310 @@
 #!/usr/bin/env bash
-# Reproduces the figures in BENCHMARKS.md: idle capacity (19,000 sessions,
-# server memory per session) and one-room fan-out (10,000 sessions, rising
-# publish rates) against the standalone server, and the same fan-out against
-# nats-server over WebSocket when it is installed. Each run gets a fresh
-# server and waits for the machine to be quiet first; every report is kept as
-# a JSON line (appended to $OUT/results.jsonl, so a later call can add runs)
-# and summarised (median, min, max) at the end, leaving out runs during which
-# other processes used more than $QUIET_CORES cores (idle runs are kept: their
-# figure, memory, does not depend on CPU).
+# Reproduces the figures in BENCHMARKS.md. Scenarios (SCENARIOS, any of):
 #
-#   cargo build --release -p chatroom -p chatroom-bench
-#   crates/bench/scripts/benchmarks.sh                 # everything, 3 runs each
+#   idle             (1) 19,000 idle sessions on the standalone server: memory per session
+#   fanout           (2) one room of 10,000, one WebSocket publisher at each of RATES
+#   nats             the same fan-out against nats-server over WebSocket, when installed
+#   rooms            (3) 10,000 sessions in 1,000 rooms of 10, 100 WebSocket publishers,
+#                    at each of ROOM_RATES (msg/s over all publishers), NORMAL
+#   cluster          (4) the cluster path: POST /msg -> logic -> NSQ (the test broker)
+#                    -> job -> two conn nodes, 10,000 sessions in one room split over
+#                    the two conn nodes, at each of CLUSTER_RATES; plus (1) on one
+#                    cluster conn node (19,000 idle sessions on conn-a)
+#   standalone-http  (5) the same load as `cluster` (POST /msg, one room of 10,000)
+#                    against the standalone server, to set beside it
+#
+# Each run gets a fresh server (or a fresh cluster: etcd, chatroom-test-nsqd,
+# logic, job, conn-a, conn-b, all on free loopback ports, in a temporary
+# folder) and waits for the machine to be quiet first; every report is kept
+# as a JSON line (appended to $OUT/results.jsonl, so a later call can add
+# runs) and summarised (median, min, max) at the end, leaving out runs during
+# which other processes used more than $QUIET_CORES cores (idle runs are
+# kept: their figure, memory, does not depend on CPU). Server logs are in
+# $OUT/*.log.
+#
+#   cargo build --release -p chatroom -p chatroom-bench -p chatroom-conn -p chatroom-logic \
+#     -p chatroom-job -p chatroom-tests --bins
+#   crates/bench/scripts/benchmarks.sh                 # idle fanout nats, 3 runs each
 #   RUNS=1 RATES="10 100" SCENARIOS=fanout crates/bench/scripts/benchmarks.sh
+#   RUNS=3 SCENARIOS="cluster standalone-http" crates/bench/scripts/benchmarks.sh
+#   RUNS=3 SCENARIOS=rooms ROOM_RATES="1000 2000" crates/bench/scripts/benchmarks.sh
+#
+# The cluster needs `etcd` on the PATH (Debian: apt-get install etcd-server).
+# SESSIONS, DURATION and WARMUP override every scenario's session count,
+# measured seconds and warm-up seconds (for a quick functional check, e.g.
+# SESSIONS=300 DURATION=2 WARMUP=1 RUNS=1 CLUSTER_RATES=10 SCENARIOS=cluster).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 BIN=$(cd "${BIN:-$root/target/release}" && pwd)
 OUT=${OUT:-$(mktemp -d /tmp/chatroom-bench.XXXXXX)}
 RUNS=${RUNS:-3}
 RATES=${RATES:-"10 30 100 300"}
+ROOM_RATES=${ROOM_RATES:-"1000 2000 5000"}
+CLUSTER_RATES=${CLUSTER_RATES:-"10 30 100"}
 SCENARIOS=${SCENARIOS:-"idle fanout nats"}
 SECRET=${SECRET:-chatroom-dev-secret-change-me}
 SOURCES=${SOURCES:-127.0.0.2-127.0.0.20}
 QUIET_CORES=${QUIET_CORES:-0.15}
+SESSIONS=${SESSIONS:-}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-3}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 results="$OUT/results.jsonl"
 echo "results in $results" >&2
 
-server=""
-stop_server() {
-  if [ -n "$server" ]; then
-    kill "$server" 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
-    server=""
+sessions() { # default count: $SESSIONS when set
+  echo "${SESSIONS:-$1}"
+}
+
+# Every process started for the current run (name:pid), stopped in reverse
+# order; the run's scratch folder (etcd data, SQLite store), removed after.
+procs=()
+scratch=""
+# What the generator measures: the server's pids and the supporting
+# processes' pids (comma-separated).
+server_pids=""
+infra_pids=""
+
+# Whether a process runs (an exited child stays a zombie until waited for,
+# and kill -0 still finds it).
+running() { # pid
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
+stop_all() {
+  local i pid
+  # Last started first, one at a time: job before the conn nodes, the
+  # services before etcd and the broker they deregister from / drain to.
+  for ((i = ${#procs[@]} - 1; i >= 0; i--)); do
+    pid=${procs[i]#*:}
+    kill -TERM "$pid" 2>/dev/null || true
+    # Shutdown graces are a few seconds; past 20 s the process is killed.
+    for _ in $(seq 1 200); do
+      running "$pid" || break
+      sleep 0.1
+    done
+    if running "$pid"; then
+      echo "${procs[i]%%:*} did not stop after SIGTERM: killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+  procs=()
+  server_pids=""
+  infra_pids=""
+  if [ -n "$scratch" ]; then
+    rm -rf "$scratch"
+    scratch=""
   fi
 }
-trap stop_server EXIT INT TERM
+trap stop_all EXIT
+trap 'stop_all; exit 130' INT TERM
 
-wait_port() { # port
+started() { # name pid: remember a process to stop
+  procs+=("$1:$2")
+}
+
+wait_port() { # port [host]
   for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    if (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; then return 0; fi
     sleep 0.1
   done
   echo "nothing listens on $1" >&2
   return 1
 }
 
-port_free() { # port: waits until nothing listens there (a server still shutting down)
-  for _ in $(seq 1 100); do
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "port $1 stays busy" >&2
-  return 1
+free_ports() { # n: n distinct free ports on 127.0.0.1 (all bound at once while picked)
+  python3 -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+' "$1"
 }
 
 alive() {
-  if ! kill -0 "$server" 2>/dev/null; then
-    echo "the server exited; see $OUT/*.log" >&2
-    return 1
-  fi
+  local p
+  for p in "${procs[@]}"; do
+    if ! running "${p#*:}"; then
+      echo "${p%%:*} exited; see $OUT/*.log" >&2
+      return 1
+    fi
+  done
 }
 
+# Polls `cond` (a command) every 0.1 s for up to `secs` seconds while the
+# run's processes live.
+wait_until() { # secs what cond...
+  local secs=$1 what=$2
+  shift 2
+  for _ in $(seq 1 $((secs * 10))); do
+    if "$@"; then return 0; fi
+    alive
+    sleep 0.1
+  done
+  echo "timed out after ${secs}s waiting for $what" >&2
+  return 1
+}
+
+# The standalone server on free ports (the machine is shared: 8080/8081 may
+# be someone else's server); sets ws_a and http_url.
 start_chatroom() {
-  port_free 8080
-  port_free 8081
+  local p_ws p_http
+  read -r p_ws p_http < <(free_ports 2)
+  ws_a="ws://127.0.0.1:$p_ws/room"
+  http_url="http://127.0.0.1:$p_http"
   # Run from $OUT: the server keeps its SQLite file and uploads under ./data.
-  (cd "$OUT" && CHATROOM__CONN__WS__MAX_CONNECTIONS=20000 CHATROOM__LOG__DIR= exec "$BIN/chatroom") >"$OUT/chatroom.log" 2>&1 &
-  server=$!
-  wait_port 8080
-  wait_port 8081
+  (cd "$OUT" && CHATROOM__CONN__WS__MAX_CONNECTIONS=20000 CHATROOM__LOG__DIR= \
+    CHATROOM__CONN__WS__ADDR="127.0.0.1:$p_ws" CHATROOM__LOGIC__HTTP__ADDR="127.0.0.1:$p_http" \
+    exec "$BIN/chatroom") >"$OUT/chatroom.log" 2>&1 &
+  started chatroom $!
+  server_pids=$!
+  wait_port "$p_ws"
+  wait_port "$p_http"
   alive
 }
 
+# nats-server on free ports; sets ws_a.
 start_nats() {
-  port_free 8222
-  printf 'listen: "127.0.0.1:4222"\nmax_payload: 1048576\nwebsocket {\n  listen: "127.0.0.1:8222"\n  no_tls: true\n}\n' >"$OUT/nats.conf"
+  local p_nats p_ws
+  read -r p_nats p_ws < <(free_ports 2)
+  ws_a="ws://127.0.0.1:$p_ws"
+  printf 'listen: "127.0.0.1:%s"\nmax_payload: 1048576\nwebsocket {\n  listen: "127.0.0.1:%s"\n  no_tls: true\n}\n' \
+    "$p_nats" "$p_ws" >"$OUT/nats.conf"
   nats-server -c "$OUT/nats.conf" >"$OUT/nats.log" 2>&1 &
-  server=$!
-  wait_port 8222
+  started nats-server $!
+  server_pids=$!
+  wait_port "$p_ws"
+  alive
+}
+
+# --- the cluster -----------------------------------------------------------
+
+# Keys under an etcd prefix, over etcd's JSON gateway (no etcdctl needed).
+etcd_count() { # prefix
+  python3 - "$etcd_url" "$1" <<'PY'
+import base64, json, sys, urllib.request
+url, prefix = sys.argv[1], sys.argv[2].encode()
+end = prefix[:-1] + bytes([prefix[-1] + 1])
+b64 = lambda b: base64.b64encode(b).decode()
+body = json.dumps({"key": b64(prefix), "range_end": b64(end), "count_only": True}).encode()
+try:
+    with urllib.request.urlopen(urllib.request.Request(url + "/v3/kv/range", data=body), timeout=2) as r:
+        print(int(json.load(r).get("count", 0)))
+except Exception:
+    print(-1)
+PY
+}
+
+etcd_has() { # prefix n: at least n keys under prefix
+  [ "$(etcd_count "$1")" -ge "$2" ]
+}
+
+etcd_healthy() {
+  curl -sf "$etcd_url/health" 2>/dev/null | grep -q '"health":"true"'
+}
+
+log_has() { # file count pattern: the log holds the pattern at least count times
+  [ "$(grep -c -- "$3" "$1" 2>/dev/null || true)" -ge "$2" ]
+}
+
+# Starts etcd, the test NSQ broker, one logic, two conn nodes and one job,
+# each on its own free loopback ports, and waits until every one is ready:
+# listening, logic and both conn nodes registered in etcd, job subscribed to
+# the queue and pushing to both conn nodes. Sets ws_a, ws_b, http_url and
+# the pids (pid_conn_a ...).
+start_cluster() {
+  if ! command -v etcd >/dev/null; then
+    echo "etcd not installed (apt-get install etcd-server)" >&2
+    return 1
+  fi
+  for b in chatroom-logic chatroom-conn chatroom-job chatroom-test-nsqd; do
+    if [ ! -x "$BIN/$b" ]; then
+      echo "$BIN/$b is missing: cargo build --release -p chatroom-conn -p chatroom-logic -p chatroom-job -p chatroom-tests --bins" >&2
+      return 1
+    fi
+  done
+  scratch=$(mktemp -d /tmp/chatroom-cluster.XXXXXX)
+  local p_etcd p_peer p_nsq p_lookup p_grpc p_http p_ws_a p_grpc_a p_ws_b p_grpc_b
+  read -r p_etcd p_peer p_nsq p_lookup p_grpc p_http p_ws_a p_grpc_a p_ws_b p_grpc_b < <(free_ports 10)
+  etcd_url="http://127.0.0.1:$p_etcd"
+  ws_a="ws://127.0.0.1:$p_ws_a/room"
+  ws_b="ws://127.0.0.1:$p_ws_b/room"
+  http_url="http://127.0.0.1:$p_http"
+
+  etcd --name bench --data-dir "$scratch/etcd" \
+    --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+    --listen-peer-urls "http://127.0.0.1:$p_peer" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$p_peer" \
+    --initial-cluster "bench=http://127.0.0.1:$p_peer" >"$OUT/etcd.log" 2>&1 &
+  started etcd $!
+  pid_etcd=$!
+  wait_until 30 "etcd to be healthy" etcd_healthy
+
+  "$BIN/chatroom-test-nsqd" --tcp-address "127.0.0.1:$p_nsq" --http-address "127.0.0.1:$p_lookup" \
+    >"$OUT/test-nsqd.log" 2>&1 &
+  started test-nsqd $!
+  pid_nsqd=$!
+  wait_port "$p_nsq"
+  wait_port "$p_lookup"
+
+  # Settings every service shares: etcd discovery, logs to stdout only.
+  local common=(
+    CHATROOM__DISCOVERY__KIND=etcd
+    "CHATROOM__DISCOVERY__ENDPOINTS=$etcd_url"
+    CHATROOM__DISCOVERY__PREFIX=/chatroom
+    CHATROOM__LOG__DIR=
+    NO_COLOR=1
+  )
+  # logic: memory presence (one logic node), SQLite store in the scratch
+  # folder, publishes to the broker. Only logic reads token.secret (conn's
+  # config has no such key and refuses unknown ones).
+  mkdir -p "$scratch/logic"
+  (cd "$scratch/logic" && exec env "${common[@]}" \
+    CHATROOM__NODE__ID=logic-0 CHATROOM__ID_NODE=0 \
+    "CHATROOM__GRPC__ADDR=127.0.0.1:$p_grpc" "CHATROOM__HTTP__ADDR=127.0.0.1:$p_http" \
+    CHATROOM__HTTP__WEB_DIR= "CHATROOM__TOKEN__SECRET=$SECRET" \
+    CHATROOM__PRESENCE__KIND=memory \
+    "CHATROOM__STORE__URL=sqlite://$scratch/logic/chatroom.db?mode=rwc" \
+    "CHATROOM__IM__UPLOAD_DIR=$scratch/logic/uploads" \
+    CHATROOM__QUEUE__KIND=nsq CHATROOM__QUEUE__TOPIC=chatroom-room \
+    "CHATROOM__QUEUE__NSQD_TCP_ADDRESSES=127.0.0.1:$p_nsq" \
+    "$BIN/chatroom-logic") >"$OUT/logic.log" 2>&1 &
+  started logic $!
+  pid_logic=$!
+  wait_port "$p_http"
+  wait_port "$p_grpc"
+  wait_until 30 "logic to register in etcd" etcd_has /chatroom/logic/ 1
+
+  local name ws grpc
+  for name in a b; do
+    if [ $name = a ]; then ws=$p_ws_a grpc=$p_grpc_a; else ws=$p_ws_b grpc=$p_grpc_b; fi
+    (cd "$scratch" && exec env "${common[@]}" \
+      "CHATROOM__NODE__ID=conn-$name" \
+      "CHATROOM__WS__ADDR=127.0.0.1:$ws" CHATROOM__WS__MAX_CONNECTIONS=20000 \
+      "CHATROOM__GRPC__ADDR=127.0.0.1:$grpc" \
+      "$BIN/chatroom-conn") >"$OUT/conn-$name.log" 2>&1 &
+    started "conn-$name" $!
+    if [ $name = a ]; then pid_conn_a=$!; else pid_conn_b=$!; fi
+    wait_port "$ws"
+    wait_port "$grpc"
+  done
+  wait_until 30 "both conn nodes to register in etcd" etcd_has /chatroom/conn/ 2
+
+  (cd "$scratch" && exec env "${common[@]}" \
+    CHATROOM__NODE__ID=job-0 \
+    CHATROOM__QUEUE__KIND=nsq CHATROOM__QUEUE__TOPIC=chatroom-room CHATROOM__QUEUE__CHANNEL=job \
+    "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES=http://127.0.0.1:$p_lookup" \
+    "$BIN/chatroom-job") >"$OUT/job.log" 2>&1 &
+  started job $!
+  pid_job=$!
+  wait_until 30 "job to push to both conn nodes" log_has "$OUT/job.log" 2 "conn node joined"
+  wait_until 30 "job to subscribe to the queue" log_has "$OUT/job.log" 1 "nsq consumer subscribed"
+  infra_pids="$pid_etcd,$pid_nsqd"
   alive
 }
 
@@ -98,10 +325,19 @@ bench() { # scenario, then chatroom-bench run arguments
   local scenario=$1; shift
   wait_quiet
   alive
-  local line
-  line=$("$BIN/chatroom-bench" run --server-pid "$server" --source-ips "$SOURCES" --json --quiet "$@" | tail -1)
+  local line infra=()
+  if [ -n "$infra_pids" ]; then infra=(--infra-pid "$infra_pids"); fi
+  line=$("$BIN/chatroom-bench" run --server-pid "$server_pids" ${infra[@]+"${infra[@]}"} \
+    --source-ips "$SOURCES" --json --quiet "$@" | tail -1)
   echo "{\"scenario\":\"$scenario\",\"report\":$line}" >>"$results"
   echo "$scenario: $(echo "$line" | head -c 300)..." >&2
+}
+
+# One room of 10,000 receiving sessions, one POST /msg publisher (IMPORTANT):
+# the load of scenarios (4) and (5), into $http_fanout.
+http_fanout_args() { # rate
+  http_fanout=(--sessions "$(sessions 10000)" --room-dist single --publishers 1 --rate "$1" --publish http
+    --duration "$DURATION" --warmup "$WARMUP" --token-secret "$SECRET")
 }
 
 for s in $SCENARIOS; do
@@ -109,17 +345,17 @@ for s in $SCENARIOS; do
   idle)
     for _ in $(seq 1 "$RUNS"); do
       start_chatroom
-      bench idle --sessions 19000 --publishers 0 --duration 10 --settle 5 --token-secret "$SECRET"
-      stop_server
+      bench idle --ws "$ws_a" --http "$http_url" --sessions "$(sessions 19000)" --publishers 0 --duration "$DURATION" --settle 5 --token-secret "$SECRET"
+      stop_all
     done
     ;;
   fanout)
     for rate in $RATES; do
       for _ in $(seq 1 "$RUNS"); do
         start_chatroom
-        bench "fanout-$rate" --sessions 10000 --room-dist single --publishers 1 --rate "$rate" \
-          --duration 10 --warmup 3 --token-secret "$SECRET"
-        stop_server
+        bench "fanout-$rate" --ws "$ws_a" --http "$http_url" --sessions "$(sessions 10000)" --room-dist single --publishers 1 --rate "$rate" \
+          --duration "$DURATION" --warmup "$WARMUP" --token-secret "$SECRET"
+        stop_all
       done
     done
     ;;
@@ -131,9 +367,58 @@ for s in $SCENARIOS; do
     for rate in $RATES; do
       for _ in $(seq 1 "$RUNS"); do
         start_nats
-        bench "nats-$rate" --target nats --ws ws://127.0.0.1:8222 --sessions 10000 --room-dist single \
-          --publishers 1 --rate "$rate" --duration 10 --warmup 3
-        stop_server
+        bench "nats-$rate" --target nats --ws "$ws_a" --sessions "$(sessions 10000)" --room-dist single \
+          --publishers 1 --rate "$rate" --duration "$DURATION" --warmup "$WARMUP"
+        stop_all
+      done
+    done
+    ;;
+  rooms)
+    # (3) many small rooms: every message is the whole path for 10 receivers.
+    for rate in $ROOM_RATES; do
+      for _ in $(seq 1 "$RUNS"); do
+        start_chatroom
+        bench "rooms-$rate" --ws "$ws_a" --http "$http_url" --sessions "$(sessions 10000)" --rooms 1000 --room-dist uniform \
+          --publishers 100 --rate "$rate" --publish ws --level normal \
+          --duration "$DURATION" --warmup "$WARMUP" --token-secret "$SECRET"
+        stop_all
+      done
+    done
+    ;;
+  cluster)
+    # (1) on a cluster conn node: 19,000 idle sessions on conn-a alone,
+    # memory and CPU of conn-a alone; the rest of the cluster (logic takes
+    # the heartbeats) is reported as infra.
+    for _ in $(seq 1 "$RUNS"); do
+      start_cluster
+      server_pids=$pid_conn_a
+      infra_pids="$infra_pids,$pid_conn_b,$pid_logic,$pid_job"
+      bench cluster-idle-conn --ws "$ws_a" --http "$http_url" --sessions "$(sessions 19000)" \
+        --publishers 0 --duration "$DURATION" --settle 5 --token-secret "$SECRET"
+      stop_all
+    done
+    # (4) POST /msg -> logic -> NSQ -> job -> conn-a and conn-b, sessions
+    # alternating between the two nodes. Server memory per session and
+    # server CPU are over all four service processes (conn-a, conn-b,
+    # logic, job) together; etcd and the broker are reported as infra.
+    for rate in $CLUSTER_RATES; do
+      for _ in $(seq 1 "$RUNS"); do
+        start_cluster
+        server_pids="$pid_conn_a,$pid_conn_b,$pid_logic,$pid_job"
+        http_fanout_args "$rate"
+        bench "cluster-$rate" --ws "$ws_a,$ws_b" --http "$http_url" "${http_fanout[@]}"
+        stop_all
+      done
+    done
+    ;;
+  standalone-http)
+    # (5) the cluster's load against the standalone server.
+    for rate in $CLUSTER_RATES; do
+      for _ in $(seq 1 "$RUNS"); do
+        start_chatroom
+        http_fanout_args "$rate"
+        bench "standalone-http-$rate" --ws "$ws_a" --http "$http_url" "${http_fanout[@]}"
+        stop_all
       done
     done
     ;;
@@ -148,7 +433,7 @@ rows, dropped = {}, {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     other = r["report"].get("other_cpu_cores") or 0
-    if other > float(sys.argv[2]) and not r["scenario"].startswith("idle"):
+    if other > float(sys.argv[2]) and "idle" not in r["scenario"]:
         dropped[r["scenario"]] = dropped.get(r["scenario"], 0) + 1
         continue
     rows.setdefault(r["scenario"], []).append(r["report"])
@@ -157,19 +442,29 @@ def fmt(vals, f="{:.0f}"):
     if not vals:
         return "-"
     return f"{f.format(statistics.median(vals))} ({f.format(min(vals))}..{f.format(max(vals))})"
-print("| scenario | runs (left out) | signed in | server KiB/session | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | server cores | generator cores | other cores |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("Server figures are over every measured process (cluster-N: conn-a, conn-b, logic, job;")
+print("cluster-idle-conn: conn-a alone); infra = etcd + the test NSQ broker (cluster-idle-conn:")
+print("also conn-b, logic and job).")
+print()
+print("| scenario | runs (left out) | server processes | signed in | server KiB/session | sent msg/s | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | server cores | infra cores | generator cores | other cores |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, rs in rows.items():
     kib = [r["server_bytes_per_session"] / 1024 if r["server_bytes_per_session"] else None for r in rs]
     print("| " + " | ".join([
-        name, f"{len(rs)} ({dropped.get(name, 0)})", fmt([r["signed_in"] for r in rs]),
-        fmt(kib, "{:.2f}"), fmt([r["deliveries_per_sec"] for r in rs]),
+        name, f"{len(rs)} ({dropped.get(name, 0)})",
+        fmt([len(r.get("server_pids") or []) or None for r in rs]),
+        fmt([r["signed_in"] for r in rs]),
+        fmt(kib, "{:.2f}"),
+        fmt([r["publish_rate"] if r["publishers"] else None for r in rs], "{:.1f}"),
+        fmt([r["deliveries_per_sec"] for r in rs]),
         fmt([r["latency"]["p50_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["latency"]["p99_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["latency"]["p999_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["latency"]["max_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["loss"]["lost"] for r in rs]), fmt([r["duplicates"] for r in rs]),
-        fmt([r["server_cpu_cores"] for r in rs], "{:.2f}"), fmt([r["generator_cpu_cores"] for r in rs], "{:.2f}"),
+        fmt([r["server_cpu_cores"] for r in rs], "{:.2f}"),
+        fmt([r.get("infra_cpu_cores") for r in rs], "{:.2f}"),
+        fmt([r["generator_cpu_cores"] for r in rs], "{:.2f}"),
         fmt([r.get("other_cpu_cores") for r in rs], "{:.2f}"),
     ]) + " |")
 PY

@@ -70,9 +70,15 @@ pub struct RunArgs {
     /// Server protocol: chatroom (protobuf over WebSocket) or nats (NATS text protocol over WebSocket).
     #[arg(long, value_enum, default_value_t = TargetArg::Chatroom)]
     pub target: TargetArg,
-    /// WebSocket endpoint (for nats: the server's websocket listener, e.g. ws://127.0.0.1:8222).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/room")]
-    pub ws: String,
+    /// WebSocket endpoint (for nats: the server's websocket listener, e.g. ws://127.0.0.1:8222);
+    /// several, comma-separated (conn nodes of a cluster): session i and publisher j
+    /// connect to the (i mod n)-th and (j mod n)-th.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/room"
+    )]
+    pub ws: Vec<String>,
     /// chatroom HTTP API (POST /tk, POST /msg).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     pub http: String,
@@ -128,8 +134,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "30", value_parser = secs)]
     pub heartbeat: Duration,
     /// Server process id: its VmRSS before connecting and once idle gives memory per session.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Several, comma-separated (every process of a cluster): memory and CPU are added up.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Supporting process ids, comma-separated (etcd, NSQ): their CPU is reported on its own
+    /// (infra), not as the server's and not as other load.
+    #[arg(long, value_delimiter = ',')]
+    pub infra_pid: Vec<u32>,
     /// Worker processes (default: one per 9,000 sessions; at most 19,000 sessions per process).
     #[arg(long)]
     pub processes: Option<u32>,
@@ -161,7 +172,12 @@ impl RunArgs {
                 TargetArg::Chatroom => Target::Chatroom,
                 TargetArg::Nats => Target::Nats,
             },
-            ws_url: self.ws.clone(),
+            ws_urls: self
+                .ws
+                .iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
             http_url: self.http.clone(),
             sessions: self.sessions,
             rooms: self.rooms,
@@ -189,7 +205,8 @@ impl RunArgs {
             connect_timeout: self.connect_timeout,
             session_timeout: RunConfig::default().session_timeout,
             heartbeat: self.heartbeat,
-            server_pid: self.server_pid,
+            server_pids: self.server_pid.clone(),
+            infra_pids: self.infra_pid.clone(),
             processes: self
                 .processes
                 .unwrap_or_else(|| RunConfig::auto_processes(self.sessions)),
@@ -267,7 +284,9 @@ mod tests {
         assert_eq!(c.room_dist, RoomDist::Zipf { s: 1.0 });
         assert_eq!(c.publish, PublishVia::Http);
         assert_eq!(c.duration, Duration::from_secs(30));
-        assert_eq!(c.server_pid, Some(1234));
+        assert_eq!(c.server_pids, vec![1234]);
+        assert!(c.infra_pids.is_empty());
+        assert_eq!(c.ws_urls, vec!["ws://127.0.0.1:8080/room"]);
         assert_eq!(c.source_ips.len(), 19);
         assert!(matches!(c.tokens, TokenSource::Secret { .. }));
         assert_eq!(c.processes, 3);
@@ -277,7 +296,8 @@ mod tests {
     fn defaults_and_errors() {
         let c = parse(&["--sessions", "19000"]).unwrap();
         assert_eq!(c.processes, 3);
-        assert_eq!(c.ws_url, "ws://127.0.0.1:8080/room");
+        assert_eq!(c.ws_urls, vec!["ws://127.0.0.1:8080/room"]);
+        assert!(c.server_pids.is_empty());
         assert!(c.progress);
         assert!(
             parse(&["--sessions", "19500", "--processes", "1"])
@@ -289,5 +309,35 @@ mod tests {
         assert!(parse(&["--target", "nats", "--publish", "http"]).is_err());
         assert!(parse(&["--source-ips", "127.0.0.9-127.0.0.1"]).is_err());
         assert!(parse(&["--warmup", "0.5"]).is_ok());
+        assert!(parse(&["--ws", "http://127.0.0.1:8080/room"]).is_err());
+        assert!(parse(&["--ws", "ws://127.0.0.1:8080/room,tcp://x"]).is_err());
+        assert!(parse(&["--ws", ""]).is_err());
+        assert!(parse(&["--server-pid", "12,x"]).is_err());
+    }
+
+    #[test]
+    fn several_servers_and_pids() {
+        let c = parse(&[
+            "--ws",
+            "ws://127.0.0.1:18080/room,ws://127.0.0.1:18090/room",
+            "--server-pid",
+            "101,102,103",
+            "--server-pid",
+            "104",
+            "--infra-pid",
+            "7,8",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.ws_urls,
+            vec!["ws://127.0.0.1:18080/room", "ws://127.0.0.1:18090/room"]
+        );
+        assert_eq!(c.server_pids, vec![101, 102, 103, 104]);
+        assert_eq!(c.infra_pids, vec![7, 8]);
+        assert_eq!(c.ws_index_of_session(3), 1);
+        assert_eq!(c.ws_index_of_publisher(2), 0);
+        // Repeating --ws adds to the list, as a comma does.
+        let c = parse(&["--ws", "ws://a:1/room", "--ws", "ws://b:1/room"]).unwrap();
+        assert_eq!(c.ws_urls.len(), 2);
     }
 }

@@ -63,8 +63,10 @@ impl std::fmt::Debug for TokenSource {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
     pub target: Target,
-    /// `ws://host:port/room` (chatroom) or `ws://host:port` (NATS).
-    pub ws_url: String,
+    /// `ws://host:port/room` (chatroom) or `ws://host:port` (NATS), one or
+    /// more: session `i` connects to `ws_urls[i % n]`, publisher `j` to
+    /// `ws_urls[j % n]` (several conn nodes of one cluster).
+    pub ws_urls: Vec<String>,
     /// chatroom's HTTP API, `http://host:port`.
     pub http_url: String,
     /// Receiving sessions.
@@ -96,8 +98,12 @@ pub struct RunConfig {
     pub session_timeout: Duration,
     /// Client heartbeat period (spread over sessions).
     pub heartbeat: Duration,
-    /// The server process, for its memory (`/proc/<pid>/status`).
-    pub server_pid: Option<u32>,
+    /// The server's processes (one, or every process of a cluster), for
+    /// their memory (`/proc/<pid>/status`) and CPU time, added up.
+    pub server_pids: Vec<u32>,
+    /// Supporting processes (etcd, the NSQ broker): their CPU time is
+    /// reported on its own, neither as the server's nor as other load.
+    pub infra_pids: Vec<u32>,
     /// Worker processes; 1 runs every session in this process.
     pub processes: u32,
     /// Local addresses to connect from, round-robin; empty: the OS picks.
@@ -117,7 +123,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
             target: Target::Chatroom,
-            ws_url: "ws://127.0.0.1:8080/room".into(),
+            ws_urls: vec!["ws://127.0.0.1:8080/room".into()],
             http_url: "http://127.0.0.1:8081".into(),
             sessions: 1000,
             rooms: 1,
@@ -135,7 +141,8 @@ impl Default for RunConfig {
             connect_timeout: Duration::from_secs(180),
             session_timeout: Duration::from_secs(15),
             heartbeat: Duration::from_secs(30),
-            server_pid: None,
+            server_pids: Vec::new(),
+            infra_pids: Vec::new(),
             processes: 1,
             source_ips: Vec::new(),
             connect_concurrency: 256,
@@ -205,8 +212,11 @@ impl RunConfig {
                 self.sessions.div_ceil(MAX_SOCKETS_PER_PROCESS)
             ));
         }
-        if !self.ws_url.starts_with("ws://") {
-            return bad(format!("--ws must be a ws:// URL, not {}", self.ws_url));
+        if self.ws_urls.is_empty() {
+            return bad("--ws needs at least one URL".into());
+        }
+        if let Some(u) = self.ws_urls.iter().find(|u| !u.starts_with("ws://")) {
+            return bad(format!("--ws must be ws:// URLs, not {u}"));
         }
         if !self.http_url.starts_with("http://") {
             return bad(format!(
@@ -220,6 +230,18 @@ impl RunConfig {
     /// Processes to use when the user did not say: about 9,000 sessions each.
     pub fn auto_processes(sessions: u64) -> u32 {
         sessions.div_ceil(9_000).clamp(1, 64) as u32
+    }
+
+    /// The index in `ws_urls` of the server session `i` connects to:
+    /// round-robin, `i % n`.
+    pub fn ws_index_of_session(&self, i: u64) -> usize {
+        (i % self.ws_urls.len().max(1) as u64) as usize
+    }
+
+    /// The index in `ws_urls` of the server publisher `j` connects to:
+    /// round-robin, `j % n`, as for sessions.
+    pub fn ws_index_of_publisher(&self, j: u32) -> usize {
+        self.ws_index_of_session(u64::from(j))
     }
 
     /// Whether any message is published.
@@ -272,6 +294,22 @@ mod tests {
             .validate()
             .is_err()
         );
+        assert!(
+            RunConfig {
+                ws_urls: Vec::new(),
+                ..RunConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            RunConfig {
+                ws_urls: vec!["ws://a:1/room".into(), "http://b:1/room".into()],
+                ..RunConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
         assert_eq!(RunConfig::auto_processes(19_000), 3);
         assert_eq!(RunConfig::auto_processes(100), 1);
         assert!(
@@ -283,5 +321,33 @@ mod tests {
             )
             .contains("..")
         );
+    }
+
+    #[test]
+    fn servers_are_assigned_round_robin() {
+        let c = RunConfig {
+            ws_urls: vec![
+                "ws://a:1/room".into(),
+                "ws://b:1/room".into(),
+                "ws://c:1/room".into(),
+            ],
+            ..RunConfig::default()
+        };
+        let sessions: Vec<usize> = (0..7).map(|i| c.ws_index_of_session(i)).collect();
+        assert_eq!(sessions, vec![0, 1, 2, 0, 1, 2, 0]);
+        let pubs: Vec<usize> = (0..4).map(|j| c.ws_index_of_publisher(j)).collect();
+        assert_eq!(pubs, vec![0, 1, 2, 0]);
+        // Two servers, 10,000 sessions: an even split.
+        let two = RunConfig {
+            ws_urls: vec!["ws://a:1/room".into(), "ws://b:1/room".into()],
+            ..RunConfig::default()
+        };
+        let on_b = (0..10_000u64)
+            .filter(|&i| two.ws_index_of_session(i) == 1)
+            .count();
+        assert_eq!(on_b, 5_000);
+        // One server: everyone there.
+        let one = RunConfig::default();
+        assert!((0..100u64).all(|i| one.ws_index_of_session(i) == 0));
     }
 }

@@ -28,7 +28,7 @@ use crate::net;
 use crate::payload::now_ns;
 use crate::procfs;
 use crate::publish::{self, Params, PubStats, Schedule};
-use crate::report::{Report, si};
+use crate::report::{Report, ServerProcess, si};
 use crate::rooms::{RoomDist, RoomMap};
 use crate::stats::Snapshot;
 use crate::worker::{self, Command, Event, WorkerFinal, WorkerPlan};
@@ -312,58 +312,111 @@ impl Run {
     }
 }
 
-fn rss(pid: Option<u32>, notes: &mut Vec<String>) -> Option<u64> {
-    let pid = pid?;
-    match procfs::vm_rss_kib(pid) {
-        Ok(k) => Some(k),
-        Err(e) => {
-            notes.push(format!("server memory: /proc/{pid}/status: {e}"));
-            None
+/// `VmRSS` of each server process (`None` where it cannot be read, with a note).
+fn rss(pids: &[u32], notes: &mut Vec<String>) -> Vec<Option<u64>> {
+    pids.iter()
+        .map(|&pid| match procfs::vm_rss_kib(pid) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                notes.push(format!("server memory: /proc/{pid}/status: {e}"));
+                None
+            }
+        })
+        .collect()
+}
+
+/// The sum of per-process figures: `None` without processes or when one
+/// of them is missing (a partial sum would look like a real figure).
+fn sum_all<T: Copy + std::iter::Sum<T>>(v: &[Option<T>]) -> Option<T> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().copied().sum()
+}
+
+/// Server memory per signed-in session: (idle − before) of all server
+/// processes together, over the sessions signed in.
+fn bytes_per_session(before: Option<u64>, idle: Option<u64>, signed_in: u64) -> Option<f64> {
+    match (before, idle) {
+        (Some(b), Some(i)) if signed_in > 0 => {
+            Some((i.saturating_sub(b) as f64 * 1024.0) / signed_in as f64)
         }
+        _ => None,
     }
 }
 
-/// CPU time of the server and of the generator at one instant.
+/// CPU time of the server, the supporting processes and the generator at
+/// one instant.
 struct CpuMark {
     at: Instant,
-    server: Option<u64>,
+    /// Per server process.
+    server: Vec<Option<u64>>,
+    infra: u64,
     generator: u64,
     machine: Option<u64>,
 }
 
 /// Cores used between two marks.
 struct CpuUse {
+    /// All server processes together (`None` if one could not be read).
     server: Option<f64>,
+    /// Per server process, in `server_pids` order.
+    per_server: Vec<Option<f64>>,
+    /// The supporting processes (`None` when there are none).
+    infra: Option<f64>,
     generator: f64,
     /// Everything else on the machine (other users, builds).
     other: Option<f64>,
 }
 
+impl CpuUse {
+    fn none() -> Self {
+        CpuUse {
+            server: None,
+            per_server: Vec::new(),
+            infra: None,
+            generator: 0.0,
+            other: None,
+        }
+    }
+}
+
 impl CpuMark {
-    fn now(server: Option<u32>, generator: &[u32]) -> Self {
+    fn now(server: &[u32], infra: &[u32], generator: &[u32]) -> Self {
         CpuMark {
             at: Instant::now(),
-            server: server.and_then(|p| procfs::cpu_ticks(p).ok()),
+            server: server.iter().map(|&p| procfs::cpu_ticks(p).ok()).collect(),
+            infra: procfs::cpu_ticks_sum(infra),
             generator: procfs::cpu_ticks_sum(generator),
             machine: procfs::machine_busy_ticks().ok(),
         }
     }
 
     /// Cores used since `self`.
-    fn cores_until(&self, later: &CpuMark) -> CpuUse {
+    fn cores_until(&self, later: &CpuMark, with_infra: bool) -> CpuUse {
         let secs = (later.at - self.at).as_secs_f64().max(1e-3);
         let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / procfs::TICKS_PER_SEC / secs;
-        let server = match (self.server, later.server) {
-            (Some(a), Some(b)) => Some(cores(a, b)),
-            _ => None,
-        };
+        let per_server: Vec<Option<f64>> = self
+            .server
+            .iter()
+            .zip(&later.server)
+            .map(|(a, b)| match (a, b) {
+                (Some(a), Some(b)) => Some(cores(*a, *b)),
+                _ => None,
+            })
+            .collect();
+        let server = sum_all(&per_server);
+        let infra = with_infra.then(|| cores(self.infra, later.infra));
         let generator = cores(self.generator, later.generator);
+        let known: f64 = per_server.iter().flatten().sum::<f64>() + infra.unwrap_or(0.0);
         let other = match (self.machine, later.machine) {
-            (Some(a), Some(b)) => Some((cores(a, b) - generator - server.unwrap_or(0.0)).max(0.0)),
+            (Some(a), Some(b)) => Some((cores(a, b) - generator - known).max(0.0)),
             _ => None,
         };
         CpuUse {
             server,
+            per_server,
+            infra,
             generator,
             other,
         }
@@ -384,9 +437,9 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
         cfg.publishers,
         cfg.room_dist,
     )?);
-    let ep = net::resolve(&cfg.ws_url).await?;
+    let eps = net::resolve_all(&cfg.ws_urls).await?;
     let mut notes = Vec::new();
-    let rss_before = rss(cfg.server_pid, &mut notes);
+    let rss_before = rss(&cfg.server_pids, &mut notes);
 
     // Workers stop on their own a little after the parent would have given up.
     let workers = spawn_workers(
@@ -432,7 +485,7 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
     // Settle, then the server's idle memory.
     let settle_end = Instant::now() + run.cfg.settle;
     run.pump("settle", settle_end, None, |_| false).await?;
-    let rss_idle = rss(run.cfg.server_pid, &mut notes);
+    let rss_idle = rss(&run.cfg.server_pids, &mut notes);
     let client_rss_kib = run.tally.total().rss_kib;
 
     // Publish (or just hold the sessions for the duration).
@@ -440,16 +493,15 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
     let mut publishers_connected = 0u32;
     let mut publish_secs = 0.0;
     let pids = run.workers.pids();
-    let mut cpu = CpuUse {
-        server: None,
-        generator: 0.0,
-        other: None,
-    };
+    let mark_now = |cfg: &RunConfig| CpuMark::now(&cfg.server_pids, &cfg.infra_pids, &pids);
+    let with_infra = !run.cfg.infra_pids.is_empty();
+    let mut cpu = CpuUse::none();
     if run.cfg.publishing() {
         let tokens = TokenMaker::new(&run.cfg.tokens, &run.cfg.http_url);
         let mut connecting = JoinSet::new();
         for j in 0..run.cfg.publishers {
-            let (cfg, map, ep, tokens) = (run.cfg.clone(), map.clone(), ep.clone(), tokens.clone());
+            let ep = eps[run.cfg.ws_index_of_publisher(j)].clone();
+            let (cfg, map, tokens) = (run.cfg.clone(), map.clone(), tokens.clone());
             let limit = cfg.session_timeout;
             connecting.spawn(async move {
                 match tokio::time::timeout(limit, publish::connect(&cfg, &map, &ep, &tokens, j))
@@ -504,9 +556,9 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
             publishing.spawn(publish::run(p, sched, params, pubs.clone(), close.clone()));
         }
         run.pump("warmup", from, Some(&pubs), |_| false).await?;
-        let mark = CpuMark::now(run.cfg.server_pid, &pids);
+        let mark = mark_now(&run.cfg);
         run.pump("measure", end, Some(&pubs), |_| false).await?;
-        cpu = mark.cores_until(&CpuMark::now(run.cfg.server_pid, &pids));
+        cpu = mark.cores_until(&mark_now(&run.cfg), with_infra);
         publish_secs = (end - t0).as_secs_f64();
 
         // Drain: until every expected delivery arrived (when that is known
@@ -554,9 +606,9 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
         publishing.abort_all();
     } else if !run.cfg.duration.is_zero() {
         let end = Instant::now() + run.cfg.duration;
-        let mark = CpuMark::now(run.cfg.server_pid, &pids);
+        let mark = mark_now(&run.cfg);
         run.pump("idle", end, None, |_| false).await?;
-        cpu = mark.cores_until(&CpuMark::now(run.cfg.server_pid, &pids));
+        cpu = mark.cores_until(&mark_now(&run.cfg), with_infra);
     }
     if let Some(o) = cpu.other
         && o > OTHER_CPU_WARN
@@ -565,7 +617,7 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
             "other processes used {o:.2} cores during the measurement: the machine was not quiet, figures are not clean"
         ));
     }
-    let rss_end = rss(run.cfg.server_pid, &mut notes);
+    let rss_end = rss(&run.cfg.server_pids, &mut notes);
 
     // Collect.
     run.workers.tell(Command::Finish).await;
@@ -605,12 +657,32 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
     let cfg = &run.cfg;
     let sent = pubs.total_sent();
     let largest_room = map.room_sizes().into_iter().max().unwrap_or(0);
-    let per_session = match (rss_before, rss_idle) {
-        (Some(b), Some(i)) if connected.signed_in > 0 => {
-            Some((i.saturating_sub(b) as f64 * 1024.0) / connected.signed_in as f64)
-        }
-        _ => None,
-    };
+    let per_session = bytes_per_session(
+        sum_all(&rss_before),
+        sum_all(&rss_idle),
+        connected.signed_in,
+    );
+    let server_processes = cfg
+        .server_pids
+        .iter()
+        .enumerate()
+        .map(|(k, &pid)| {
+            let (before, idle) = (rss_before[k], rss_idle[k]);
+            ServerProcess {
+                pid,
+                rss_before_kib: before,
+                rss_idle_kib: idle,
+                rss_end_kib: rss_end[k],
+                bytes_per_session: match (before, idle) {
+                    (Some(b), Some(i)) if connected.signed_in > 0 => {
+                        Some((i as f64 - b as f64) * 1024.0 / connected.signed_in as f64)
+                    }
+                    _ => None,
+                },
+                cpu_cores: cpu.per_server.get(k).copied().flatten(),
+            }
+        })
+        .collect();
     Ok(Report {
         target: match cfg.target {
             Target::Chatroom => "chatroom".into(),
@@ -631,13 +703,17 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
         disconnected: total.disconnected,
         connect_secs,
         connect_rate: connected.signed_in as f64 / connect_secs.max(1e-3),
-        server_rss_before_kib: rss_before,
-        server_rss_idle_kib: rss_idle,
-        server_rss_end_kib: rss_end,
+        ws_urls: cfg.ws_urls.clone(),
+        server_pids: cfg.server_pids.clone(),
+        server_rss_before_kib: sum_all(&rss_before),
+        server_rss_idle_kib: sum_all(&rss_idle),
+        server_rss_end_kib: sum_all(&rss_end),
         server_bytes_per_session: per_session,
+        server_processes,
         client_rss_kib,
         server_cpu_cores: cpu.server,
         generator_cpu_cores: cpu.generator,
+        infra_cpu_cores: cpu.infra,
         other_cpu_cores: cpu.other,
         publishers: cfg.publishers,
         publishers_connected,
@@ -679,6 +755,53 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_figures_add_up_over_processes() {
+        assert_eq!(sum_all::<u64>(&[]), None);
+        assert_eq!(sum_all(&[Some(100u64), Some(50)]), Some(150));
+        assert_eq!(sum_all(&[Some(100u64), None]), None);
+        // Two conn nodes grew by 5,000 and 4,000 KiB, logic shrank by 1,000:
+        // 8,000 KiB over 1,000 sessions.
+        let before = sum_all(&[Some(10_000u64), Some(10_000), Some(20_000)]);
+        let idle = sum_all(&[Some(15_000u64), Some(14_000), Some(19_000)]);
+        assert_eq!(bytes_per_session(before, idle, 1_000), Some(8_192.0));
+        assert_eq!(bytes_per_session(before, idle, 0), None);
+        assert_eq!(bytes_per_session(None, idle, 10), None);
+    }
+
+    #[test]
+    fn cpu_of_several_server_processes() {
+        let t0 = Instant::now();
+        let a = CpuMark {
+            at: t0,
+            server: vec![Some(100), Some(200)],
+            infra: 10,
+            generator: 0,
+            machine: Some(1_000),
+        };
+        let b = CpuMark {
+            at: t0 + Duration::from_secs(1),
+            server: vec![Some(150), Some(220)],
+            infra: 15,
+            generator: 40,
+            machine: Some(1_130),
+        };
+        let u = a.cores_until(&b, true);
+        let close = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(close(u.server.unwrap(), 0.7), "{:?}", u.server);
+        assert!(close(u.per_server[1].unwrap(), 0.2));
+        assert!(close(u.infra.unwrap(), 0.05));
+        assert!(close(u.generator, 0.4));
+        // 1.3 busy - 0.7 server - 0.05 infra - 0.4 generator.
+        assert!(close(u.other.unwrap(), 0.15), "{:?}", u.other);
+        assert!(a.cores_until(&b, false).infra.is_none());
+        let gone = CpuMark {
+            server: vec![Some(150), None],
+            ..b
+        };
+        assert!(a.cores_until(&gone, true).server.is_none());
+    }
 
     #[test]
     fn tally_tracks_readiness_and_failures() {

@@ -78,6 +78,18 @@ pub async fn resolve(url: &str) -> Result<Endpoint, BenchError> {
     })
 }
 
+/// Resolves every URL of a list, in order.
+pub async fn resolve_all(urls: &[String]) -> Result<Vec<Endpoint>, BenchError> {
+    let mut eps = Vec::with_capacity(urls.len());
+    for u in urls {
+        eps.push(resolve(u).await?);
+    }
+    if eps.is_empty() {
+        return Err(BenchError::config("no server URL"));
+    }
+    Ok(eps)
+}
+
 /// Connects to `addr`, from `source` if given (port chosen by the OS).
 pub async fn connect_tcp(
     addr: SocketAddr,
@@ -144,6 +156,14 @@ mod tests {
         assert_eq!(ep.addr, "127.0.0.1:9".parse().unwrap());
         assert_eq!(resolve("http://127.0.0.1").await.unwrap().addr.port(), 80);
         assert!(resolve("not a url").await.is_err());
+        let two = resolve_all(&[
+            "ws://127.0.0.1:9/room".into(),
+            "ws://127.0.0.1:10/room".into(),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(two[1].addr.port(), 10);
+        assert!(resolve_all(&[]).await.is_err());
 
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -8,7 +8,26 @@ use serde::{Deserialize, Serialize};
 use crate::latency::LatencySummary;
 use crate::loss::LossSummary;
 
-/// Everything a run measured.
+/// One server process's own figures (a cluster has several).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerProcess {
+    pub pid: u32,
+    pub rss_before_kib: Option<u64>,
+    pub rss_idle_kib: Option<u64>,
+    pub rss_end_kib: Option<u64>,
+    /// (idle − before) / signed-in sessions; may be negative for a process
+    /// that gave memory back.
+    pub bytes_per_session: Option<f64>,
+    /// Cores used during the measurement (or the idle hold).
+    pub cpu_cores: Option<f64>,
+}
+
+/// Everything a run measured. Server figures are over every process given
+/// with `--server-pid` (one, or all the processes of a cluster), added up;
+/// `server_processes` has them one by one.
+///
+/// Fields added after the first version carry `#[serde(default)]` so that
+/// older JSON lines still read.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
     pub target: String,
@@ -27,15 +46,29 @@ pub struct Report {
     /// Sessions signed in per second during the connect phase.
     pub connect_rate: f64,
 
+    /// The WebSocket endpoints sessions were spread over.
+    #[serde(default)]
+    pub ws_urls: Vec<String>,
+    /// The server processes measured.
+    #[serde(default)]
+    pub server_pids: Vec<u32>,
+    /// Sums over the server processes (`None` if one could not be read).
     pub server_rss_before_kib: Option<u64>,
     pub server_rss_idle_kib: Option<u64>,
     pub server_rss_end_kib: Option<u64>,
-    /// (idle - before) / signed-in sessions.
+    /// (idle - before) / signed-in sessions, all server processes together.
     pub server_bytes_per_session: Option<f64>,
+    /// Each server process on its own, in `server_pids` order.
+    #[serde(default)]
+    pub server_processes: Vec<ServerProcess>,
     /// The generator's own memory (all workers) when idle.
     pub client_rss_kib: u64,
-    /// Cores the server used during the measurement (or the idle hold).
+    /// Cores the server used during the measurement (or the idle hold),
+    /// all server processes together.
     pub server_cpu_cores: Option<f64>,
+    /// Cores the supporting processes (`--infra-pid`: etcd, NSQ) used.
+    #[serde(default)]
+    pub infra_cpu_cores: Option<f64>,
     /// Cores the generator (all its processes) used over the same time.
     pub generator_cpu_cores: f64,
     /// Cores everything else on the machine used over the same time.
@@ -131,10 +164,15 @@ impl Report {
             (
                 "server RSS",
                 format!(
-                    "before {}, idle {}, end {}",
+                    "before {}, idle {}, end {}{}",
                     kib(self.server_rss_before_kib),
                     kib(self.server_rss_idle_kib),
-                    kib(self.server_rss_end_kib)
+                    kib(self.server_rss_end_kib),
+                    if self.server_pids.len() > 1 {
+                        format!(" ({} processes together)", self.server_pids.len())
+                    } else {
+                        String::new()
+                    }
                 ),
             ),
             (
@@ -148,13 +186,34 @@ impl Report {
                     None => "- (no --server-pid)".into(),
                 },
             ),
+        ];
+        if self.server_processes.len() > 1 {
+            for p in &self.server_processes {
+                rows.push((
+                    "server process",
+                    format!(
+                        "pid {}: before {}, idle {}, end {}, {} KiB/session, {} cores",
+                        p.pid,
+                        kib(p.rss_before_kib),
+                        kib(p.rss_idle_kib),
+                        kib(p.rss_end_kib),
+                        p.bytes_per_session
+                            .map_or("-".into(), |b| format!("{:.2}", b / 1024.0)),
+                        p.cpu_cores.map_or("-".into(), |c| format!("{c:.2}")),
+                    ),
+                ));
+            }
+        }
+        rows.extend([
             ("generator RSS", kib(Some(self.client_rss_kib))),
             (
                 "CPU (cores)",
                 format!(
-                    "server {}, generator {:.2}, other {} ({})",
+                    "server {}, {}generator {:.2}, other {} ({})",
                     self.server_cpu_cores
                         .map_or("-".into(), |c| format!("{c:.2}")),
+                    self.infra_cpu_cores
+                        .map_or(String::new(), |c| format!("infra {c:.2}, ")),
                     self.generator_cpu_cores,
                     self.other_cpu_cores
                         .map_or("-".into(), |c| format!("{c:.2}")),
@@ -165,7 +224,7 @@ impl Report {
                     }
                 ),
             ),
-        ];
+        ]);
         if self.publishers > 0 {
             rows.extend([
                 (
@@ -268,6 +327,52 @@ mod tests {
         assert!(t.contains("p99 1.50 ms"), "{t}");
         assert!(t.contains("10.00 KiB (104858 sessions per GiB)"), "{t}");
         assert!(t.contains("note  hello"), "{t}");
+        assert!(!t.contains("server process"), "{t}");
+        assert!(!t.contains("infra"), "{t}");
+        let cluster = Report {
+            server_pids: vec![11, 12],
+            server_rss_idle_kib: Some(3072),
+            server_processes: vec![
+                ServerProcess {
+                    pid: 11,
+                    rss_idle_kib: Some(2048),
+                    bytes_per_session: Some(5120.0),
+                    cpu_cores: Some(0.5),
+                    ..ServerProcess::default()
+                },
+                ServerProcess {
+                    pid: 12,
+                    rss_idle_kib: Some(1024),
+                    ..ServerProcess::default()
+                },
+            ],
+            infra_cpu_cores: Some(0.02),
+            ..r.clone()
+        };
+        let t = cluster.table();
+        assert!(
+            t.contains("idle 3.0 MiB, end - (2 processes together)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("pid 11: before -, idle 2.0 MiB, end -, 5.00 KiB/session, 0.50 cores"),
+            "{t}"
+        );
+        assert!(t.contains("infra 0.02, generator"), "{t}");
+        let back: Report = serde_json::from_str(&cluster.json()).unwrap();
+        assert_eq!(back.server_processes[0].pid, 11);
+        // A line written before the cluster fields existed still reads.
+        let mut old: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
+        for k in [
+            "ws_urls",
+            "server_pids",
+            "server_processes",
+            "infra_cpu_cores",
+        ] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let back: Report = serde_json::from_value(old).unwrap();
+        assert!(back.server_processes.is_empty() && back.infra_cpu_cores.is_none());
         let j = r.json();
         assert!(!j.contains('\n'));
         let back: Report = serde_json::from_str(&j).unwrap();

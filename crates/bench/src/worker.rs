@@ -95,7 +95,8 @@ struct Outcome {
 
 struct Shared {
     cfg: RunConfig,
-    ep: Endpoint,
+    /// One per `cfg.ws_urls`, same order.
+    eps: Vec<Endpoint>,
     tokens: TokenMaker,
     ctx: SessionCtx,
     gate: Semaphore,
@@ -125,8 +126,8 @@ pub async fn run(
         Ok(m) => Arc::new(m),
         Err(e) => return send(fail(e)).await,
     };
-    let ep = match net::resolve(&cfg.ws_url).await {
-        Ok(ep) => ep,
+    let eps = match net::resolve_all(&cfg.ws_urls).await {
+        Ok(eps) => eps,
         Err(e) => return send(fail(e)).await,
     };
     let indices: Vec<u64> = plan.sessions().collect();
@@ -137,7 +138,7 @@ pub async fn run(
         .store(indices.len() as u64, Ordering::Relaxed);
     let shared = Arc::new(Shared {
         tokens: TokenMaker::new(&cfg.tokens, &cfg.http_url),
-        ep,
+        eps,
         ctx: SessionCtx {
             recorder: recorder.clone(),
             map: map.clone(),
@@ -245,7 +246,8 @@ async fn open(shared: &Shared, i: u64, room: &str) -> Result<Conn, (Stage, Bench
         Target::Nats => None,
     };
     let source = net::source_for(&cfg.source_ips, i);
-    let mut ws = tokio::time::timeout(limit, net::open_ws(&shared.ep, source))
+    let ep = &shared.eps[cfg.ws_index_of_session(i)];
+    let mut ws = tokio::time::timeout(limit, net::open_ws(ep, source))
         .await
         .map_err(|_| timed("connect"))?
         .map_err(|e| (Stage::Connect, e))?;
@@ -425,11 +427,18 @@ mod tests {
         let plan = WorkerPlan {
             index: 1,
             workers: 2,
-            cfg: RunConfig::default(),
+            cfg: RunConfig {
+                ws_urls: vec![
+                    "ws://127.0.0.1:1/room".into(),
+                    "ws://127.0.0.1:2/room".into(),
+                ],
+                server_pids: vec![3, 4],
+                ..RunConfig::default()
+            },
             deadline_unix_ms: 1_700_000_000_000,
         };
         let back: WorkerPlan =
             serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
-        assert_eq!(back.cfg.ws_url, plan.cfg.ws_url);
+        assert_eq!(back.cfg.ws_urls, plan.cfg.ws_urls);
     }
 }

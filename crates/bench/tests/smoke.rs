@@ -64,7 +64,7 @@ async fn start_server() -> Server {
 impl Server {
     fn config(&self) -> RunConfig {
         RunConfig {
-            ws_url: format!("ws://{}/room", self.ws),
+            ws_urls: vec![format!("ws://{}/room", self.ws)],
             http_url: format!("http://{}", self.http),
             processes: 1,
             warmup: Duration::from_millis(500),
@@ -73,7 +73,7 @@ impl Server {
             drain: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(20),
             // The server runs in this process: its memory is ours.
-            server_pid: Some(std::process::id()),
+            server_pids: vec![std::process::id()],
             progress: true,
             ..RunConfig::default()
         }
@@ -186,7 +186,7 @@ async fn worker_processes_over_pipes() {
 async fn unreachable_server_fails_fast_and_cleanly() {
     // Nothing listens on port 9 of 127.0.0.1: every session fails to connect.
     let cfg = RunConfig {
-        ws_url: "ws://127.0.0.1:9/room".into(),
+        ws_urls: vec!["ws://127.0.0.1:9/room".into()],
         http_url: "http://127.0.0.1:9".into(),
         sessions: 20,
         publishers: 0,
@@ -202,6 +202,32 @@ async fn unreachable_server_fails_fast_and_cleanly() {
         .expect("bounded")
         .expect("a report, not an error");
     assert_eq!((r.signed_in, r.connect_failed), (0, 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_spread_over_several_urls() {
+    // Every other session (and with two workers: all of worker 1's) goes to
+    // the second URL, where nothing listens: half sign in, half fail.
+    let server = start_server().await;
+    let mut cfg = RunConfig {
+        sessions: 40,
+        publishers: 0,
+        duration: Duration::ZERO,
+        processes: 2,
+        worker_exe: Some(env!("CARGO_BIN_EXE_chatroom-bench").into()),
+        tokens: TokenSource::Secret {
+            secret: server.secret.clone(),
+        },
+        ..server.config()
+    };
+    cfg.ws_urls.push("ws://127.0.0.1:9/room".into());
+    let r = chatroom_bench::run(cfg).await.expect("run");
+    eprintln!("{}", r.table());
+    assert_eq!((r.signed_in, r.connect_failed), (20, 20));
+    assert_eq!(r.ws_urls.len(), 2);
+    assert_eq!(r.server_pids, vec![std::process::id()]);
+    assert_eq!(r.server_processes.len(), 1);
+    server.stop().await;
 }
 
 /// nats-server over WebSocket, when it is installed (`apt-get install nats-server`).
@@ -253,7 +279,7 @@ async fn nats_target_when_installed() {
     }
     let cfg = RunConfig {
         target: chatroom_bench::Target::Nats,
-        ws_url: format!("ws://127.0.0.1:{ws_port}"),
+        ws_urls: vec![format!("ws://127.0.0.1:{ws_port}")],
         sessions: 200,
         rooms: 2,
         publishers: 2,
@@ -262,7 +288,7 @@ async fn nats_target_when_installed() {
         warmup: Duration::from_millis(500),
         duration: Duration::from_secs(2),
         settle: Duration::from_millis(300),
-        server_pid: nats.id(),
+        server_pids: nats.id().into_iter().collect(),
         ..RunConfig::default()
     };
     let r = chatroom_bench::run(cfg).await.expect("run");
