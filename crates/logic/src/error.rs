@@ -78,6 +78,10 @@ pub mod http_code {
     pub const ERROR: i32 = 0;
     pub const OK: i32 = 1;
     pub const LOGIN_NEEDED: i32 = 1001;
+    /// No such route (an error under either convention).
+    pub const NO_ROUTE: i32 = 404;
+    /// The route exists, not with this method.
+    pub const NO_METHOD: i32 = 405;
 }
 
 /// Why one request failed. `Display` is what the client is told.
@@ -240,9 +244,14 @@ impl ApiError {
     }
 
     /// The HTTP API's `code`: 1001 when a (valid) token is needed, else 0.
+    /// Unknown routes and methods answer 404 and 405, which no client can
+    /// take for success whichever convention it follows (`/msg`'s ok is 1,
+    /// the IM routes' ok is 0).
     pub fn http_code(&self) -> i32 {
         match self {
             ApiError::LoginNeeded(_) => http_code::LOGIN_NEEDED,
+            ApiError::NotFound => http_code::NO_ROUTE,
+            ApiError::MethodNotAllowed => http_code::NO_METHOD,
             _ => http_code::ERROR,
         }
     }

@@ -299,10 +299,10 @@ async fn unknown_routes_and_methods_answer_json() {
     let (status, reply) = node.post("/nope", &[JSON], "{}").await;
     assert_eq!(
         (status, reply["code"].as_i64()),
-        (StatusCode::NOT_FOUND, Some(0))
+        (StatusCode::NOT_FOUND, Some(404))
     );
     let (status, reply) = node.request("GET", "/msg", &[], Bytes::new()).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(reply, json!({"code": 0, "msg": "method not allowed"}));
+    assert_eq!(reply, json!({"code": 405, "msg": "method not allowed"}));
     node.stop().await;
 }
