@@ -161,6 +161,21 @@ impl Schedule {
         self.start + self.interval.mul_f64(k as f64)
     }
 
+    /// Messages to send now, `slots` having been used so far: the ones due,
+    /// at most [`Schedule::burst_cap`]; the rest are skipped (counted, and
+    /// their slots used up) so that a publisher that fell behind does not
+    /// burst.
+    pub fn owed(&self, now: Instant, slots: &mut u64, skipped: &AtomicU64) -> u64 {
+        let owed = self.due(now).saturating_sub(*slots);
+        let cap = self.burst_cap();
+        if owed <= cap {
+            return owed;
+        }
+        skipped.fetch_add(owed - cap, Ordering::Relaxed);
+        *slots += owed - cap;
+        cap
+    }
+
     /// Most messages sent at once after falling behind.
     pub fn burst_cap(&self) -> u64 {
         ((MAX_CATCH_UP.as_secs_f64() / self.interval.as_secs_f64() + 1e-9) as u64).max(1)
@@ -199,20 +214,13 @@ pub async fn run(
     let errors = &stats.errors[id as usize];
     let mut slots = 0u64;
     let mut seq = 0u64;
-    let cap = sched.burst_cap();
     match p.link {
         Link::Http { api, token } => {
             let gate = Arc::new(Semaphore::new(params.http_inflight as usize));
             let room: Arc<str> = p.room.into();
             let token: Arc<str> = token.into();
             while Instant::now() < sched.end {
-                let due = sched.due(Instant::now());
-                let mut owed = due.saturating_sub(slots);
-                if owed > cap {
-                    stats.skipped.fetch_add(owed - cap, Ordering::Relaxed);
-                    slots += owed - cap;
-                    owed = cap;
-                }
+                let owed = sched.owed(Instant::now(), &mut slots, &stats.skipped);
                 for _ in 0..owed {
                     let Ok(permit) = gate.clone().acquire_owned().await else {
                         return;
@@ -244,13 +252,7 @@ pub async fn run(
         Link::Chat(mut ws) => {
             let mut open = true;
             while open && Instant::now() < sched.end {
-                let due = sched.due(Instant::now());
-                let mut owed = due.saturating_sub(slots);
-                if owed > cap {
-                    stats.skipped.fetch_add(owed - cap, Ordering::Relaxed);
-                    slots += owed - cap;
-                    owed = cap;
-                }
+                let owed = sched.owed(Instant::now(), &mut slots, &stats.skipped);
                 for _ in 0..owed {
                     let frame = session::message_frame(params.level, make(seq));
                     if ws.feed(frame).await.is_err() {
@@ -283,13 +285,7 @@ pub async fn run(
             let subject = p.room;
             let mut open = true;
             while open && Instant::now() < sched.end {
-                let due = sched.due(Instant::now());
-                let mut owed = due.saturating_sub(slots);
-                if owed > cap {
-                    stats.skipped.fetch_add(owed - cap, Ordering::Relaxed);
-                    slots += owed - cap;
-                    owed = cap;
-                }
+                let owed = sched.owed(Instant::now(), &mut slots, &stats.skipped);
                 for _ in 0..owed {
                     if ws
                         .feed(nats::pub_frame(&subject, &make(seq)))
@@ -398,6 +394,20 @@ mod tests {
         assert_eq!(fast.burst_cap(), 5000);
         let slow = Schedule::for_publisher(t0, end, 1.0, 0, 1);
         assert_eq!(slow.burst_cap(), 1);
+    }
+
+    #[test]
+    fn a_publisher_behind_sends_at_most_the_cap_and_skips_the_rest() {
+        let t0 = Instant::now();
+        let s = Schedule::for_publisher(t0, t0 + Duration::from_secs(10), 1000.0, 0, 4);
+        let skipped = AtomicU64::new(0);
+        let mut slots = 0;
+        assert_eq!(s.owed(t0, &mut slots, &skipped), 1);
+        slots += 1;
+        // 100 ms late: 25 due, 12 sent, 13 skipped and their slots used.
+        let late = t0 + Duration::from_millis(100);
+        assert_eq!(s.owed(late, &mut slots, &skipped), 12);
+        assert_eq!((slots, skipped.load(Ordering::Relaxed)), (14, 13));
     }
 
     #[test]

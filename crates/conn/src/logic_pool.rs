@@ -150,7 +150,8 @@ impl LogicPool {
         .await
     }
 
-    pub async fn receive_many(&self, req: ReceiveManyReq) -> Result<ReceiveManyReply, Status> {
+    /// Borrows the request: the caller keeps it for a fallback.
+    pub async fn receive_many(&self, req: &ReceiveManyReq) -> Result<ReceiveManyReply, Status> {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.receive_many(req).await }

@@ -104,45 +104,54 @@ async fn run(
 }
 
 async fn send(logic: &LogicPool, bundle: Vec<Pending>, single_only: &AtomicBool) {
-    if bundle.len() == 1 || single_only.load(Ordering::Relaxed) {
-        return send_each(logic, bundle).await;
+    let (msgs, answers): (Vec<_>, Vec<_>) = bundle.into_iter().map(|p| (p.req, p.answer)).unzip();
+    if msgs.len() == 1 || single_only.load(Ordering::Relaxed) {
+        return send_each(logic, msgs, answers).await;
     }
-    let req = ReceiveManyReq {
-        msgs: bundle.iter().map(|p| p.req.clone()).collect(),
-    };
-    match logic.receive_many(req).await {
-        Ok(reply) if reply.replies.len() == bundle.len() => {
-            for (p, r) in bundle.into_iter().zip(reply.replies) {
-                let _ = p.answer.send(Ok(r));
+    // Kept here, not moved into the call: a logic node without ReceiveMany
+    // gets the same messages one by one.
+    let req = ReceiveManyReq { msgs };
+    match logic.receive_many(&req).await {
+        Ok(reply) if reply.replies.len() == answers.len() => {
+            for (answer, r) in answers.into_iter().zip(reply.replies) {
+                let _ = answer.send(Ok(r));
             }
         }
         Ok(reply) => {
             warn!(
-                sent = bundle.len(),
+                sent = answers.len(),
                 answers = reply.replies.len(),
                 "logic answered a different number of messages"
             );
             let err = Status::internal("logic gave no answer for this message");
-            for p in bundle {
-                let _ = p.answer.send(Err(err.clone()));
+            for answer in answers {
+                let _ = answer.send(Err(err.clone()));
             }
         }
         Err(e) if e.code() == Code::Unimplemented => {
             warn!("logic does not take ReceiveMany; one call per message from now on");
             single_only.store(true, Ordering::Relaxed);
-            send_each(logic, bundle).await;
+            send_each(logic, req.msgs, answers).await;
         }
         Err(e) => {
-            for p in bundle {
-                let _ = p.answer.send(Err(e.clone()));
+            for answer in answers {
+                let _ = answer.send(Err(e.clone()));
             }
         }
     }
 }
 
-async fn send_each(logic: &LogicPool, bundle: Vec<Pending>) {
-    futures_util::future::join_all(bundle.into_iter().map(|p| async move {
-        let _ = p.answer.send(logic.receive(p.req).await);
-    }))
+async fn send_each(
+    logic: &LogicPool,
+    msgs: Vec<ReceiveReq>,
+    answers: Vec<oneshot::Sender<Answer>>,
+) {
+    futures_util::future::join_all(
+        msgs.into_iter()
+            .zip(answers)
+            .map(|(req, answer)| async move {
+                let _ = answer.send(logic.receive(req).await);
+            }),
+    )
     .await;
 }
