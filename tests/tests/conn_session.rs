@@ -33,6 +33,8 @@ struct FakeLogic {
     gate: Arc<tokio::sync::Notify>,
     /// Messages in calls that are waiting at the gate.
     held: Arc<AtomicUsize>,
+    /// Answer `ReceiveMany` as an older logic would: unimplemented.
+    no_bundles: Arc<AtomicBool>,
     signed_out: Arc<Mutex<Vec<String>>>,
     chats: Arc<Mutex<Vec<ChatReq>>>,
     pending_acked: Arc<Mutex<Vec<(String, i64)>>>,
@@ -124,6 +126,9 @@ impl Logic for FakeLogic {
         &self,
         r: Request<ReceiveManyReq>,
     ) -> Result<Response<ReceiveManyReply>, Status> {
+        if self.no_bundles.load(Ordering::SeqCst) {
+            return Err(Status::unimplemented("ReceiveMany"));
+        }
         let msgs = r.into_inner().msgs;
         let n = msgs.len();
         self.hold(n).await;
@@ -785,8 +790,25 @@ mod im {
 
 #[tokio::test]
 async fn client_messages_that_gather_while_logic_is_busy_go_in_one_call() {
+    let (bundles, n) = gather_forty_messages(false).await;
+    assert!(bundles.iter().any(|&b| b > 1), "bundles: {bundles:?}");
+    n.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_logic_without_receive_many_gets_each_message_on_its_own() {
+    let (bundles, n) = gather_forty_messages(true).await;
+    assert!(bundles.is_empty(), "bundles: {bundles:?}");
+    n.stop.cancel();
+}
+
+/// Forty sessions each send a message while logic holds the first eight;
+/// returns the sizes of the `ReceiveMany` calls logic answered, once every
+/// message reached logic exactly once.
+async fn gather_forty_messages(no_bundles: bool) -> (Vec<usize>, Node) {
     let n = start(&[]).await;
     let logic = n.logic.clone();
+    logic.no_bundles.store(no_bundles, Ordering::SeqCst);
     logic.gated.store(true, Ordering::SeqCst);
     let mut clients = vec![];
     for i in 0..40 {
@@ -820,7 +842,6 @@ async fn client_messages_that_gather_while_logic_is_busy_go_in_one_call() {
     .await
     .unwrap();
     let bundles = logic.bundles.lock().unwrap().clone();
-    assert!(bundles.iter().any(|&b| b > 1), "bundles: {bundles:?}");
     let mut uids: Vec<String> = logic
         .received
         .lock()
@@ -831,7 +852,7 @@ async fn client_messages_that_gather_while_logic_is_busy_go_in_one_call() {
     uids.sort();
     uids.dedup();
     assert_eq!(uids.len(), 40, "each message once, with its session's uid");
-    n.stop.cancel();
+    (bundles, n)
 }
 
 #[tokio::test]
