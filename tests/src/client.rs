@@ -58,6 +58,7 @@ impl Client {
         let s = SignIn {
             token: token.into(),
             room_id: room.into(),
+            ..Default::default()
         };
         self.send_req(PackageType::SignIn, s.encode_to_vec())
             .await?;
@@ -84,6 +85,7 @@ impl Client {
             room_id: room.into(),
             msg_lv: level as i32,
             data: Bytes::copy_from_slice(data),
+            ..Default::default()
         };
         self.send_req(PackageType::Message, m.encode_to_vec()).await
     }

@@ -202,6 +202,12 @@ impl Logic for FakeLogic {
         self.undelivered.lock().unwrap().push(r.into_inner());
         Ok(Response::new(UndeliveredReply { stored: 1 }))
     }
+    async fn room_history(
+        &self,
+        _: Request<chatroom_common::proto::logic::RoomHistoryReq>,
+    ) -> Result<Response<chatroom_common::proto::logic::RoomHistoryReply>, Status> {
+        Ok(Response::new(Default::default()))
+    }
     async fn report_online(
         &self,
         r: Request<ReportOnlineReq>,
@@ -271,6 +277,7 @@ async fn push(grpc: SocketAddr, room: &str, level: MsgLevel, msgs: &[&[u8]]) -> 
             level: level as i32,
             batch: chatroom_common::batch::encode(msgs.iter().copied()),
             kind: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -633,6 +640,7 @@ mod im {
             level: MsgLevel::Important as i32,
             batch,
             kind: PushKind::Chat as i32,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -677,6 +685,7 @@ mod im {
                 level: MsgLevel::Important as i32,
                 batch,
                 kind: PushKind::Chat as i32,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -865,6 +874,7 @@ async fn push_rooms_pushes_several_rooms_in_order_or_nothing() {
         level: MsgLevel::Normal as i32,
         batch: chatroom_common::batch::encode(msgs.iter().copied()),
         kind: 0,
+        ..Default::default()
     };
     let mut c = ConnClient::connect(format!("http://{}", n.grpc))
         .await

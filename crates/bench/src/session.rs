@@ -37,6 +37,7 @@ pub fn sign_in_frame(token: &str, room: &str) -> Message {
     let s = SignIn {
         token: token.to_string(),
         room_id: room.to_string(),
+        ..Default::default()
     };
     req_frame(PackageType::SignIn, s.encode_to_vec())
 }
@@ -54,6 +55,7 @@ pub fn message_frame(level: Level, payload: Bytes) -> Message {
             Level::Important => MsgLevel::Important as i32,
         },
         data: payload,
+        ..Default::default()
     };
     req_frame(PackageType::Message, m.encode_to_vec())
 }
@@ -244,6 +246,7 @@ mod tests {
             room_id: "bench-0".into(),
             msg_lv: MsgLevel::Normal as i32,
             data: merged.clone(),
+            ..Default::default()
         };
         let frame = reply(PackageType::Message, push.encode_to_vec());
         let Inbound::Batch(data) = parse_frame(frame).unwrap() else {

@@ -47,6 +47,7 @@ pub fn err_ref(code: i32, msg: impl Into<String>, ref_id: i64) -> Bytes {
         code,
         msg: msg.into(),
         ref_id,
+        ..Default::default()
     };
     reply(PackageType::Unknown, e.encode_to_vec())
 }
@@ -58,6 +59,7 @@ pub fn room_batch(room_id: &str, level: MsgLevel, batch: Bytes) -> Bytes {
         room_id: room_id.to_string(),
         msg_lv: level as i32,
         data: batch,
+        ..Default::default()
     };
     reply(PackageType::Message, inner.encode_to_vec())
 }

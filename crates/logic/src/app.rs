@@ -149,6 +149,7 @@ impl App {
             uid: uid.to_string(),
             ts_ms: id::now_ms() as i64,
             chat: false,
+            ..Default::default()
         };
         let (id, bytes) = (msg.id, msg.data.len());
         self.enqueue(QueueMsg {

@@ -259,6 +259,7 @@ async fn send_community(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiErr
             uid: sender.to_string(),
             ts_ms: m.created_ms,
             chat: true,
+            ..Default::default()
         })),
     };
     publish_or_undo(app, m.id, q).await?;

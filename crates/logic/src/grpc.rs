@@ -146,6 +146,13 @@ impl Logic for LogicService {
             .await
             .map(Response::new)
     }
+
+    async fn room_history(
+        &self,
+        _req: Request<chatroom_common::proto::logic::RoomHistoryReq>,
+    ) -> Result<Response<chatroom_common::proto::logic::RoomHistoryReply>, Status> {
+        Err(Status::unimplemented("room history is not kept yet"))
+    }
 }
 
 // The work is in inherent methods so `#[instrument]` gives each call a span;
