@@ -297,6 +297,7 @@ pub fn room_msg(room: &str, level: MsgLevel, data: &str) -> Bytes {
         uid: "u".into(),
         ts_ms: 0,
         chat: false,
+        ..Default::default()
     };
     queue_msg(Body::Room(m))
 }
