@@ -31,6 +31,7 @@ fn receive(uid: &str, room: &str, level: MsgLevel, data: &[u8]) -> ReceiveReq {
             room_id: room.into(),
             msg_lv: level as i32,
             data: Bytes::copy_from_slice(data),
+            ..Default::default()
         }),
     }
 }
