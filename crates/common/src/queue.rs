@@ -93,6 +93,27 @@ impl Publisher {
         }
     }
 
+    /// Hands several messages to the queue at once, in order: all of them
+    /// or none (one MPUB; the memory queue reserves every slot first).
+    pub async fn publish_many(&self, bodies: &[Bytes]) -> Result<(), QueueError> {
+        match self {
+            Publisher::Memory(q) => {
+                let permits = q.tx.try_reserve_many(bodies.len()).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => QueueError::Full,
+                    mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+                })?;
+                for (permit, body) in permits.zip(bodies) {
+                    permit.send((body.clone(), 1));
+                }
+                Ok(())
+            }
+            Publisher::Nsq { producer, topic } if bodies.len() == 1 => {
+                Ok(producer.publish(topic, bodies[0].clone()).await?)
+            }
+            Publisher::Nsq { producer, topic } => Ok(producer.multi_publish(topic, bodies).await?),
+        }
+    }
+
     pub async fn close(&self) {
         if let Publisher::Nsq { producer, .. } = self {
             producer.close().await;

@@ -1,11 +1,12 @@
 //! The business rules shared by the gRPC service and the HTTP API: who a
 //! token belongs to, what a valid room message is, and handing accepted
-//! messages to the queue.
+//! messages to the queue — numbered in their room's stream first, and
+//! published in that order.
 
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg, queue_msg};
-use chatroom_common::queue::Publisher;
+use chatroom_common::queue::{Publisher, QueueError};
 use chatroom_common::rooms;
 use chatroom_common::token::{TokenError, Tokens};
 use prost::Message;
@@ -17,12 +18,15 @@ use crate::password::Passwords;
 use crate::presence::Presence;
 use crate::ratelimit::RateLimiter;
 use crate::store::Store;
+use crate::stream::{Entry, Streams};
 
 /// Everything a request needs; one per node, shared behind an `Arc`.
 pub struct App {
     pub node_id: String,
     pub tokens: Tokens,
     pub presence: Presence,
+    /// Numbers and keeps every room's messages.
+    pub streams: Streams,
     pub publisher: Publisher,
     pub ids: IdGen,
     /// 53-bit ids of IM messages.
@@ -46,6 +50,7 @@ impl App {
         cfg: &LogicConfig,
         node_id: String,
         presence: Presence,
+        streams: Streams,
         publisher: Publisher,
         store: Store,
     ) -> Self {
@@ -65,6 +70,7 @@ impl App {
                 std::time::Duration::from_secs(cfg.token.ttl_secs),
             ),
             presence,
+            streams,
             publisher,
             limits: cfg.limits.clone(),
             heartbeat_secs: cfg.heartbeat_secs,
@@ -129,6 +135,21 @@ impl App {
         level: i32,
         data: Bytes,
     ) -> Result<u64, ApiError> {
+        let msg = self.check_room_msg(uid, room, level, data)?;
+        self.publish_room_msgs(vec![msg])
+            .await
+            .pop()
+            .expect("one answer per message")
+    }
+
+    /// A room message as it goes to the queue, if it may be sent.
+    pub fn check_room_msg(
+        &self,
+        uid: &str,
+        room: &str,
+        level: i32,
+        data: Bytes,
+    ) -> Result<RoomMsg, ApiError> {
         self.check_room(room)?;
         // Community rooms carry only ChatMsgs, sent through `Chat`.
         if rooms::is_community(room) {
@@ -141,7 +162,7 @@ impl App {
         if data.len() > self.limits.max_message_bytes {
             return Err(ApiError::MessageTooLarge(self.limits.max_message_bytes));
         }
-        let msg = RoomMsg {
+        Ok(RoomMsg {
             id: self.ids.next_id(),
             room_id: room.to_string(),
             level: level as i32,
@@ -149,15 +170,99 @@ impl App {
             uid: uid.to_string(),
             ts_ms: id::now_ms() as i64,
             chat: false,
-            ..Default::default()
-        };
-        let (id, bytes) = (msg.id, msg.data.len());
-        self.enqueue(QueueMsg {
-            body: Some(queue_msg::Body::Room(msg)),
+            offset: 0,
+            epoch: 0,
         })
-        .await?;
-        tracing::debug!(id, level = ?level, bytes, "published");
-        Ok(id)
+    }
+
+    /// Numbers checked room messages in their rooms' streams and publishes
+    /// them; answers each message's id, in the order given. The messages of
+    /// one room keep their order: they are numbered in one call and handed
+    /// to the queue in one publish, so a session's pipelined messages reach
+    /// every receiver as it sent them. Rooms are handled concurrently.
+    pub async fn publish_room_msgs(&self, msgs: Vec<RoomMsg>) -> Vec<Result<u64, ApiError>> {
+        let n = msgs.len();
+        let mut by_room: Vec<(String, Vec<(usize, RoomMsg)>)> = Vec::new();
+        for (i, m) in msgs.into_iter().enumerate() {
+            match by_room.iter_mut().find(|(r, _)| *r == m.room_id) {
+                Some((_, v)) => v.push((i, m)),
+                None => by_room.push((m.room_id.clone(), vec![(i, m)])),
+            }
+        }
+        let done = futures_util::future::join_all(
+            by_room
+                .into_iter()
+                .map(|(room, run)| self.publish_run(room, run)),
+        )
+        .await;
+        let mut out: Vec<Option<Result<u64, ApiError>>> = (0..n).map(|_| None).collect();
+        for (i, r) in done.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(ApiError::Internal("message lost track of".into()))))
+            .collect()
+    }
+
+    /// One room's run of messages: numbered, then published together.
+    async fn publish_run(
+        &self,
+        room: String,
+        mut run: Vec<(usize, RoomMsg)>,
+    ) -> Vec<(usize, Result<u64, ApiError>)> {
+        let entries: Vec<Entry> = run
+            .iter()
+            .map(|(_, m)| Entry {
+                level: m.level,
+                data: m.data.clone(),
+            })
+            .collect();
+        let numbered = match self.streams.append(&room, &entries).await {
+            Ok(n) => n,
+            Err(e) => {
+                let e = ApiError::from(e);
+                e.log();
+                return run
+                    .into_iter()
+                    .map(|(i, _)| (i, Err(ApiError::Busy)))
+                    .collect();
+            }
+        };
+        let bodies: Vec<Bytes> = run
+            .iter_mut()
+            .enumerate()
+            .map(|(k, (_, m))| {
+                m.offset = numbered.first + k as u64;
+                m.epoch = numbered.epoch;
+                let q = QueueMsg {
+                    body: Some(queue_msg::Body::Room(m.clone())),
+                };
+                Bytes::from(q.encode_to_vec())
+            })
+            .collect();
+        match self.publisher.publish_many(&bodies).await {
+            Ok(()) => {
+                tracing::debug!(%room, messages = run.len(), first = numbered.first, "published");
+                run.into_iter().map(|(i, m)| (i, Ok(m.id))).collect()
+            }
+            Err(e) => {
+                // The offsets stay taken: receivers see a gap, which conn
+                // skips after its reorder wait; the senders are told to retry.
+                let e = ApiError::from(e);
+                e.log();
+                let busy = matches!(e, ApiError::Busy);
+                run.into_iter()
+                    .map(|(i, _)| {
+                        let e = if busy {
+                            ApiError::Busy
+                        } else {
+                            ApiError::QueueUnavailable(QueueError::Closed)
+                        };
+                        (i, Err(e))
+                    })
+                    .collect()
+            }
+        }
     }
 }
 

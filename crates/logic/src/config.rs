@@ -28,6 +28,8 @@ pub struct LogicConfig {
     pub discovery: DiscoveryConfig,
     pub queue: QueueConfig,
     pub presence: PresenceConfig,
+    /// Room streams: what is kept for recovery (see `stream`).
+    pub stream: crate::stream::StreamConfig,
     pub limits: LimitsConfig,
     /// The IM database.
     pub store: StoreConfig,
@@ -299,6 +301,28 @@ impl Validate for LogicConfig {
             ),
         ];
         for (key, ok, msg) in checks {
+            if !ok {
+                return Err(ConfigError::invalid(key, msg));
+            }
+        }
+        let st = &self.stream;
+        for (key, ok, msg) in [
+            (
+                "stream.history_messages",
+                st.history_messages <= 1_000_000,
+                "must be 0..=1000000",
+            ),
+            (
+                "stream.history_bytes",
+                st.history_bytes >= l.max_message_bytes || st.history_messages == 0,
+                "must be at least limits.max_message_bytes",
+            ),
+            (
+                "stream.idle_ttl_secs",
+                (60..=30 * 86400).contains(&st.idle_ttl_secs),
+                "must be 60..=2592000",
+            ),
+        ] {
             if !ok {
                 return Err(ConfigError::invalid(key, msg));
             }

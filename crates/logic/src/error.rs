@@ -18,6 +18,8 @@ pub enum LogicError {
     Io(#[from] std::io::Error),
     #[error("presence store: {0}")]
     Presence(#[from] PresenceError),
+    #[error("room streams: {0}")]
+    Stream(#[from] crate::stream::StreamError),
     #[error("queue: {0}")]
     Queue(#[from] QueueError),
     #[error("discovery: {0}")]
@@ -117,6 +119,8 @@ pub enum ApiError {
     QueueUnavailable(#[source] QueueError),
     #[error("presence store unavailable, try again")]
     PresenceUnavailable(#[source] PresenceError),
+    #[error("room stream store unavailable, try again")]
+    StreamUnavailable(#[source] crate::stream::StreamError),
     #[error("token could not be issued")]
     Issue(#[source] TokenError),
     #[error("test tokens are disabled")]
@@ -184,6 +188,12 @@ impl From<QueueError> for ApiError {
     }
 }
 
+impl From<crate::stream::StreamError> for ApiError {
+    fn from(e: crate::stream::StreamError) -> Self {
+        ApiError::StreamUnavailable(e)
+    }
+}
+
 impl From<PresenceError> for ApiError {
     fn from(e: PresenceError) -> Self {
         ApiError::PresenceUnavailable(e)
@@ -203,6 +213,7 @@ impl ApiError {
             ApiError::Busy
             | ApiError::QueueUnavailable(_)
             | ApiError::PresenceUnavailable(_)
+            | ApiError::StreamUnavailable(_)
             | ApiError::StoreUnavailable(_)
             | ApiError::Internal(_) => code::TRY_AGAIN,
             ApiError::NotImUser | ApiError::UidMismatch => code::LOGIN_NEEDED,
@@ -237,6 +248,7 @@ impl ApiError {
             ApiError::Busy
             | ApiError::QueueUnavailable(_)
             | ApiError::PresenceUnavailable(_)
+            | ApiError::StreamUnavailable(_)
             | ApiError::StoreUnavailable(_) => im_code::TRY_AGAIN,
             ApiError::Issue(_) | ApiError::Internal(_) => im_code::INTERNAL,
             _ => im_code::INVALID,
@@ -269,6 +281,7 @@ impl ApiError {
             ApiError::Busy
             | ApiError::QueueUnavailable(_)
             | ApiError::PresenceUnavailable(_)
+            | ApiError::StreamUnavailable(_)
             | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Issue(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::UidMismatch | ApiError::ReservedRoom | ApiError::Forbidden(_) => {
@@ -288,6 +301,7 @@ impl ApiError {
         match self {
             ApiError::QueueUnavailable(e) => Some(e.to_string()),
             ApiError::PresenceUnavailable(e) => Some(e.to_string()),
+            ApiError::StreamUnavailable(e) => Some(e.to_string()),
             ApiError::Issue(e) => Some(e.to_string()),
             ApiError::StoreUnavailable(e) => Some(e.to_string()),
             ApiError::Internal(e) => Some(e.clone()),

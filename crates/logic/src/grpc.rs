@@ -11,8 +11,8 @@ use chatroom_common::proto::logic::logic_server::Logic;
 use chatroom_common::proto::logic::{
     AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
     PendingReq, ReceiveManyReply, ReceiveManyReq, ReceiveReply, ReceiveReq, ReportOnlineReply,
-    ReportOnlineReq, SignInReply, SignInReq, SignOutReply, SignOutReq, UndeliveredReply,
-    UndeliveredReq,
+    ReportOnlineReq, RoomHistoryReply, RoomHistoryReq, SignInReply, SignInReq, SignOutReply,
+    SignOutReq, UndeliveredReply, UndeliveredReq,
 };
 use chatroom_common::rooms;
 use chatroom_common::token::valid_uid;
@@ -72,6 +72,16 @@ fn check_key(key: &str) -> Result<(), Status> {
     } else {
         warn!("bad session key from conn");
         Err(Status::invalid_argument("key must be 1-256 bytes"))
+    }
+}
+
+/// A refused client message, as its reply.
+fn refused(e: ApiError) -> ReceiveReply {
+    e.log();
+    ReceiveReply {
+        code: e.client_code(),
+        msg: e.to_string(),
+        id: 0,
     }
 }
 
@@ -149,9 +159,11 @@ impl Logic for LogicService {
 
     async fn room_history(
         &self,
-        _req: Request<chatroom_common::proto::logic::RoomHistoryReq>,
-    ) -> Result<Response<chatroom_common::proto::logic::RoomHistoryReply>, Status> {
-        Err(Status::unimplemented("room history is not kept yet"))
+        req: Request<RoomHistoryReq>,
+    ) -> Result<Response<RoomHistoryReply>, Status> {
+        self.do_room_history(req.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
@@ -267,9 +279,10 @@ impl LogicService {
         Ok(HeartbeatReply {})
     }
 
-    /// Each message is judged and published on its own, concurrently (a
-    /// session has one message in flight at a time, so nothing here needs
-    /// an order); what conn got wrong refuses the whole call.
+    /// Each message is judged on its own; the accepted ones are numbered
+    /// and published in the order given (conn sends one session's messages
+    /// in order, several in one call), one room's in one publish. What conn
+    /// got wrong refuses the whole call.
     #[tracing::instrument(name = "grpc.receive_many", skip_all, fields(messages = req.msgs.len()))]
     async fn do_receive_many(&self, req: ReceiveManyReq) -> Result<ReceiveManyReply, Status> {
         if req.msgs.len() > MAX_RECEIVE_MANY {
@@ -282,12 +295,9 @@ impl LogicService {
             check_server(&m.server)?;
             check_uid(&m.uid)?;
         }
-        let replies =
-            futures_util::future::join_all(req.msgs.into_iter().map(|m| self.do_receive(m)))
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
-        Ok(ReceiveManyReply { replies })
+        Ok(ReceiveManyReply {
+            replies: self.receive_all(req.msgs).await,
+        })
     }
 
     #[tracing::instrument(name = "grpc.receive", skip_all, fields(server, uid, room))]
@@ -297,32 +307,73 @@ impl LogicService {
         Span::current()
             .record("server", req.server.as_str())
             .record("uid", req.uid.as_str());
-        let result = match req.msg {
-            None => Err(ApiError::MissingMessage),
-            Some(m) => {
-                if self.app.check_room(&m.room_id).is_ok() {
-                    Span::current().record("room", m.room_id.as_str());
+        if let Some(m) = &req.msg
+            && self.app.check_room(&m.room_id).is_ok()
+        {
+            Span::current().record("room", m.room_id.as_str());
+        }
+        Ok(self
+            .receive_all(vec![req])
+            .await
+            .pop()
+            .expect("one reply per message"))
+    }
+
+    /// One reply per message, same order.
+    async fn receive_all(&self, msgs: Vec<ReceiveReq>) -> Vec<ReceiveReply> {
+        let mut replies: Vec<Option<ReceiveReply>> = Vec::with_capacity(msgs.len());
+        let mut accepted = Vec::new();
+        let mut slots = Vec::new();
+        for req in msgs {
+            let checked = match req.msg {
+                None => Err(ApiError::MissingMessage),
+                Some(m) => self
+                    .app
+                    .check_room_msg(&req.uid, &m.room_id, m.msg_lv, m.data),
+            };
+            match checked {
+                Ok(msg) => {
+                    slots.push(replies.len());
+                    replies.push(None);
+                    accepted.push(msg);
                 }
-                self.app
-                    .publish(&req.uid, &m.room_id, m.msg_lv, m.data)
-                    .await
+                Err(e) => replies.push(Some(refused(e))),
             }
-        };
-        Ok(match result {
-            Ok(id) => ReceiveReply {
-                code: code::OK,
-                msg: "ok".into(),
-                id,
-            },
-            Err(e) => {
-                e.log();
-                ReceiveReply {
-                    code: e.client_code(),
-                    msg: e.to_string(),
-                    id: 0,
-                }
-            }
-        })
+        }
+        let published = self.app.publish_room_msgs(accepted).await;
+        for (slot, r) in slots.into_iter().zip(published) {
+            replies[slot] = Some(match r {
+                Ok(id) => ReceiveReply {
+                    code: code::OK,
+                    msg: "ok".into(),
+                    id,
+                },
+                Err(e) => refused(e),
+            });
+        }
+        replies
+            .into_iter()
+            .map(|r| r.expect("every message answered"))
+            .collect()
+    }
+
+    #[tracing::instrument(name = "grpc.room_history", skip_all, fields(room = %req.room_id, after = req.after_offset))]
+    async fn do_room_history(&self, req: RoomHistoryReq) -> Result<RoomHistoryReply, Status> {
+        self.app.check_room(&req.room_id).map_err(|e| {
+            e.log();
+            Status::invalid_argument(e.to_string())
+        })?;
+        self.app
+            .streams
+            .history(
+                &req.room_id,
+                req.epoch,
+                req.after_offset,
+                req.until_offset,
+                req.limit,
+            )
+            .await
+            .map_err(unavailable)
     }
 
     #[tracing::instrument(name = "grpc.chat", skip_all, fields(server, uid, cmd, dst))]

@@ -27,6 +27,7 @@ pub mod password;
 pub mod presence;
 pub mod ratelimit;
 pub mod store;
+pub mod stream;
 pub mod upload;
 
 use std::io;
@@ -96,6 +97,7 @@ pub async fn run(
     // Outside services first: a missing Redis/NSQ/etcd stops start-up with a
     // clear error instead of failing every request later.
     let presence = Presence::connect(&cfg.presence).await?;
+    let streams = stream::Streams::connect(&cfg.presence, &cfg.stream).await?;
     let publisher = Publisher::connect(&cfg.queue, memory_queue.as_ref()).await?;
     let discovery = Discovery::connect(&cfg.discovery).await?;
     let store = Store::connect(&cfg.store).await?;
@@ -104,6 +106,7 @@ pub async fn run(
         &cfg,
         node_id.clone(),
         presence,
+        streams,
         publisher.clone(),
         store.clone(),
     ));
