@@ -56,6 +56,9 @@ pub struct Batch {
     /// `|len1|data1|len2|data2|...`; every node gets a clone of these bytes.
     pub data: Bytes,
     pub messages: usize,
+    /// Room stream offset of each message (empty or zeros: unsequenced).
+    pub offsets: Vec<u64>,
+    pub epoch: u64,
     handed_back: AtomicBool,
     delivered_on_retry: AtomicBool,
 }
@@ -68,6 +71,15 @@ impl Batch {
             PushKind::Room
         };
         Self::with_target(room_id, Target::Room(kind), level, data, messages)
+    }
+
+    /// Sets where the batch's messages sit in their room's stream. Offsets
+    /// of 0 come from an older logic: the batch is then sent unsequenced.
+    pub fn seq(&mut self, offsets: Vec<u64>, epoch: u64) {
+        if epoch != 0 && offsets.iter().all(|&o| o != 0) {
+            self.offsets = offsets;
+            self.epoch = epoch;
+        }
     }
 
     /// The kind of a room batch; `None` for a direct message.
@@ -96,6 +108,8 @@ impl Batch {
             level,
             data,
             messages,
+            offsets: Vec::new(),
+            epoch: 0,
             handed_back: AtomicBool::new(false),
             delivered_on_retry: AtomicBool::new(false),
         }

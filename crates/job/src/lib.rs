@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::ack::{Batch, Target};
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, Seq};
 use crate::config::BatchConfig;
 pub use crate::config::{DEFAULT_CONFIG, JobConfig};
 pub use crate::error::JobError;
@@ -165,6 +165,7 @@ enum Route {
         room_id: String,
         level: MsgLevel,
         data: Bytes,
+        seq: Seq,
     },
     /// An IM message to users, a broadcast or a live join: pushed at once to
     /// the nodes named (`None`: all nodes).
@@ -199,6 +200,10 @@ fn classify(msg: QueueMsg) -> Result<Route, String> {
                 room_id: m.room_id,
                 level,
                 data: m.data,
+                seq: Seq {
+                    offset: m.offset,
+                    epoch: m.epoch,
+                },
             }
         }
         Body::User(u) => {
@@ -291,8 +296,8 @@ async fn batch_loop(
         }
         tokio::select! {
             m = rx.recv() => match m {
-                Some(Incoming { route: Route::Room { room_id, level, data }, delivery }) => {
-                    batcher.push(Instant::now(), &room_id, level, &data, delivery, &mut out);
+                Some(Incoming { route: Route::Room { room_id, level, data, seq }, delivery }) => {
+                    batcher.push(Instant::now(), &room_id, level, &data, seq, delivery, &mut out);
                 }
                 Some(Incoming { route: Route::Direct { batch, nodes }, delivery }) => {
                     pool.dispatch_direct(*batch, delivery, nodes.as_deref());

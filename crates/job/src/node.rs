@@ -359,6 +359,7 @@ fn room_req(batch: &Batch, kind: PushKind) -> PushRoomReq {
         // A clone of the shared bytes, not a copy.
         batch: batch.data.clone(),
         kind: kind as i32,
-        ..Default::default()
+        offsets: batch.offsets.clone(),
+        epoch: batch.epoch,
     }
 }

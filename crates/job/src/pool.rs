@@ -139,11 +139,15 @@ impl Pool {
             level,
             data,
             tokens,
+            offsets,
+            epoch,
             reason,
         } = flushed;
         debug!(room = %room_id, ?level, ?reason, messages = tokens.len(), bytes = data.len(),
             nodes = self.nodes.len(), "batch flushed");
-        let batch = Arc::new(Batch::new(room_id, level, data, tokens.len()));
+        let mut batch = Batch::new(room_id, level, data, tokens.len());
+        batch.seq(offsets, epoch);
+        let batch = Arc::new(batch);
         self.hand_off(batch, tokens, None);
     }
 

@@ -25,23 +25,30 @@ async fn merges_per_room_and_pushes_every_batch_to_every_node() {
     cfg.batch.window_ms = 300;
     let job = Job::start(cfg).await;
 
-    job.publish("a", N, "a1").await;
-    job.publish("b", N, "b1").await;
+    // The first message of a quiet room goes at once; then the room is
+    // busy for a window and its messages gather.
+    job.publish("a", N, "a1").await; // quiet: at once
+    job.publish("b", N, "b1").await; // quiet: at once
     job.publish("a", N, "a2").await;
-    job.publish("a", N, "a3").await; // count flush of a
+    job.publish("a", N, "a3").await;
+    job.publish("a", N, "a4").await; // count flush of a
     job.publish("b", N, "b2").await;
     job.publish("b", I, "b3").await; // immediate flush of b, IMPORTANT
+    job.publish("c", N, "c1").await; // quiet: at once
     let c_published = Instant::now();
-    job.publish("c", N, "c1").await; // window flush of c
+    job.publish("c", N, "c2").await; // window flush of c
 
     let want = vec![
-        got("a", N, &["a1", "a2", "a3"]),
-        got("b", I, &["b1", "b2", "b3"]),
+        got("a", N, &["a1"]),
+        got("b", N, &["b1"]),
+        got("a", N, &["a2", "a3", "a4"]),
+        got("b", I, &["b2", "b3"]),
         got("c", N, &["c1"]),
+        got("c", N, &["c2"]),
     ];
     for node in [&a, &b] {
-        wait_until("both nodes got three batches", SECS5, || {
-            node.got().len() >= 3
+        wait_until("both nodes got six batches", SECS5, || {
+            node.got().len() >= 6
         })
         .await;
     }
@@ -55,8 +62,8 @@ async fn merges_per_room_and_pushes_every_batch_to_every_node() {
     let metrics = job.metrics.clone();
     let q = job.stop(SECS5).await;
     let m = metrics.snapshot();
-    assert_eq!((m.received, m.batches, m.pushes_ok), (7, 3, 6));
-    assert_eq!((m.finished, m.requeued, m.push_failures), (7, 0, 0));
+    assert_eq!((m.received, m.batches, m.pushes_ok), (9, 6, 12));
+    assert_eq!((m.finished, m.requeued, m.push_failures), (9, 0, 0));
     assert_eq!(q.depth(), 0);
     assert_eq!(a.got(), want, "nothing more after shutdown");
 }
@@ -223,7 +230,12 @@ async fn shutdown_flushes_pending_rooms_and_pushes_them() {
     got.sort_by(|p, q| p.room.cmp(&q.room));
     assert_eq!(
         got,
-        vec![got_("x", &["x1", "x2", "x3"]), got_("y", &["y1", "y2"])]
+        vec![
+            got_("x", &["x1"]),
+            got_("x", &["x2", "x3"]),
+            got_("y", &["y1"]),
+            got_("y", &["y2"])
+        ]
     );
     let m = metrics.snapshot();
     assert_eq!((m.finished, m.requeued), (5, 0));
