@@ -16,6 +16,7 @@ pub mod receive;
 pub mod room;
 pub mod session;
 pub mod stats;
+pub mod stream;
 pub mod ws;
 
 use std::net::SocketAddr;

@@ -1,0 +1,707 @@
+//! A room's stream on this node: the recent messages of the room, in offset
+//! order, kept once and shared by every session of the room.
+//!
+//! A push appends to the stream once and wakes the room's writers with one
+//! call — O(1) in the room size on the pushing side. Each session's writer
+//! keeps only a cursor (the next offset it needs); when it wakes it takes
+//! **everything it lacks as one merged frame** (`|len|data|len|data|...`
+//! in one `Reply{MESSAGE}`), built once and shared by every session that
+//! lacks the same range. A writer that is busy writing thus sends more
+//! messages per write as the load grows: the frames per second a room costs
+//! are bounded by how fast the node can write, not by the message rate.
+//!
+//! Offsets come from logic (see `logic::stream`), so every conn node and
+//! every receiver sees the same ones. A message that arrives twice (a queue
+//! redelivery) is dropped; one that arrives early (two job nodes, two logic
+//! nodes publishing one room) waits up to `stream.reorder_wait_ms` for the
+//! gap before it, which is then skipped. A newer epoch restarts the stream.
+//!
+//! The stream is bounded by count and bytes. A session that falls further
+//! behind than the stream reaches loses the oldest messages: NORMAL ones
+//! are counted; if an IMPORTANT one was among them the session recovers the
+//! range from logic's history (see `session::writer`), never silently.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chatroom_common::batch::HEAD_LEN;
+use chatroom_common::proto::protocol::{BroadcastRoomReq, MsgLevel, PackageType, Reply};
+use prost::Message as _;
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// `[stream]`: what each room's stream keeps and how frames are cut.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Messages kept per room.
+    pub retain_messages: usize,
+    /// Payload bytes kept per room.
+    pub retain_bytes: usize,
+    /// Largest merged frame (a catch-up is cut into frames of this size).
+    pub max_frame_bytes: usize,
+    /// How long an early message waits for the gap before it to fill.
+    pub reorder_wait_ms: u64,
+    /// A room without sessions keeps its stream this long (a session that
+    /// reconnects here recovers from it).
+    pub linger_secs: u64,
+}
+
+impl StreamConfig {
+    pub fn reorder_wait(&self) -> Duration {
+        Duration::from_millis(self.reorder_wait_ms)
+    }
+}
+
+/// One message of a room's stream.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub offset: u64,
+    pub level: MsgLevel,
+    pub data: Bytes,
+}
+
+/// What one push did to a stream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Messages now in the stream (appended at once or after a wait).
+    pub appended: u32,
+    /// Already there (a redelivery): dropped.
+    pub duplicates: u32,
+    /// Waiting for an earlier offset.
+    pub early: u32,
+    /// Of an older epoch than the stream's: handed back to the caller.
+    pub stale: u32,
+    /// Offsets given up on (the gap before an early message never filled).
+    pub skipped: u64,
+}
+
+/// What a writer at a cursor gets.
+#[derive(Debug)]
+pub enum Take {
+    /// Nothing after the cursor yet.
+    Nothing,
+    /// A merged frame of consecutive messages; continue from `next`.
+    Frame {
+        frame: Bytes,
+        next: u64,
+        messages: u32,
+    },
+    /// The session's epoch is over: continue from `next` in `epoch`.
+    Epoch { epoch: u64, next: u64 },
+    /// The stream no longer holds `from..next`: `lost` messages are gone
+    /// from here, `important` if an IMPORTANT one was among them.
+    Lost {
+        from: u64,
+        next: u64,
+        important: bool,
+    },
+}
+
+struct State {
+    /// 0 until the first message.
+    epoch: u64,
+    /// The offset the next appended message must have.
+    next: u64,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    /// Early messages by offset, waiting for the gap before them.
+    early: BTreeMap<u64, Entry>,
+    /// Since when the oldest gap has been waited for.
+    gap_since: Option<Instant>,
+    /// The largest offset of an IMPORTANT message dropped by the bounds.
+    evicted_important: u64,
+    /// Recently built frames: (from, to) -> frame.
+    cache: VecDeque<(u64, u64, Bytes)>,
+}
+
+/// Frames kept for sharing between writers at the same cursor.
+const CACHE: usize = 8;
+
+/// One room's stream.
+pub struct RoomStream {
+    pub room: String,
+    state: Mutex<State>,
+    /// Woken once per push; every writer of the room waits on it.
+    pub wake: Notify,
+    members: AtomicUsize,
+    /// When the last member left (ms since the registry started), for linger.
+    idle_since_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for RoomStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomStream")
+            .field("room", &self.room)
+            .field("members", &self.members.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl RoomStream {
+    fn new(room: String) -> Self {
+        RoomStream {
+            room,
+            state: Mutex::new(State {
+                epoch: 0,
+                next: 1,
+                entries: VecDeque::new(),
+                bytes: 0,
+                early: BTreeMap::new(),
+                gap_since: None,
+                evicted_important: 0,
+                cache: VecDeque::new(),
+            }),
+            wake: Notify::new(),
+            members: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sessions of this node reading the stream.
+    pub fn members(&self) -> usize {
+        self.members.load(Ordering::Relaxed)
+    }
+
+    /// `(epoch, next offset)`: where a session joining now starts.
+    pub fn position(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.epoch, st.next)
+    }
+
+    /// `(epoch, oldest offset kept, next offset)`.
+    pub fn span(&self) -> (u64, u64, u64) {
+        let st = self.lock();
+        let first = st.entries.front().map_or(st.next, |e| e.offset);
+        (st.epoch, first, st.next)
+    }
+
+    /// Appends messages of `epoch` (offsets from logic; 0 numbers the
+    /// message here, for an older job or logic). Entries of an older epoch
+    /// are moved to `stale`. Wakes the writers if anything was appended.
+    pub fn push(
+        &self,
+        cfg: &StreamConfig,
+        epoch: u64,
+        entries: impl IntoIterator<Item = Entry>,
+        now: Instant,
+        stale: &mut Vec<Entry>,
+    ) -> Appended {
+        let mut out = Appended::default();
+        {
+            let mut st = self.lock();
+            if epoch > st.epoch {
+                // A new stream (or the first): start where its messages start.
+                st.epoch = epoch;
+                st.next = 0;
+                st.entries.clear();
+                st.bytes = 0;
+                st.early.clear();
+                st.gap_since = None;
+                st.evicted_important = 0;
+                st.cache.clear();
+            }
+            for mut e in entries {
+                if epoch < st.epoch {
+                    out.stale += 1;
+                    stale.push(e);
+                    continue;
+                }
+                if e.offset == 0 {
+                    e.offset = st.next.max(1);
+                }
+                if st.next == 0 {
+                    st.next = e.offset;
+                }
+                if e.offset < st.next || st.early.contains_key(&e.offset) {
+                    out.duplicates += 1;
+                } else if e.offset == st.next {
+                    append(&mut st, cfg, e);
+                    out.appended += 1;
+                    out.appended += drain_early(&mut st, cfg);
+                } else {
+                    out.early += 1;
+                    st.early.insert(e.offset, e);
+                    st.gap_since.get_or_insert(now);
+                }
+            }
+            let (n, skipped) = resolve_gap(&mut st, cfg, now);
+            out.appended += n;
+            out.skipped += skipped;
+            if st.early.len() > cfg.retain_messages {
+                // Far too much waiting for one gap: give up on it now.
+                let (n, skipped) = resolve_gap(&mut st, cfg, now + cfg.reorder_wait() * 2);
+                out.appended += n;
+                out.skipped += skipped;
+            }
+        }
+        if out.appended > 0 {
+            self.wake.notify_waiters();
+        }
+        out
+    }
+
+    /// Gives up on gaps waited for longer than `reorder_wait` (periodic).
+    pub fn expire_gaps(&self, cfg: &StreamConfig, now: Instant) -> Appended {
+        let mut out = Appended::default();
+        {
+            let mut st = self.lock();
+            let (n, skipped) = resolve_gap(&mut st, cfg, now);
+            out.appended = n;
+            out.skipped = skipped;
+        }
+        if out.appended > 0 {
+            self.wake.notify_waiters();
+        }
+        out
+    }
+
+    /// What a writer whose cursor is `(epoch, from)` should send next.
+    pub fn take(&self, cfg: &StreamConfig, epoch: u64, from: u64) -> Take {
+        let mut st = self.lock();
+        if st.epoch != epoch {
+            if st.epoch == 0 {
+                return Take::Nothing;
+            }
+            let first = st.entries.front().map_or(st.next, |e| e.offset);
+            return Take::Epoch {
+                epoch: st.epoch,
+                next: first,
+            };
+        }
+        if from >= st.next {
+            return Take::Nothing;
+        }
+        let first = st.entries.front().map_or(st.next, |e| e.offset);
+        if from < first {
+            return Take::Lost {
+                from,
+                next: first,
+                important: st.evicted_important >= from,
+            };
+        }
+        // Entries are in offset order with rare gaps (skipped offsets):
+        // find `from`, or the first entry after it.
+        let start = match st.entries.binary_search_by_key(&from, |e| e.offset) {
+            Ok(i) | Err(i) => i,
+        };
+        let Some(first_entry) = st.entries.get(start) else {
+            return Take::Nothing;
+        };
+        let from = first_entry.offset;
+        // Consecutive offsets only, within the frame budget.
+        let mut end = start;
+        let mut bytes = 0;
+        let mut important = false;
+        while let Some(e) = st.entries.get(end) {
+            if e.offset != from + (end - start) as u64 {
+                break;
+            }
+            if end > start && bytes + HEAD_LEN + e.data.len() > cfg.max_frame_bytes {
+                break;
+            }
+            bytes += HEAD_LEN + e.data.len();
+            important |= e.level == MsgLevel::Important;
+            end += 1;
+        }
+        let to = from + (end - start) as u64;
+        if let Some((_, _, f)) = st.cache.iter().find(|(a, b, _)| *a == from && *b == to) {
+            return Take::Frame {
+                frame: f.clone(),
+                next: to,
+                messages: (end - start) as u32,
+            };
+        }
+        let mut batch = BytesMut::with_capacity(bytes);
+        for e in st.entries.range(start..end) {
+            batch.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+            batch.extend_from_slice(&e.data);
+        }
+        let level = if important {
+            MsgLevel::Important
+        } else {
+            MsgLevel::Normal
+        };
+        let frame = frame(&self.room, level, batch.freeze(), to - 1, st.epoch);
+        if st.cache.len() >= CACHE {
+            st.cache.pop_front();
+        }
+        st.cache.push_back((from, to, frame.clone()));
+        Take::Frame {
+            frame,
+            next: to,
+            messages: (end - start) as u32,
+        }
+    }
+}
+
+/// The pushed frame of consecutive messages ending at `last`.
+pub fn frame(room: &str, level: MsgLevel, batch: Bytes, last: u64, epoch: u64) -> Bytes {
+    let inner = BroadcastRoomReq {
+        room_id: room.to_string(),
+        msg_lv: level as i32,
+        data: batch,
+        offset: last,
+        epoch,
+    };
+    Reply {
+        r#type: PackageType::Message as i32,
+        data: inner.encode_to_vec().into(),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Merged frames of `entries` (consecutive offsets), cut to the budget.
+pub fn frames_of(cfg: &StreamConfig, room: &str, epoch: u64, entries: &[Entry]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let mut batch = BytesMut::new();
+        let mut important = false;
+        let mut j = i;
+        while j < entries.len() {
+            let e = &entries[j];
+            let consecutive = j == i || e.offset == entries[j - 1].offset + 1;
+            if j > i && (!consecutive || batch.len() + HEAD_LEN + e.data.len() > cfg.max_frame_bytes)
+            {
+                break;
+            }
+            batch.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+            batch.extend_from_slice(&e.data);
+            important |= e.level == MsgLevel::Important;
+            j += 1;
+        }
+        let level = if important {
+            MsgLevel::Important
+        } else {
+            MsgLevel::Normal
+        };
+        out.push(frame(room, level, batch.freeze(), entries[j - 1].offset, epoch));
+        i = j;
+    }
+    out
+}
+
+fn append(st: &mut State, cfg: &StreamConfig, e: Entry) {
+    st.next = e.offset + 1;
+    st.bytes += e.data.len();
+    st.entries.push_back(e);
+    while st.entries.len() > cfg.retain_messages.max(1)
+        || (st.bytes > cfg.retain_bytes && st.entries.len() > 1)
+    {
+        let Some(old) = st.entries.pop_front() else {
+            break;
+        };
+        st.bytes -= old.data.len();
+        if old.level == MsgLevel::Important {
+            st.evicted_important = old.offset;
+        }
+    }
+}
+
+/// Appends the early messages that now follow; returns how many.
+fn drain_early(st: &mut State, cfg: &StreamConfig) -> u32 {
+    let mut n = 0;
+    while let Some(e) = st.early.remove(&st.next) {
+        append(st, cfg, e);
+        n += 1;
+    }
+    if st.early.is_empty() {
+        st.gap_since = None;
+    }
+    n
+}
+
+/// Skips the gap before the earliest waiting message if it has been waited
+/// for long enough; returns (appended, offsets skipped).
+fn resolve_gap(st: &mut State, cfg: &StreamConfig, now: Instant) -> (u32, u64) {
+    let mut appended = 0;
+    let mut skipped = 0;
+    while let Some(since) = st.gap_since {
+        if now.saturating_duration_since(since) < cfg.reorder_wait() {
+            break;
+        }
+        let Some((&first, _)) = st.early.iter().next() else {
+            st.gap_since = None;
+            break;
+        };
+        skipped += first - st.next;
+        st.next = first;
+        appended += drain_early(st, cfg);
+        if !st.early.is_empty() {
+            // The next gap waits from now on.
+            st.gap_since = Some(now);
+            break;
+        }
+    }
+    (appended, skipped)
+}
+
+/// Every room stream of this node, sharded by room so no lock is global.
+pub struct Streams {
+    pub cfg: StreamConfig,
+    shards: Box<[Mutex<HashMap<String, Arc<RoomStream>>>]>,
+    hasher: RandomState,
+    started: Instant,
+}
+
+impl Streams {
+    pub fn new(cfg: StreamConfig, shards: usize) -> Self {
+        Streams {
+            cfg,
+            shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn shard(&self, room: &str) -> MutexGuard<'_, HashMap<String, Arc<RoomStream>>> {
+        let i = (self.hasher.hash_one(room) % self.shards.len() as u64) as usize;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The room's stream, created if needed, with one more member.
+    pub fn subscribe(&self, room: &str) -> Arc<RoomStream> {
+        let s = self
+            .shard(room)
+            .entry(room.to_string())
+            .or_insert_with(|| Arc::new(RoomStream::new(room.to_string())))
+            .clone();
+        s.members.fetch_add(1, Ordering::Relaxed);
+        s
+    }
+
+    /// One member fewer; the stream lingers, then is swept.
+    pub fn unsubscribe(&self, s: &RoomStream) {
+        if s.members.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let ms = self.started.elapsed().as_millis() as u64;
+            s.idle_since_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// The room's stream if this node has one (members or lingering).
+    pub fn get(&self, room: &str) -> Option<Arc<RoomStream>> {
+        self.shard(room).get(room).cloned()
+    }
+
+    /// Streams on this node.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Gives up on old gaps and drops streams idle past the linger time;
+    /// returns the offsets skipped.
+    pub fn sweep(&self, now: Instant) -> u64 {
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let linger = self.cfg.linger_secs * 1000;
+        let mut skipped = 0;
+        for shard in self.shards.iter() {
+            let streams: Vec<Arc<RoomStream>> = {
+                let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+                map.retain(|_, s| {
+                    s.members() > 0
+                        || now_ms.saturating_sub(s.idle_since_ms.load(Ordering::Relaxed)) < linger
+                });
+                map.values().cloned().collect()
+            };
+            for s in streams {
+                skipped += s.expire_gaps(&self.cfg, now).skipped;
+            }
+        }
+        skipped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chatroom_common::batch;
+
+    use super::*;
+
+    fn cfg() -> StreamConfig {
+        StreamConfig {
+            retain_messages: 100,
+            retain_bytes: 1 << 20,
+            max_frame_bytes: 1 << 16,
+            reorder_wait_ms: 100,
+            linger_secs: 60,
+        }
+    }
+
+    fn e(offset: u64, s: &str) -> Entry {
+        Entry {
+            offset,
+            level: MsgLevel::Normal,
+            data: Bytes::copy_from_slice(s.as_bytes()),
+        }
+    }
+
+    fn push(s: &RoomStream, c: &StreamConfig, epoch: u64, es: Vec<Entry>, now: Instant) -> Appended {
+        let mut stale = vec![];
+        let a = s.push(c, epoch, es, now, &mut stale);
+        assert!(stale.is_empty());
+        a
+    }
+
+    /// Decodes a frame: (messages, last offset, epoch, level).
+    fn open(f: &Bytes) -> (Vec<String>, u64, u64, i32) {
+        let r = Reply::decode(f.clone()).unwrap();
+        assert_eq!(r.r#type, PackageType::Message as i32);
+        let m = BroadcastRoomReq::decode(r.data).unwrap();
+        let msgs = batch::decode(&m.data)
+            .map(|x| String::from_utf8(x.unwrap().to_vec()).unwrap())
+            .collect();
+        (msgs, m.offset, m.epoch, m.msg_lv)
+    }
+
+    fn take_frame(s: &RoomStream, c: &StreamConfig, epoch: u64, from: u64) -> (Vec<String>, u64, Bytes) {
+        match s.take(c, epoch, from) {
+            Take::Frame { frame, next, .. } => (open(&frame).0, next, frame),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_writer_behind_takes_everything_it_lacks_in_one_shared_frame() {
+        let c = cfg();
+        let s = RoomStream::new("r".into());
+        let now = Instant::now();
+        assert_eq!(push(&s, &c, 7, vec![e(1, "a"), e(2, "b")], now).appended, 2);
+        push(&s, &c, 7, vec![e(3, "c")], now);
+        let (msgs, next, f1) = take_frame(&s, &c, 7, 1);
+        assert_eq!((msgs, next), (vec!["a".into(), "b".into(), "c".into()], 4));
+        let (_, last, epoch, _) = open(&f1);
+        assert_eq!((last, epoch), (3, 7));
+        // Another session at the same cursor gets the very same bytes.
+        let (_, _, f2) = take_frame(&s, &c, 7, 1);
+        assert_eq!(f1.as_ptr(), f2.as_ptr(), "built once, shared");
+        let (msgs, next, _) = take_frame(&s, &c, 7, 3);
+        assert_eq!((msgs, next), (vec!["c".to_string()], 4));
+        assert!(matches!(s.take(&c, 7, 4), Take::Nothing));
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_early_messages_wait_for_the_gap() {
+        let c = cfg();
+        let s = RoomStream::new("r".into());
+        let t0 = Instant::now();
+        push(&s, &c, 1, vec![e(1, "a")], t0);
+        let a = push(&s, &c, 1, vec![e(1, "a"), e(3, "c")], t0);
+        assert_eq!((a.duplicates, a.early, a.appended), (1, 1, 0));
+        assert_eq!(s.position(), (1, 2));
+        // The gap fills: both go in, in order.
+        let a = push(&s, &c, 1, vec![e(2, "b")], t0);
+        assert_eq!(a.appended, 2);
+        let (msgs, next, _) = take_frame(&s, &c, 1, 1);
+        assert_eq!((msgs.len(), next), (3, 4));
+        // A gap that never fills is skipped after the wait.
+        push(&s, &c, 1, vec![e(6, "f")], t0);
+        assert_eq!(s.expire_gaps(&c, t0 + Duration::from_millis(50)).skipped, 0);
+        let a = s.expire_gaps(&c, t0 + Duration::from_millis(100));
+        assert_eq!((a.appended, a.skipped), (1, 2));
+        // Frames never span a gap: the writer at 4 gets 6 alone.
+        let (msgs, next, f) = take_frame(&s, &c, 1, 4);
+        assert_eq!((msgs, next, open(&f).1), (vec!["f".to_string()], 7, 6));
+    }
+
+    #[test]
+    fn a_newer_epoch_restarts_the_stream_and_older_ones_are_stale() {
+        let c = cfg();
+        let s = RoomStream::new("r".into());
+        let now = Instant::now();
+        push(&s, &c, 5, vec![e(10, "a")], now);
+        assert_eq!(s.position(), (5, 11), "a stream starts where its messages do");
+        push(&s, &c, 9, vec![e(1, "x")], now);
+        assert!(matches!(s.take(&c, 5, 11), Take::Epoch { epoch: 9, next: 1 }));
+        let mut stale = vec![];
+        let a = s.push(&c, 5, vec![e(11, "late")], now, &mut stale);
+        assert_eq!((a.stale, stale.len()), (1, 1));
+        let (msgs, _, _) = take_frame(&s, &c, 9, 1);
+        assert_eq!(msgs, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn bounds_drop_the_oldest_and_say_whether_an_important_one_was_lost() {
+        let c = StreamConfig {
+            retain_messages: 3,
+            ..cfg()
+        };
+        let s = RoomStream::new("r".into());
+        let now = Instant::now();
+        push(&s, &c, 1, vec![e(1, "a"), e(2, "b"), e(3, "c"), e(4, "d")], now);
+        assert!(matches!(
+            s.take(&c, 1, 1),
+            Take::Lost { from: 1, next: 2, important: false }
+        ));
+        let mut imp = e(5, "IMP");
+        imp.level = MsgLevel::Important;
+        push(&s, &c, 1, vec![imp, e(6, "f"), e(7, "g"), e(8, "h")], now);
+        assert!(matches!(
+            s.take(&c, 1, 2),
+            Take::Lost { from: 2, next: 6, important: true }
+        ));
+        assert!(matches!(
+            s.take(&c, 1, 6),
+            Take::Frame { next: 9, messages: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn frames_are_cut_to_the_budget_and_carry_the_level() {
+        let c = StreamConfig {
+            max_frame_bytes: 10,
+            ..cfg()
+        };
+        let s = RoomStream::new("r".into());
+        let mut imp = e(2, "bbbb");
+        imp.level = MsgLevel::Important;
+        let now = Instant::now();
+        push(&s, &c, 1, vec![e(1, "aaaa"), imp, e(3, "cccc")], now);
+        // 8 bytes each encoded: one per frame within 10 bytes.
+        let (msgs, next, f) = take_frame(&s, &c, 1, 1);
+        assert_eq!((msgs.len(), next, open(&f).3), (1, 2, 0));
+        let (_, next, f) = take_frame(&s, &c, 1, 2);
+        assert_eq!((next, open(&f).3), (3, MsgLevel::Important as i32));
+        let fs = frames_of(&c, "r", 1, &[e(7, "x"), e(8, "y"), e(10, "z")]);
+        let opened: Vec<_> = fs.iter().map(open).map(|(m, last, ..)| (m, last)).collect();
+        assert_eq!(
+            opened,
+            vec![
+                (vec!["x".to_string(), "y".to_string()], 8),
+                (vec!["z".to_string()], 10)
+            ]
+        );
+    }
+
+    #[test]
+    fn streams_linger_after_the_last_member_then_go() {
+        let c = StreamConfig {
+            linger_secs: 0,
+            ..cfg()
+        };
+        let all = Streams::new(c, 4);
+        let s = all.subscribe("r");
+        all.sweep(Instant::now());
+        assert!(all.get("r").is_some(), "a member keeps it");
+        all.unsubscribe(&s);
+        all.sweep(Instant::now());
+        assert!(all.get("r").is_none());
+    }
+}
