@@ -18,6 +18,15 @@ pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
 
+/// One message of a room stream as a client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMsg {
+    pub epoch: u64,
+    pub offset: u64,
+    pub level: MsgLevel,
+    pub data: Bytes,
+}
+
 /// What a client read.
 #[derive(Debug)]
 pub enum Event {
@@ -59,6 +68,25 @@ impl Client {
             token: token.into(),
             room_id: room.into(),
             ..Default::default()
+        };
+        self.send_req(PackageType::SignIn, s.encode_to_vec())
+            .await?;
+        self.expect_err().await
+    }
+
+    /// Signs in asking to recover the room's stream after `since` in `epoch`.
+    pub async fn sign_in_resume(
+        &mut self,
+        token: &str,
+        room: &str,
+        epoch: u64,
+        since: u64,
+    ) -> anyhow::Result<Err> {
+        let s = SignIn {
+            token: token.into(),
+            room_id: room.into(),
+            since_offset: since,
+            epoch,
         };
         self.send_req(PackageType::SignIn, s.encode_to_vec())
             .await?;
@@ -162,6 +190,51 @@ impl Client {
         }
     }
 
+    /// Reads pushed frames until `want` stream messages arrived; returns
+    /// them with their offsets (from each frame's last offset and count) and
+    /// the number of frames they came in. `Err` notices (410) are returned
+    /// as they come, in `notices`.
+    pub async fn recv_stream(&mut self, want: usize, within: Duration) -> anyhow::Result<Received> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut got = Received::default();
+        while got.msgs.len() < want {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "got {} of {want} messages before the deadline: {:?}",
+                    got.msgs.len(),
+                    got.msgs.iter().map(|m| m.offset).collect::<Vec<_>>()
+                );
+            }
+            match self.next_event(left).await {
+                Ok(Event::Reply(r)) if r.r#type == PackageType::Message as i32 => {
+                    let m = BroadcastRoomReq::decode(r.data)?;
+                    let level = MsgLevel::try_from(m.msg_lv).unwrap_or(MsgLevel::Normal);
+                    let parts: Vec<Bytes> = chatroom_common::batch::decode(&m.data)
+                        .map(|p| p.map(Bytes::copy_from_slice))
+                        .collect::<Result<_, _>>()?;
+                    let n = parts.len() as u64;
+                    for (i, data) in parts.into_iter().enumerate() {
+                        got.msgs.push(StreamMsg {
+                            epoch: m.epoch,
+                            offset: m.offset + 1 + i as u64 - n,
+                            level,
+                            data,
+                        });
+                    }
+                    got.frames += 1;
+                }
+                Ok(Event::Reply(r)) if r.r#type == PackageType::Unknown as i32 => {
+                    got.notices.push(Err::decode(r.data)?);
+                }
+                Ok(Event::Reply(_)) => continue,
+                Ok(Event::Closed(f)) => bail!("closed after {} messages: {f:?}", got.msgs.len()),
+                Err(e) => bail!("got {} of {want} messages: {e}", got.msgs.len()),
+            }
+        }
+        Ok(got)
+    }
+
     /// Reads pushed batches until `want` messages arrived; returns them with
     /// each batch's level. Errors at `within`.
     pub async fn recv_messages(
@@ -211,5 +284,19 @@ where
             bail!("timed out after {within:?} waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What [`Client::recv_stream`] read.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub msgs: Vec<StreamMsg>,
+    pub frames: usize,
+    pub notices: Vec<Err>,
+}
+
+impl Received {
+    pub fn offsets(&self) -> Vec<u64> {
+        self.msgs.iter().map(|m| m.offset).collect()
     }
 }

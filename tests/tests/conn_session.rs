@@ -39,6 +39,8 @@ struct FakeLogic {
     chats: Arc<Mutex<Vec<ChatReq>>>,
     pending_acked: Arc<Mutex<Vec<(String, i64)>>>,
     undelivered: Arc<Mutex<Vec<UndeliveredReq>>>,
+    /// Room history served by `RoomHistory`: (epoch, kept entries).
+    history: Arc<Mutex<(u64, Vec<RoomHistoryEntry>)>>,
 }
 
 fn stored(id: i64, content: &str) -> ChatMsg {
@@ -204,9 +206,37 @@ impl Logic for FakeLogic {
     }
     async fn room_history(
         &self,
-        _: Request<chatroom_common::proto::logic::RoomHistoryReq>,
-    ) -> Result<Response<chatroom_common::proto::logic::RoomHistoryReply>, Status> {
-        Ok(Response::new(Default::default()))
+        r: Request<RoomHistoryReq>,
+    ) -> Result<Response<RoomHistoryReply>, Status> {
+        let r = r.into_inner();
+        let (epoch, kept) = self.history.lock().unwrap().clone();
+        let last = kept.last().map_or(0, |e| e.offset);
+        let first = kept.first().map_or(last + 1, |e| e.offset);
+        let until = if r.until_offset == 0 {
+            last
+        } else {
+            r.until_offset
+        };
+        // Pages of at most 1 MiB, as logic answers.
+        let mut bytes = 0;
+        let entries: Vec<_> = if r.epoch == epoch {
+            kept.into_iter()
+                .filter(|e| e.offset > r.after_offset && e.offset <= until)
+                .take(r.limit as usize)
+                .take_while(|e| {
+                    bytes += e.data.len();
+                    bytes <= 1 << 20
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        Ok(Response::new(RoomHistoryReply {
+            epoch,
+            last_offset: last,
+            complete: r.epoch == epoch && first <= r.after_offset + 1,
+            entries,
+        }))
     }
     async fn report_online(
         &self,
@@ -468,27 +498,255 @@ async fn silent_client_is_closed_after_missed_heartbeats() {
     .unwrap();
 }
 
+/// Pushes messages `first..` of `epoch` to a room, as job does.
+async fn push_seq(
+    grpc: SocketAddr,
+    room: &str,
+    level: MsgLevel,
+    epoch: u64,
+    first: u64,
+    msgs: &[&[u8]],
+) -> u32 {
+    let mut c = ConnClient::connect(format!("http://{grpc}")).await.unwrap();
+    c.push_room(PushRoomReq {
+        room_id: room.into(),
+        level: level as i32,
+        batch: chatroom_common::batch::encode(msgs.iter().copied()),
+        kind: 0,
+        offsets: (first..first + msgs.len() as u64).collect(),
+        epoch,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .delivered
+}
+
+/// `n` distinct payloads `p<first>`, `p<first+1>`, ...
+fn payloads(first: u64, n: u64) -> Vec<Vec<u8>> {
+    (first..first + n)
+        .map(|i| format!("p{i}").into_bytes())
+        .collect()
+}
+
 #[tokio::test]
-async fn slow_consumer_is_cut_off_without_slowing_others() {
-    let n = start(&[("CHATROOM__WS__SEND_QUEUE", "4")]).await;
-    let _slow = Client::signed_in(&n.url, "good-slow", "r").await.unwrap();
+async fn a_slow_session_is_not_cut_off_and_recovers_important_messages_from_logic() {
+    // The stream keeps 8 messages: a session that stops reading falls far
+    // behind it; IMPORTANT messages it lost come from logic's history.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let n = start(&[("CHATROOM__STREAM__RETAIN_MESSAGES", "8")]).await;
+    let mut slow = Client::signed_in(&n.url, "good-slow", "r").await.unwrap();
     let mut fast = Client::signed_in(&n.url, "good-fast", "r").await.unwrap();
     let big = vec![b'x'; 32 * 1024];
+    let total = 300u64;
     let reader = tokio::spawn(async move {
-        fast.recv_messages(400, Duration::from_secs(30))
+        fast.recv_stream(total as usize, Duration::from_secs(30))
             .await
-            .map(|v| v.len())
+            .map(|r| r.offsets())
     });
-    let mut cut = false;
-    for _ in 0..400 {
-        let (_, dropped) = push(n.grpc, "r", MsgLevel::Important, &[&big]).await;
-        cut |= dropped > 0;
+    let epoch = 7;
+    for i in 1..=total {
+        let mut payload = big.clone();
+        payload[..8].copy_from_slice(&i.to_le_bytes());
+        n.logic.history.lock().unwrap().0 = epoch;
+        n.logic.history.lock().unwrap().1.push(RoomHistoryEntry {
+            offset: i,
+            level: MsgLevel::Important as i32,
+            data: payload.clone().into(),
+        });
+        push_seq(n.grpc, "r", MsgLevel::Important, epoch, i, &[&payload]).await;
     }
-    assert!(cut, "the slow session was never cut off");
+    let want: Vec<u64> = (1..=total).collect();
     assert_eq!(
         reader.await.unwrap().unwrap(),
-        400,
-        "the fast session lost messages"
+        want,
+        "the fast session was held back or lost messages"
+    );
+    // 300 x 32 KiB is far more than the socket buffers: the slow session's
+    // writer was behind the stream's reach, yet it gets every message once.
+    let got = slow
+        .recv_stream(total as usize, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.offsets(), want);
+    for m in &got.msgs {
+        assert_eq!(&m.data[..8], &m.offset.to_le_bytes());
+        assert_eq!(m.level, MsgLevel::Important);
+    }
+    assert!(got.notices.is_empty(), "{:?}", got.notices);
+}
+
+#[tokio::test]
+async fn a_session_behind_takes_what_it_lacks_in_few_merged_frames() {
+    let n = start(&[]).await;
+    let mut a = Client::signed_in(&n.url, "good-a", "r").await.unwrap();
+    let first = payloads(1, 100);
+    for (i, p) in first.iter().enumerate() {
+        push_seq(n.grpc, "r", MsgLevel::Normal, 3, 1 + i as u64, &[p]).await;
+    }
+    let got = a.recv_stream(100, T).await.unwrap();
+    assert_eq!(got.offsets(), (1..=100).collect::<Vec<_>>());
+    // A second session that was away since offset 20 gets 21..=100 merged:
+    // one frame, not 80.
+    let mut b = Client::connect(&n.url).await.unwrap();
+    let e = b.sign_in_resume("good-b", "r", 3, 20).await.unwrap();
+    assert_eq!((e.code, e.recovered, e.epoch, e.offset), (0, true, 3, 100));
+    let got = b.recv_stream(80, T).await.unwrap();
+    assert_eq!(got.offsets(), (21..=100).collect::<Vec<_>>());
+    let datas: Vec<Vec<u8>> = got.msgs.iter().map(|m| m.data.to_vec()).collect();
+    assert_eq!(datas, first[20..].to_vec(), "exactly the missing messages");
+    assert_eq!(got.frames, 1);
+    // Then live, no gap, no duplicate.
+    push_seq(n.grpc, "r", MsgLevel::Normal, 3, 101, &[b"live"]).await;
+    let got = b.recv_stream(1, T).await.unwrap();
+    assert_eq!(
+        (got.offsets(), &got.msgs[0].data[..]),
+        (vec![101], &b"live"[..])
+    );
+}
+
+#[tokio::test]
+async fn recovery_from_logic_partial_and_after_an_epoch_change() {
+    // The stream keeps 3 messages; logic keeps offsets 3..=10 of epoch 5.
+    let n = start(&[("CHATROOM__STREAM__RETAIN_MESSAGES", "3")]).await;
+    let mut a = Client::signed_in(&n.url, "good-a", "r").await.unwrap();
+    let p = payloads(1, 10);
+    for i in 1..=10u64 {
+        push_seq(n.grpc, "r", MsgLevel::Normal, 5, i, &[&p[i as usize - 1]]).await;
+    }
+    a.recv_stream(10, T).await.unwrap();
+    *n.logic.history.lock().unwrap() = (
+        5,
+        (3..=10u64)
+            .map(|i| RoomHistoryEntry {
+                offset: i,
+                level: 0,
+                data: p[i as usize - 1].clone().into(),
+            })
+            .collect(),
+    );
+
+    // Complete: 5..=7 from logic, 8..=10 from the stream.
+    let mut b = Client::connect(&n.url).await.unwrap();
+    let e = b.sign_in_resume("good-b", "r", 5, 4).await.unwrap();
+    assert_eq!((e.code, e.recovered), (0, true));
+    let got = b.recv_stream(6, T).await.unwrap();
+    assert_eq!(got.offsets(), (5..=10).collect::<Vec<_>>());
+    assert_eq!(got.msgs[0].data, p[4]);
+
+    // Partial: offsets 2 is gone everywhere; what there is still comes.
+    let mut c = Client::connect(&n.url).await.unwrap();
+    let e = c.sign_in_resume("good-c", "r", 5, 1).await.unwrap();
+    assert_eq!((e.code, e.recovered), (0, false));
+    let got = c.recv_stream(8, T).await.unwrap();
+    assert_eq!(got.offsets(), (3..=10).collect::<Vec<_>>());
+
+    // Another epoch: offsets are not comparable; live only, and it says so.
+    let mut d = Client::connect(&n.url).await.unwrap();
+    let e = d.sign_in_resume("good-d", "r", 4, 9).await.unwrap();
+    assert_eq!((e.code, e.recovered, e.epoch, e.offset), (0, false, 5, 10));
+    push_seq(n.grpc, "r", MsgLevel::Normal, 5, 11, &[b"eleven"]).await;
+    let got = d.recv_stream(1, T).await.unwrap();
+    assert_eq!(got.offsets(), vec![11]);
+
+    // A pushed duplicate (a queue redelivery) reaches nobody twice.
+    push_seq(n.grpc, "r", MsgLevel::Normal, 5, 11, &[b"eleven"]).await;
+    push_seq(n.grpc, "r", MsgLevel::Normal, 5, 12, &[b"twelve"]).await;
+    let got = d.recv_stream(1, T).await.unwrap();
+    assert_eq!(got.offsets(), vec![12]);
+}
+
+#[tokio::test]
+async fn pipelined_messages_keep_their_order_and_wait_for_slots_instead_of_dropping() {
+    let n = start(&[("CHATROOM__WS__MAX_IN_FLIGHT", "16")]).await;
+    let mut a = Client::signed_in(&n.url, "good-a", "r").await.unwrap();
+    // logic stalls: the session may have 16 messages on their way, then
+    // conn stops reading it.
+    n.logic.gated.store(true, Ordering::SeqCst);
+    for i in 0..200 {
+        a.send_message("r", MsgLevel::Normal, format!("m{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let logic = n.logic.clone();
+    eventually(T, "a call waiting at the stalled logic", || {
+        let l = logic.clone();
+        async move { (l.held.load(Ordering::SeqCst) > 0).then_some(()) }
+    })
+    .await
+    .unwrap();
+    n.logic.open_gate();
+    let logic = n.logic.clone();
+    eventually(T, "all 200 messages at logic", || {
+        let l = logic.clone();
+        async move { (l.received.lock().unwrap().len() == 200).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let got: Vec<Bytes> = n
+        .logic
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.msg.clone().unwrap().data)
+        .collect();
+    let want: Vec<Bytes> = (0..200).map(|i| Bytes::from(format!("m{i}"))).collect();
+    assert_eq!(got, want, "in the order sent, none lost");
+    let bundles = n.logic.bundles.lock().unwrap().clone();
+    assert!(
+        bundles.iter().any(|&b| b > 1),
+        "several messages were on their way at once: {bundles:?}"
+    );
+    assert!(
+        bundles.iter().all(|&b| b <= 16),
+        "never more than the session's 16 in flight: {bundles:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_message_sent_before_the_close_frame_reaches_logic() {
+    let n = start(&[]).await;
+    let mut a = Client::signed_in(&n.url, "good-a", "r").await.unwrap();
+    let total = 10_000;
+    // Written without waiting for anything, then a close frame at once.
+    for i in 0..total {
+        let m = chatroom_common::proto::protocol::BroadcastRoomReq {
+            room_id: "r".into(),
+            data: format!("m{i}").into(),
+            ..Default::default()
+        };
+        let req = chatroom_common::proto::protocol::Req {
+            r#type: PackageType::Message as i32,
+            data: prost::Message::encode_to_vec(&m).into(),
+        };
+        let frame = tokio_tungstenite::tungstenite::Message::Binary(
+            prost::Message::encode_to_vec(&req).into(),
+        );
+        futures_util::SinkExt::feed(&mut a.ws, frame).await.unwrap();
+    }
+    futures_util::SinkExt::close(&mut a.ws).await.unwrap();
+    let logic = n.logic.clone();
+    eventually(
+        Duration::from_secs(30),
+        "all 10,000 messages at logic",
+        || {
+            let l = logic.clone();
+            async move { (l.received.lock().unwrap().len() >= total).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    let got = n.logic.received.lock().unwrap();
+    assert_eq!(got.len(), total);
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, r)| r.msg.as_ref().unwrap().data == format!("m{i}").as_bytes()),
+        "in order"
     );
 }
 

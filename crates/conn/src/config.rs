@@ -38,6 +38,8 @@ pub struct ConnConfig {
     pub ws: WsConfig,
     pub grpc: GrpcConfig,
     pub discovery: DiscoveryConfig,
+    /// Room streams: what each room keeps, how frames are cut.
+    pub stream: crate::stream::StreamConfig,
     /// Session shards; more buckets, less lock contention on push.
     pub buckets: usize,
     /// How often per-room counts go to logic (and cluster totals come back).
@@ -57,8 +59,13 @@ pub struct WsConfig {
     /// Read chunk while a client is sending; an idle session holds no
     /// read buffer at all.
     pub read_buffer_bytes: usize,
-    /// Outbound frames queued per session; past this NORMAL pushes are dropped.
+    /// Outbound frames queued per session (answers and IM pushes; room
+    /// messages come from the room's stream); past this NORMAL IM pushes
+    /// are dropped.
     pub send_queue: usize,
+    /// Room messages one session may have on their way to logic; at the
+    /// bound conn stops reading its socket (TCP back-pressure).
+    pub max_in_flight: usize,
     /// A client must sign in within this time.
     pub sign_in_timeout_ms: u64,
     /// Fallback heartbeat period if logic does not name one.
@@ -108,6 +115,39 @@ impl Validate for ConnConfig {
             ),
         ];
         for (key, ok, msg) in checks {
+            if !ok {
+                return Err(ConfigError::invalid(key, msg));
+            }
+        }
+        let s = &self.stream;
+        let more: [(&str, bool, &str); 5] = [
+            (
+                "ws.max_in_flight",
+                (1..=65_536).contains(&w.max_in_flight),
+                "must be 1..=65536",
+            ),
+            (
+                "stream.retain_messages",
+                (1..=1_000_000).contains(&s.retain_messages),
+                "must be 1..=1000000",
+            ),
+            (
+                "stream.retain_bytes",
+                s.retain_bytes >= 1024,
+                "must be >= 1024",
+            ),
+            (
+                "stream.max_frame_bytes",
+                (1024..=w.max_frame_bytes.max(1 << 20)).contains(&s.max_frame_bytes),
+                "must be 1024..=1048576",
+            ),
+            (
+                "stream.reorder_wait_ms",
+                s.reorder_wait_ms <= 60_000,
+                "must be <= 60000",
+            ),
+        ];
+        for (key, ok, msg) in more {
             if !ok {
                 return Err(ConfigError::invalid(key, msg));
             }

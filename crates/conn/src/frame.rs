@@ -21,6 +21,8 @@ pub mod code {
     pub const CONFLICT: i32 = 409;
     /// Frame over `ws.max_frame_bytes`.
     pub const TOO_LARGE: i32 = 413;
+    /// Messages this session lacks could not be recovered: reload.
+    pub const GONE: i32 = 410;
     /// logic is unreachable or failed.
     pub const UNAVAILABLE: i32 = 503;
 }
@@ -47,6 +49,33 @@ pub fn err_ref(code: i32, msg: impl Into<String>, ref_id: i64) -> Bytes {
         code,
         msg: msg.into(),
         ref_id,
+        ..Default::default()
+    };
+    reply(PackageType::Unknown, e.encode_to_vec())
+}
+
+/// The answer to a successful `/room` sign-in: the room stream's epoch and
+/// newest offset, and whether the recovery asked for is complete.
+pub fn signed_in(epoch: u64, offset: u64, recovered: bool) -> Bytes {
+    let e = Err {
+        code: code::OK,
+        msg: "ok".into(),
+        epoch,
+        offset,
+        recovered,
+        ..Default::default()
+    };
+    reply(PackageType::Unknown, e.encode_to_vec())
+}
+
+/// Tells a session that messages up to `offset` of `epoch` it lacks are
+/// gone; it continues after them.
+pub fn gone(epoch: u64, offset: u64, msg: impl Into<String>) -> Bytes {
+    let e = Err {
+        code: code::GONE,
+        msg: msg.into(),
+        epoch,
+        offset,
         ..Default::default()
     };
     reply(PackageType::Unknown, e.encode_to_vec())

@@ -38,6 +38,7 @@ use crate::logic_pool::LogicPool;
 use crate::online::Online;
 use crate::receive::Receiver;
 use crate::stats::Stats;
+use crate::stream::Streams;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -75,6 +76,8 @@ pub struct Ctx {
     pub receiver: Receiver,
     pub online: Arc<Online>,
     pub stats: Arc<Stats>,
+    /// Every room's stream on this node.
+    pub streams: Arc<Streams>,
     pub tracker: TaskTracker,
 }
 
@@ -103,6 +106,17 @@ pub async fn run(
     let buckets = Arc::new(Buckets::new(cfg.buckets));
     let stats = Arc::new(Stats::default());
     let online = Arc::new(Online::default());
+    let streams = Arc::new(Streams::new(cfg.stream.clone(), cfg.buckets));
+    tracker.spawn(
+        streams.clone().sweep_loop(
+            streams
+                .cfg
+                .reorder_wait()
+                .clamp(Duration::from_millis(20), Duration::from_secs(1))
+                / 2,
+            bg.clone(),
+        ),
+    );
     let ctx = Arc::new(Ctx {
         server: server.clone(),
         buckets: buckets.clone(),
@@ -110,6 +124,7 @@ pub async fn run(
         receiver: Receiver::start(logic.clone(), &tracker, bg.clone()),
         online: online.clone(),
         stats: stats.clone(),
+        streams: streams.clone(),
         tracker: tracker.clone(),
         cfg,
     });
@@ -118,10 +133,14 @@ pub async fn run(
     let grpc = {
         let svc = push::PushService {
             buckets: buckets.clone(),
+            streams: streams.clone(),
             stats: stats.clone(),
             server: server.clone(),
             logic: logic.clone(),
             tracker: tracker.clone(),
+            local_epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as u64),
         };
         let incoming =
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));

@@ -13,8 +13,8 @@ use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::logic::{
     AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
     PendingReq, ReceiveManyReply, ReceiveManyReq, ReceiveReply, ReceiveReq, ReportOnlineReply,
-    ReportOnlineReq, SignInReply, SignInReq, SignOutReply, SignOutReq, UndeliveredReply,
-    UndeliveredReq,
+    ReportOnlineReq, RoomHistoryReply, RoomHistoryReq, SignInReply, SignInReq, SignOutReply,
+    SignOutReq, UndeliveredReply, UndeliveredReq,
 };
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
@@ -195,6 +195,14 @@ impl LogicPool {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.undelivered(req).await }
+        })
+        .await
+    }
+
+    pub async fn room_history(&self, req: RoomHistoryReq) -> Result<RoomHistoryReply, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.room_history(req).await }
         })
         .await
     }

@@ -93,26 +93,42 @@ impl Outbox {
         self.lock().pop_front()
     }
 
+    /// Moves up to `max` queued frames into `out` without waiting. False
+    /// once closed and drained: nothing more will come.
+    pub fn take_ready(&self, out: &mut Vec<Outbound>, max: usize) -> bool {
+        let mut q = self.lock();
+        if q.is_empty() {
+            return !self.closed.load(Ordering::Acquire);
+        }
+        let n = q.len().min(max);
+        out.extend(q.drain(..n));
+        if q.is_empty() && q.capacity() > KEEP {
+            *q = VecDeque::new();
+        }
+        true
+    }
+
+    /// Waits until a frame is queued or the outbox is closed.
+    pub async fn readable(&self) {
+        loop {
+            let notified = self.ready.notified();
+            if !self.lock().is_empty() || self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Moves up to `max` queued frames into `out`, waiting for one if none
     /// is queued. False once closed and drained.
     pub async fn take(&self, out: &mut Vec<Outbound>, max: usize) -> bool {
         loop {
-            let notified = self.ready.notified();
-            {
-                let mut q = self.lock();
-                if !q.is_empty() {
-                    let n = q.len().min(max);
-                    out.extend(q.drain(..n));
-                    if q.is_empty() && q.capacity() > KEEP {
-                        *q = VecDeque::new();
-                    }
-                    return true;
-                }
-                if self.closed.load(Ordering::Acquire) {
-                    return false;
-                }
+            self.readable().await;
+            let before = out.len();
+            let open = self.take_ready(out, max);
+            if out.len() > before || !open {
+                return out.len() > before || open;
             }
-            notified.await;
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The gRPC service job calls: merged room batches, IM messages to users or
-//! to everyone, and live room joins. Each push is encoded once and every
-//! session gets a clone of the same bytes.
+//! to everyone, and live room joins. A room batch is appended to the room's
+//! stream once (its sessions' writers take it from there); IM pushes are
+//! encoded once and every session gets a clone of the same bytes.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chatroom_common::proto::conn::conn_server::Conn;
 use chatroom_common::proto::conn::{
     JoinRoomReply, JoinRoomReq, PushAllReq, PushKind, PushRoomReply, PushRoomReq, PushRoomsReply,
@@ -12,24 +14,28 @@ use chatroom_common::proto::conn::{
 use chatroom_common::proto::logic::UndeliveredReq;
 use chatroom_common::proto::protocol::{ChatMsg, MsgLevel};
 use prost::Message as _;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::bucket::Buckets;
 use crate::chat::{self, ChatFrame};
-use crate::frame;
 use crate::logic_pool::LogicPool;
 use crate::room::{PushStats, Pushed};
 use crate::stats::Stats;
+use crate::stream::{Entry, Streams, frames_of};
 
 pub struct PushService {
     pub buckets: Arc<Buckets>,
+    pub streams: Arc<Streams>,
     pub stats: Arc<Stats>,
     /// This node's id, for reports to logic.
     pub server: String,
     pub logic: Arc<LogicPool>,
     pub tracker: TaskTracker,
+    /// The epoch of streams this node numbers itself (pushes without offsets).
+    pub local_epoch: u64,
 }
 
 fn chat_frames(items: impl Iterator<Item = ChatMsg>) -> Pushed {
@@ -37,11 +43,18 @@ fn chat_frames(items: impl Iterator<Item = ChatMsg>) -> Pushed {
     Pushed::Chat(frames.into())
 }
 
-/// A room batch checked and turned into frames, ready to push.
+/// A room batch checked and turned into what it pushes.
 struct RoomPush {
     room_id: String,
     level: MsgLevel,
-    pushed: Pushed,
+    what: What,
+}
+
+enum What {
+    /// Opaque room messages for the room's stream.
+    Stream { epoch: u64, entries: Vec<Entry> },
+    /// IM messages for the room's sessions.
+    Chat(Pushed),
 }
 
 impl RoomPush {
@@ -50,7 +63,7 @@ impl RoomPush {
             return Err(Status::invalid_argument("room_id is empty"));
         }
         let level = MsgLevel::try_from(req.level).unwrap_or(MsgLevel::Normal);
-        let pushed = if req.kind == PushKind::Chat as i32 {
+        let what = if req.kind == PushKind::Chat as i32 {
             let mut msgs = Vec::new();
             for item in chatroom_common::batch::decode(&req.batch) {
                 let item = item.map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
@@ -61,28 +74,107 @@ impl RoomPush {
                     }
                 }
             }
-            chat_frames(msgs.into_iter())
+            What::Chat(chat_frames(msgs.into_iter()))
         } else {
-            Pushed::Frame(frame::room_batch(&req.room_id, level, req.batch))
+            let mut entries = Vec::new();
+            for item in chatroom_common::batch::decode(&req.batch) {
+                let item = item.map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+                // A copy per message: the stream keeps messages longer than
+                // the request, and a slice would keep the whole request.
+                entries.push(Entry {
+                    offset: 0,
+                    level,
+                    data: Bytes::copy_from_slice(&item),
+                });
+            }
+            if !req.offsets.is_empty() {
+                if req.offsets.len() != entries.len() {
+                    return Err(Status::invalid_argument(format!(
+                        "{} offsets for {} messages",
+                        req.offsets.len(),
+                        entries.len()
+                    )));
+                }
+                if req.epoch == 0 {
+                    return Err(Status::invalid_argument("offsets without an epoch"));
+                }
+                for (e, &o) in entries.iter_mut().zip(&req.offsets) {
+                    e.offset = o;
+                }
+            }
+            What::Stream {
+                epoch: req.epoch,
+                entries,
+            }
         };
         Ok(RoomPush {
             room_id: req.room_id,
             level,
-            pushed,
+            what,
         })
     }
 }
 
 impl PushService {
     fn push_checked(&self, room: RoomPush) -> PushRoomReply {
-        let st = self
-            .buckets
-            .push_room(&room.room_id, &room.pushed, room.level);
+        let st = match room.what {
+            What::Chat(pushed) => self.buckets.push_room(&room.room_id, &pushed, room.level),
+            What::Stream { epoch, entries } => {
+                self.push_stream(&room.room_id, room.level, epoch, entries)
+            }
+        };
         let r = self.done(st);
         debug!(room = %room.room_id, delivered = r.delivered, dropped = r.dropped, "pushed");
         PushRoomReply {
             delivered: r.delivered,
             dropped: r.dropped,
+        }
+    }
+
+    /// Appends to the room's stream, if this node has one (sessions in the
+    /// room, or a recent one); the writers do the rest.
+    fn push_stream(
+        &self,
+        room: &str,
+        level: MsgLevel,
+        epoch: u64,
+        entries: Vec<Entry>,
+    ) -> PushStats {
+        let Some(stream) = self.streams.get(room) else {
+            return PushStats::default();
+        };
+        // Without offsets (an older job) the stream numbers the messages in
+        // its own epoch, kept from the first such push.
+        let epoch = if epoch == 0 {
+            match stream.position().0 {
+                0 => self.local_epoch,
+                e => e,
+            }
+        } else {
+            epoch
+        };
+        let mut stale = Vec::new();
+        let a = stream.push(
+            &self.streams.cfg,
+            epoch,
+            entries,
+            Instant::now(),
+            &mut stale,
+        );
+        self.streams.stats.record(&a);
+        if a.duplicates > 0 || a.stale > 0 {
+            debug!(%room, duplicates = a.duplicates, stale = a.stale, "room stream push");
+        }
+        if !stale.is_empty() {
+            // Accepted under an epoch this node has moved past: still
+            // delivered, as its own frames with its own positions.
+            for f in frames_of(&self.streams.cfg, room, epoch, &stale) {
+                self.buckets.push_room(room, &Pushed::Frame(f), level);
+            }
+        }
+        PushStats {
+            delivered: stream.members() as u32,
+            ..PushStats::default()
         }
     }
 

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chat::ChatFrame;
 use crate::outbox::{Outbox, PushError};
+use crate::stream::RoomStream;
 
 /// What a session's writer task sends.
 #[derive(Debug)]
@@ -27,6 +28,17 @@ pub enum Outbound {
     Chat(Arc<[ChatFrame]>),
     /// Send a close frame with this code and reason, then stop.
     Close(u16, &'static str),
+    /// From now on also send the room stream's messages from this cursor
+    /// (queued after the sign-in answer and what recovery sent).
+    Subscribe(Cursor),
+}
+
+/// A session's place in its room's stream: the next offset it needs.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    pub stream: Arc<RoomStream>,
+    pub epoch: u64,
+    pub next: u64,
 }
 
 /// The push side of a session: its bounded queue and a switch to end it.

@@ -34,6 +34,7 @@ use prost::Message as _;
 use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// `[stream]`: what each room's stream keeps and how frames are cut.
 #[derive(Debug, Clone, Deserialize)]
@@ -269,7 +270,9 @@ impl RoomStream {
     pub fn take(&self, cfg: &StreamConfig, epoch: u64, from: u64) -> Take {
         let mut st = self.lock();
         if st.epoch != epoch {
-            if st.epoch == 0 {
+            // An older stream here (this node has not seen the session's
+            // epoch yet) is waited out; a newer one restarts the cursor.
+            if st.epoch < epoch {
                 return Take::Nothing;
             }
             let first = st.entries.front().map_or(st.next, |e| e.offset);
@@ -372,7 +375,8 @@ pub fn frames_of(cfg: &StreamConfig, room: &str, epoch: u64, entries: &[Entry]) 
         while j < entries.len() {
             let e = &entries[j];
             let consecutive = j == i || e.offset == entries[j - 1].offset + 1;
-            if j > i && (!consecutive || batch.len() + HEAD_LEN + e.data.len() > cfg.max_frame_bytes)
+            if j > i
+                && (!consecutive || batch.len() + HEAD_LEN + e.data.len() > cfg.max_frame_bytes)
             {
                 break;
             }
@@ -386,7 +390,13 @@ pub fn frames_of(cfg: &StreamConfig, room: &str, epoch: u64, entries: &[Entry]) 
         } else {
             MsgLevel::Normal
         };
-        out.push(frame(room, level, batch.freeze(), entries[j - 1].offset, epoch));
+        out.push(frame(
+            room,
+            level,
+            batch.freeze(),
+            entries[j - 1].offset,
+            epoch,
+        ));
         i = j;
     }
     out
@@ -447,9 +457,43 @@ fn resolve_gap(st: &mut State, cfg: &StreamConfig, now: Instant) -> (u32, u64) {
     (appended, skipped)
 }
 
+/// Counters of the room streams of this node (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Messages appended to a stream.
+    pub appended: AtomicU64,
+    /// Messages that arrived twice (queue redelivery): dropped.
+    pub duplicates: AtomicU64,
+    /// Offsets given up on after the reorder wait.
+    pub skipped: AtomicU64,
+    /// Messages of an older epoch, pushed to the room's sessions directly.
+    pub stale: AtomicU64,
+    /// Merged frames written, and the messages in them.
+    pub frames: AtomicU64,
+    pub messages: AtomicU64,
+    /// NORMAL messages sessions lost by falling behind the stream's reach.
+    pub lost_normal: AtomicU64,
+    /// Sessions behind past an IMPORTANT message: recovered from logic, or
+    /// told with a 410 notice.
+    pub gaps_recovered: AtomicU64,
+    pub gaps_unrecovered: AtomicU64,
+}
+
+impl StreamStats {
+    pub fn record(&self, a: &Appended) {
+        self.appended
+            .fetch_add(u64::from(a.appended), Ordering::Relaxed);
+        self.duplicates
+            .fetch_add(u64::from(a.duplicates), Ordering::Relaxed);
+        self.skipped.fetch_add(a.skipped, Ordering::Relaxed);
+        self.stale.fetch_add(u64::from(a.stale), Ordering::Relaxed);
+    }
+}
+
 /// Every room stream of this node, sharded by room so no lock is global.
 pub struct Streams {
     pub cfg: StreamConfig,
+    pub stats: StreamStats,
     shards: Box<[Mutex<HashMap<String, Arc<RoomStream>>>]>,
     hasher: RandomState,
     started: Instant,
@@ -459,6 +503,7 @@ impl Streams {
     pub fn new(cfg: StreamConfig, shards: usize) -> Self {
         Streams {
             cfg,
+            stats: StreamStats::default(),
             shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             started: Instant::now(),
@@ -522,10 +567,29 @@ impl Streams {
                 map.values().cloned().collect()
             };
             for s in streams {
-                skipped += s.expire_gaps(&self.cfg, now).skipped;
+                let a = s.expire_gaps(&self.cfg, now);
+                self.stats.record(&a);
+                skipped += a.skipped;
             }
         }
         skipped
+    }
+
+    /// Sweeps every `period` until `stop`.
+    pub async fn sweep_loop(self: Arc<Self>, period: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let skipped = self.sweep(Instant::now());
+                    if skipped > 0 {
+                        tracing::warn!(skipped, "room stream gaps given up on after the reorder wait");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -553,7 +617,13 @@ mod tests {
         }
     }
 
-    fn push(s: &RoomStream, c: &StreamConfig, epoch: u64, es: Vec<Entry>, now: Instant) -> Appended {
+    fn push(
+        s: &RoomStream,
+        c: &StreamConfig,
+        epoch: u64,
+        es: Vec<Entry>,
+        now: Instant,
+    ) -> Appended {
         let mut stale = vec![];
         let a = s.push(c, epoch, es, now, &mut stale);
         assert!(stale.is_empty());
@@ -571,7 +641,12 @@ mod tests {
         (msgs, m.offset, m.epoch, m.msg_lv)
     }
 
-    fn take_frame(s: &RoomStream, c: &StreamConfig, epoch: u64, from: u64) -> (Vec<String>, u64, Bytes) {
+    fn take_frame(
+        s: &RoomStream,
+        c: &StreamConfig,
+        epoch: u64,
+        from: u64,
+    ) -> (Vec<String>, u64, Bytes) {
         match s.take(c, epoch, from) {
             Take::Frame { frame, next, .. } => (open(&frame).0, next, frame),
             other => panic!("expected a frame, got {other:?}"),
@@ -627,9 +702,16 @@ mod tests {
         let s = RoomStream::new("r".into());
         let now = Instant::now();
         push(&s, &c, 5, vec![e(10, "a")], now);
-        assert_eq!(s.position(), (5, 11), "a stream starts where its messages do");
+        assert_eq!(
+            s.position(),
+            (5, 11),
+            "a stream starts where its messages do"
+        );
         push(&s, &c, 9, vec![e(1, "x")], now);
-        assert!(matches!(s.take(&c, 5, 11), Take::Epoch { epoch: 9, next: 1 }));
+        assert!(matches!(
+            s.take(&c, 5, 11),
+            Take::Epoch { epoch: 9, next: 1 }
+        ));
         let mut stale = vec![];
         let a = s.push(&c, 5, vec![e(11, "late")], now, &mut stale);
         assert_eq!((a.stale, stale.len()), (1, 1));
@@ -645,21 +727,39 @@ mod tests {
         };
         let s = RoomStream::new("r".into());
         let now = Instant::now();
-        push(&s, &c, 1, vec![e(1, "a"), e(2, "b"), e(3, "c"), e(4, "d")], now);
+        push(
+            &s,
+            &c,
+            1,
+            vec![e(1, "a"), e(2, "b"), e(3, "c"), e(4, "d")],
+            now,
+        );
         assert!(matches!(
             s.take(&c, 1, 1),
-            Take::Lost { from: 1, next: 2, important: false }
+            Take::Lost {
+                from: 1,
+                next: 2,
+                important: false
+            }
         ));
         let mut imp = e(5, "IMP");
         imp.level = MsgLevel::Important;
         push(&s, &c, 1, vec![imp, e(6, "f"), e(7, "g"), e(8, "h")], now);
         assert!(matches!(
             s.take(&c, 1, 2),
-            Take::Lost { from: 2, next: 6, important: true }
+            Take::Lost {
+                from: 2,
+                next: 6,
+                important: true
+            }
         ));
         assert!(matches!(
             s.take(&c, 1, 6),
-            Take::Frame { next: 9, messages: 3, .. }
+            Take::Frame {
+                next: 9,
+                messages: 3,
+                ..
+            }
         ));
     }
 

@@ -136,14 +136,17 @@ impl<T> Batcher<T> {
             self.rooms.remove(room_id);
         }
         let quiet = !self.rooms.contains_key(room_id);
-        let room = self.rooms.entry(room_id.to_owned()).or_insert_with(|| Room {
-            builder: BatchBuilder::default(),
-            tokens: Vec::new(),
-            offsets: Vec::new(),
-            epoch: seq.epoch,
-            important: false,
-            deadline: now,
-        });
+        let room = self
+            .rooms
+            .entry(room_id.to_owned())
+            .or_insert_with(|| Room {
+                builder: BatchBuilder::default(),
+                tokens: Vec::new(),
+                offsets: Vec::new(),
+                epoch: seq.epoch,
+                important: false,
+                deadline: now,
+            });
         if room.tokens.is_empty() {
             room.epoch = seq.epoch;
         }

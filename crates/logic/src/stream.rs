@@ -33,6 +33,9 @@ use crate::config::{PresenceConfig, PresenceKind};
 
 /// Most entries one history call answers.
 pub const MAX_HISTORY_PAGE: u32 = 4096;
+/// Most payload bytes one history call answers (gRPC messages are limited
+/// to 4 MiB); a caller pages on from the last entry it got.
+pub const MAX_HISTORY_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -131,6 +134,7 @@ fn answer(
     let until = if until == 0 { last } else { until.min(last) };
     let from = (after + 1).max(first_kept);
     let mut entries = Vec::new();
+    let mut bytes = 0;
     if asked_epoch == epoch && epoch != 0 {
         for (i, e) in kept.enumerate() {
             let off = first_kept + i as u64;
@@ -141,6 +145,10 @@ fn answer(
                 break;
             }
             let mut e = e?;
+            bytes += e.data.len();
+            if !entries.is_empty() && bytes > MAX_HISTORY_BYTES {
+                break;
+            }
             e.offset = off;
             entries.push(e);
         }
@@ -385,9 +393,14 @@ impl RedisStreams {
             entries: Vec::new(),
         };
         if epoch == e {
+            let mut bytes = 0;
             for (i, raw) in items.into_iter().enumerate() {
                 let mut entry = RoomHistoryEntry::decode(raw.as_slice())?;
                 entry.offset = start + i as u64;
+                bytes += entry.data.len();
+                if !reply.entries.is_empty() && bytes > MAX_HISTORY_BYTES {
+                    break;
+                }
                 reply.entries.push(entry);
             }
         }
@@ -437,7 +450,10 @@ mod tests {
         assert!(h.complete);
         assert_eq!(datas(&h), vec![(3, &b"c"[..]), (4, b"d")]);
         let h = m.history("r", a.epoch, 1, 3, 100);
-        assert_eq!((h.complete, datas(&h)), (true, vec![(2, &b"b"[..]), (3, b"c")]));
+        assert_eq!(
+            (h.complete, datas(&h)),
+            (true, vec![(2, &b"b"[..]), (3, b"c")])
+        );
         let h = m.history("r", a.epoch, 1, 0, 1);
         assert_eq!(datas(&h), vec![(2, &b"b"[..])]);
         // Another epoch: nothing, not complete.
