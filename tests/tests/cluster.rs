@@ -37,6 +37,19 @@ async fn wait_nodes(
     }
 }
 
+async fn signed_in_eventually(url: &str, tok: &str, room: &str) -> anyhow::Result<Client> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match Client::signed_in(url, tok, room).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("503") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -48,8 +61,11 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
 
     let tok_a = http::token(&c.http, "alice").await?;
     let tok_b = http::token(&c.http, "bob").await?;
-    let mut a = Client::signed_in(&c.ws_a, &tok_a, "lobby").await?;
-    let mut b = Client::signed_in(&c.ws_b, &tok_b, "lobby").await?;
+    // A conn node may start before it has seen the logic nodes in etcd
+    // (they register once listening): sign-ins are refused with 503 until
+    // it has; retry within the deadline.
+    let mut a = signed_in_eventually(&c.ws_a, &tok_a, "lobby").await?;
+    let mut b = signed_in_eventually(&c.ws_b, &tok_b, "lobby").await?;
 
     // Jobs need a moment to find the topic and subscribe: repeat a probe
     // message until it gets through, then check ordinary traffic.
@@ -78,6 +94,42 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
             "hello never arrived"
         );
     }
+
+    // One session's pipelined messages reach both nodes in the order sent,
+    // with the same offsets on each node (logic numbers them once), even
+    // though two job nodes share the queue.
+    for i in 0..30 {
+        a.send_message("lobby", MsgLevel::Normal, format!("seq-{i}").as_bytes())
+            .await?;
+    }
+    let mut seen = vec![];
+    for cl in [&mut a, &mut b] {
+        let mut got = vec![];
+        let deadline = tokio::time::Instant::now() + T;
+        while got.len() < 30 {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of 30 sequenced messages arrived: {got:?}",
+                got.len()
+            );
+            for m in cl.recv_stream(1, T).await?.msgs {
+                if m.data.starts_with(b"seq-") {
+                    got.push((String::from_utf8_lossy(&m.data).into_owned(), m.epoch, m.offset));
+                }
+            }
+        }
+        let order: Vec<String> = got.iter().map(|g| g.0.clone()).collect();
+        let want: Vec<String> = (0..30).map(|i| format!("seq-{i}")).collect();
+        anyhow::ensure!(order == want, "out of order: {order:?}");
+        let first = got[0].2;
+        anyhow::ensure!(
+            got.iter().enumerate().all(|(i, g)| g.2 == first + i as u64 && g.1 == got[0].1),
+            "offsets not consecutive in one epoch: {got:?}"
+        );
+        seen.push(got);
+    }
+    anyhow::ensure!(seen[0] == seen[1], "offsets differ between conn nodes");
+    let (epoch, last_seen) = (seen[1][29].1, seen[1][29].2);
 
     // POST /msg reaches both nodes, as IMPORTANT.
     let r = http::post_json(
@@ -158,6 +210,33 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     }
     // B's session still works.
     anyhow::ensure!(&b.heartbeat().await?[..] == b"pong");
+
+    // A's client comes back on B with the position it had before A died,
+    // and recovers every IMPORTANT message it missed, in order, once.
+    let mut back = Client::connect(&c.ws_b).await?;
+    let e = back.sign_in_resume(&tok_a, "lobby", epoch, last_seen).await?;
+    anyhow::ensure!(e.code == 0 && e.recovered, "recovery on B: {e:?}");
+    let mut rec: Vec<String> = vec![];
+    let mut offsets = vec![];
+    let deadline = tokio::time::Instant::now() + T;
+    while !sent.iter().all(|m| rec.contains(m)) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "recovery missed IMPORTANT messages: sent {sent:?}, got {rec:?}"
+        );
+        for m in back.recv_stream(1, T).await?.msgs {
+            offsets.push(m.offset);
+            rec.push(String::from_utf8_lossy(&m.data).into_owned());
+        }
+    }
+    anyhow::ensure!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1) && offsets[0] == last_seen + 1,
+        "recovered offsets not consecutive from {}: {offsets:?}",
+        last_seen + 1
+    );
+    let mut dedup = rec.clone();
+    dedup.dedup();
+    anyhow::ensure!(dedup == rec, "a message came twice: {rec:?}");
 
     // SIGTERM conn B: it deregisters at once, says Going Away, exits cleanly.
     let status = c.conn_b.terminate(Duration::from_secs(10)).await?;

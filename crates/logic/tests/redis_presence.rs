@@ -311,3 +311,59 @@ async fn servers_of_users_for_im_delivery() {
     assert!(p.servers_of_many(&[]).await.unwrap().is_empty());
     cleanup(&prefix).await;
 }
+
+/// Room streams in Redis: two logic nodes (two `Streams` on one Redis)
+/// never hand out the same offset, history is kept and bounded, and a lost
+/// stream restarts with a newer epoch.
+#[tokio::test]
+async fn redis_streams_number_once_across_nodes_and_keep_history() {
+    use bytes::Bytes;
+    use chatroom_logic::stream::{Entry, StreamConfig, Streams};
+    let prefix = unique_prefix("streams");
+    let p = presence_config(&prefix, 15);
+    let sc = StreamConfig {
+        history_messages: 5,
+        history_bytes: 1 << 20,
+        idle_ttl_secs: 60,
+    };
+    let a = Streams::connect(&p, &sc).await.unwrap();
+    let b = Streams::connect(&p, &sc).await.unwrap();
+    let e = |s: &str| Entry {
+        level: 1,
+        data: Bytes::copy_from_slice(s.as_bytes()),
+    };
+    let n1 = a.append("r", &[e("a1"), e("a2")]).await.unwrap();
+    let n2 = b.append("r", &[e("b1")]).await.unwrap();
+    let n3 = a.append("r", &[e("a3"), e("a4"), e("a5"), e("a6")]).await.unwrap();
+    assert_eq!((n1.first, n2.first, n3.first), (1, 3, 4));
+    assert!(n1.epoch > 0 && n1.epoch == n2.epoch && n2.epoch == n3.epoch);
+    // Kept: offsets 3..=7 (five).
+    let h = b.history("r", n1.epoch, 3, 0, 100).await.unwrap();
+    assert!(h.complete);
+    let got: Vec<(u64, Vec<u8>)> = h.entries.iter().map(|e| (e.offset, e.data.to_vec())).collect();
+    assert_eq!(
+        got,
+        vec![(4, b"a3".to_vec()), (5, b"a4".to_vec()), (6, b"a5".to_vec()), (7, b"a6".to_vec())]
+    );
+    assert_eq!(h.entries[0].level, 1);
+    let h = b.history("r", n1.epoch, 1, 0, 100).await.unwrap();
+    assert!(!h.complete, "offset 2 was trimmed");
+    assert_eq!(h.entries.first().map(|e| e.offset), Some(3));
+    let h = b.history("r", n1.epoch, 4, 5, 100).await.unwrap();
+    assert_eq!(h.entries.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![5]);
+    let h = b.history("r", n1.epoch + 1, 4, 0, 100).await.unwrap();
+    assert!(!h.complete && h.entries.is_empty());
+    // Redis loses the room: a new stream, a newer epoch, offsets from 1.
+    let mut r = raw().await;
+    let keys: Vec<String> = r.keys(format!("{prefix}*")).await.unwrap();
+    let _: () = r.del(&keys).await.unwrap();
+    // Epochs are milliseconds: a restart within the same one is not newer.
+    while chatroom_logic::id::now_ms() <= n1.epoch {
+        tokio::task::yield_now().await;
+    }
+    let n4 = b.append("r", &[e("new")]).await.unwrap();
+    assert_eq!(n4.first, 1);
+    assert!(n4.epoch > n1.epoch, "{} > {}", n4.epoch, n1.epoch);
+    let keys: Vec<String> = r.keys(format!("{prefix}*")).await.unwrap();
+    let _: () = r.del(&keys).await.unwrap();
+}
