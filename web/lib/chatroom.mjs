@@ -109,6 +109,11 @@ export function unpack(data) {
 
 /**
  * Loads api/protocol.proto with protobuf.js and returns its message types.
+ *
+ * The schema text is read here (fetch in browsers, the file system in Node)
+ * and given to `protobuf.parse`: `protobuf.load` resolves names as file
+ * paths, and turns `http://host/api/protocol.proto` into a request for
+ * `/host/api/protocol.proto` on the page's own origin.
  * @param {object} [opts]
  * @param {object} [opts.protobuf] protobuf.js (full build, it parses .proto);
  *   default: the global `protobuf` (browser script tag), else the `protobufjs` package.
@@ -117,11 +122,20 @@ export function unpack(data) {
  */
 export async function loadProtocol(opts = {}) {
   const protobuf = opts.protobuf ?? globalThis.protobuf ?? (await import('protobufjs')).default;
+  if (typeof protobuf?.parse !== 'function') {
+    throw new Error('protobuf.js full build needed (protobuf.parse is missing): load protobuf.min.js, not the light or minimal build');
+  }
   const url = new URL(opts.protoUrl ?? '../../api/protocol.proto', import.meta.url);
-  // protobuf.js reads file paths with fs in Node and fetches URLs in
-  // browsers; it does not understand file: URLs, so convert those.
-  const where = url.protocol === 'file:' ? (await import('node:url')).fileURLToPath(url) : url.href;
-  const root = await protobuf.load(where);
+  let source;
+  if (url.protocol === 'file:') {
+    const { readFile } = await import('node:fs/promises');
+    source = await readFile(url, 'utf8');
+  } else {
+    const res = await fetch(url);
+    if (!res.ok) throw new Error(`cannot load the protocol schema ${url.href}: HTTP ${res.status}`);
+    source = await res.text();
+  }
+  const { root } = protobuf.parse(source);
   const type = (name) => root.lookupType(`chatroom.protocol.${name}`);
   return {
     root,
