@@ -37,6 +37,7 @@ after(async () => {
 async function open(label, viewport = DESKTOP) {
   const ctx = await browser.newContext({ viewport });
   const page = await ctx.newPage();
+  page.setDefaultTimeout(UI_MS);
   const g = guard(page, label);
   return { ctx, page, g, label };
 }
