@@ -3,7 +3,10 @@
 // browser contexts in one room, NORMAL and IMPORTANT messages both ways, the
 // online count as the second joins and leaves, a merged batch shown as
 // separate messages, the server's refusals (bad token, oversized message),
-// reconnection after the server restarts, and a phone-sized viewport.
+// reconnection after the server restarts, and a phone-sized viewport; and,
+// against a scripted room server (the standalone one sends no offsets
+// yet), the stream position kept across a reconnect by protobuf.js's
+// browser build, duplicates dropped, and lost messages reported.
 //
 //   cd web && npm ci && CHATROOM_BIN=../target/debug/chatroom node --test test/browser-room.test.mjs
 //
@@ -13,7 +16,8 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 
-import { MsgLevel, RoomClient, loadProtocol } from '../lib/chatroom.mjs';
+import { ErrCode, MsgLevel, PackageType, RoomClient, loadProtocol } from '../lib/chatroom.mjs';
+import { answer, push, reply, scriptedServer } from './scripted-server.mjs';
 import { DESKTOP, PHONE, UI_MS, assertNoHorizontalScroll, guard, launchBrowser, screenshots, startServer, stopServer } from './browser.mjs';
 
 const ROOM = `lobby-${randomUUID().slice(0, 8)}`;
@@ -196,4 +200,44 @@ test('the room page on a phone-sized viewport', async () => {
   await shots.shot(phone.page, 'phone');
   phone.g.check();
   await phone.ctx.close();
+});
+
+test('the page resumes from its offset, drops duplicates and reports lost messages (scripted server)', async () => {
+  const proto = await loadProtocol();
+  const fake = await scriptedServer(proto);
+  const u = await open('recovery');
+  const room = `stream-${ROOM}`;
+  try {
+    await u.page.goto(`${server.base}/web/room.html?ws=${encodeURIComponent(fake.url)}&room=${room}&uid=carol`);
+    await u.page.waitForFunction(() => !document.getElementById('connect').disabled, null, { timeout: UI_MS });
+    await u.page.click('#connect');
+    let s = await fake.next();
+    assert.deepEqual([s.signIn.room, s.signIn.sinceOffset, s.signIn.epoch], [room, 0, 0], 'no recovery asked at first');
+    const big = 2 ** 40; // uint64 above 2^32: the browser build reads Numbers, not Longs
+    answer(s.ws, { epoch: 7, offset: big });
+    await status(u.page, 'open', `in ${room}`);
+    push(s.ws, room, { epoch: 7, offset: big + 3 }, ['m1', 'm2', 'm3']);
+    await logLine(u.page, 'm3', 'p.msg');
+
+    // Dropped: the page signs in again from where it was.
+    s.ws.terminate();
+    s = await fake.next();
+    assert.deepEqual([s.signIn.sinceOffset, s.signIn.epoch], [big + 3, 7]);
+    answer(s.ws, { epoch: 7, offset: big + 4, recovered: true });
+    await status(u.page, 'open', `in ${room}`);
+    push(s.ws, room, { epoch: 7, offset: big + 4 }, ['m2', 'm3', 'm4']);
+    await logLine(u.page, 'm4', 'p.msg');
+    const lines = await u.page.$$eval('#log p.msg', (ps) => ps.map((p) => [p.textContent, Number(p.dataset.offset)]));
+    assert.deepEqual(lines, [['m1', big + 1], ['m2', big + 2], ['m3', big + 3], ['m4', big + 4]], 'each message once, with its offset');
+    assert.equal(await u.page.isVisible('#notice'), false);
+
+    // A 410 notice: the page says messages are missing.
+    reply(s.ws, PackageType.UNKNOWN, proto.Err.encode(proto.Err.create({ code: ErrCode.GONE, msg: 'messages lost', epoch: 7, offset: big + 9 })).finish());
+    await u.page.locator('#notice', { hasText: 'Some messages could not be recovered' }).waitFor({ timeout: UI_MS });
+    await shots.shot(u.page, 'messages-not-recovered');
+    u.g.check();
+  } finally {
+    await fake.close();
+    await u.ctx.close();
+  }
 });

@@ -8,9 +8,8 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { WebSocketServer } from 'ws';
-
-import { ErrCode, MsgLevel, PackageType, RoomClient, backoffDelay, loadProtocol, pack, text, toNumber } from '../lib/chatroom.mjs';
+import { ErrCode, PackageType, RoomClient, backoffDelay, loadProtocol, text, toNumber } from '../lib/chatroom.mjs';
+import { answer, push, reply, scriptedServer } from './scripted-server.mjs';
 import { within } from './support.mjs';
 
 const WAIT_MS = 5000;
@@ -18,57 +17,6 @@ const FAST = { baseMs: 20, maxMs: 160 };
 let proto;
 
 before(async () => { proto = await loadProtocol(); });
-
-/**
- * A server whose connections are handed to the test in order: `next()`
- * resolves with `{ws, signIn}` once a client has sent its SIGN_IN.
- */
-async function scriptedServer() {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
-  await new Promise((resolve) => wss.once('listening', resolve));
-  const arrived = [];
-  const waiting = [];
-  let count = 0;
-  wss.on('connection', (ws) => {
-    count += 1;
-    ws.once('message', (data) => {
-      const req = proto.Req.decode(new Uint8Array(data));
-      assert.equal(req.type, PackageType.SIGN_IN);
-      const s = proto.SignIn.decode(req.data);
-      const conn = {
-        ws,
-        signIn: { token: s.token, room: s.roomID, sinceOffset: toNumber(s.sinceOffset), epoch: toNumber(s.epoch) },
-      };
-      if (waiting.length) waiting.shift()(conn);
-      else arrived.push(conn);
-    });
-  });
-  return {
-    url: `ws://127.0.0.1:${wss.address().port}/room`,
-    connections: () => count,
-    next: () => within(WAIT_MS, 'the client to connect and sign in', new Promise((resolve) => {
-      if (arrived.length) resolve(arrived.shift());
-      else waiting.push(resolve);
-    })),
-    close: () => new Promise((resolve) => {
-      for (const c of wss.clients) c.terminate();
-      wss.close(resolve);
-    }),
-  };
-}
-
-function reply(ws, type, data) {
-  ws.send(proto.Reply.encode(proto.Reply.create({ type, data })).finish());
-}
-
-function answer(ws, fields) {
-  reply(ws, PackageType.UNKNOWN, proto.Err.encode(proto.Err.create({ code: 0, msg: 'ok', ...fields })).finish());
-}
-
-function push(ws, room, { epoch, offset }, messages, level = MsgLevel.NORMAL) {
-  const m = proto.BroadcastRoomReq.create({ roomID: room, msgLv: level, data: pack(messages), epoch, offset });
-  reply(ws, PackageType.MESSAGE, proto.BroadcastRoomReq.encode(m).finish());
-}
 
 /** The next `name` event of `c` (with a deadline). */
 function next(c, name) {
@@ -114,7 +62,7 @@ describe('backoff', () => {
 
 describe('reconnecting RoomClient', () => {
   let server;
-  before(async () => { server = await scriptedServer(); });
+  before(async () => { server = await scriptedServer(proto); });
   after(async () => { await server.close(); });
 
   test('resumes from its offset, drops what it saw, reports what is lost, stops on refusal', async () => {
