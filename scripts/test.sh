@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what is missing (apt-get,
 # as root), starts etcd, Redis and PostgreSQL on temporary ports and folders, builds the
-# binaries the cluster tests spawn, runs `cargo test --workspace` and the
-# protobuf.js protocol test, then stops everything it started.
+# binaries the cluster tests spawn, runs `cargo test --workspace`, the Node
+# tests (protobuf.js protocol, IM client) and the browser suite (headless
+# Chromium through playwright-core), then stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -15,6 +16,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v curl >/dev/null || need+=(curl)
+# The browser suite drives Debian's Chromium (playwright-core downloads no browser).
+command -v chromium >/dev/null || need+=(chromium)
 # The load generator's smoke test also drives nats-server, the peer it is compared with.
 [ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null || need+=(nats-server)
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
@@ -93,8 +96,16 @@ export CHATROOM_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
 log "cargo test --workspace"
 cargo test --workspace
 
-if [ -f web/package.json ]; then
-  log "protobuf.js protocol test"
-  (cd web && npm ci --no-audit --no-fund --loglevel=error && CHATROOM_BIN="$CHATROOM_BIN_DIR/chatroom" node --test test/)
-fi
+log "npm ci (protobuf.js, ws, playwright-core)"
+(cd web && npm ci --no-audit --no-fund --loglevel=error)
+export CHATROOM_BIN="$CHATROOM_BIN_DIR/chatroom"
+
+log "Node tests: protobuf.js protocol, reconnection, IM client, vendored protobuf.js"
+(cd web && node --test $(ls test/*.test.mjs | grep -v '/browser-'))
+
+log "browser suite: headless Chromium on the room and IM pages"
+CHROMIUM=$(command -v chromium)
+export CHROMIUM
+(cd web && node --test test/browser-*.test.mjs)
+echo "screenshots: $root/web/screenshots/"
 log "all tests passed"

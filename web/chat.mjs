@@ -70,6 +70,8 @@ async function loggedIn(user) {
   me = { ...user, id: Number(user.id) };
   api.token = me.token;
   saveSession();
+  // An earlier failure (a mistyped password) is no longer news.
+  $('notice').hidden = true;
   names.set(me.id, me.nickname || `#${me.id}`);
   $('auth').hidden = true;
   $('app').hidden = false;
@@ -583,6 +585,11 @@ function boot() {
   $('create-community').addEventListener('submit', onCreateCommunity);
   $('join-community').addEventListener('submit', onJoinCommunity);
   $('older').addEventListener('click', () => { if (current) loadOlder(current); });
+  // Scrolling up to the top loads the page before it, as the button does.
+  $('messages').addEventListener('scroll', () => {
+    const c = current;
+    if (c && c.loaded && c.hasMore && !c.loading && $('messages').scrollTop < 40) loadOlder(c);
+  }, { passive: true });
   $('composer').addEventListener('submit', onCompose);
   $('text').addEventListener('keydown', (ev) => {
     if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) onCompose(ev);
@@ -597,11 +604,42 @@ function boot() {
   $('record').addEventListener('click', onRecord);
   $('composer').setAttribute('aria-disabled', 'true');
 
+  if (params.has('id') || params.has('token')) {
+    fromLink(params.get('id'), params.get('token'));
+    return;
+  }
   let saved = null;
   try {
     saved = JSON.parse(sessionStorage.getItem(SESSION_KEY) ?? 'null');
   } catch { /* ignore */ }
   if (saved?.token && saved?.id) loggedIn(saved);
+}
+
+/**
+ * The IM seed's entry, `/chat/index.shtml?id=<id>&token=<token>` (logic
+ * redirects it here with its query): signs in as that user. The token
+ * leaves the address bar (and history) at once.
+ */
+async function fromLink(id, token) {
+  params.delete('id');
+  params.delete('token');
+  const rest = params.toString();
+  history.replaceState(null, '', `${location.pathname}${rest ? `?${rest}` : ''}${location.hash}`);
+  const uid = Number(id);
+  if (!Number.isSafeInteger(uid) || uid <= 0 || !token) {
+    notify('This sign-in link needs a user id and a token: log in instead.');
+    return;
+  }
+  api.token = token;
+  try {
+    // userid: the server refuses a token that belongs to someone else.
+    const { data: user } = await api.call('/user/find', { id: uid, userid: uid });
+    await loggedIn({ ...user, id: uid, token });
+  } catch (e) {
+    api.token = '';
+    if (e instanceof ImError && e.code === LOGIN_NEEDED) notify('This sign-in link has expired or is not valid: log in again.');
+    else notify(`Signing in from the link failed: ${describe(e)}`);
+  }
 }
 
 boot();

@@ -3,7 +3,7 @@
 //   node serve.mjs            # then open http://127.0.0.1:8000/web/room.html
 //
 // Serves web/ and api/ of the repository (the page loads ../api/protocol.proto
-// and node_modules/protobufjs) and forwards POST /tk, POST /msg, the IM
+// and vendor/protobuf.min.js) and forwards POST /tk, POST /msg, the IM
 // routes (/user/*, /contact/*, /chat/history, /attach/upload) and
 // GET /attach/files/* to the logic HTTP API. (Logic serves both pages itself
 // too, from `http.web_dir`: http://127.0.0.1:8081/web/chat.html.) The forwarding is why this exists: logic sends no CORS

@@ -10,7 +10,7 @@
 //   const proto = await loadProtocol();
 //   const client = new RoomClient(proto);
 //   await client.connect('ws://127.0.0.1:8080/room');
-//   const err = await client.signIn(token, 'lobby');   // {code: 0, msg: 'ok'}
+//   const err = await client.signIn(token, 'lobby');   // {code: 0, msg: 'ok', epoch, offset, ...}
 //   client.on('message', (m) => console.log(m.room, m.level, text(m.data)));
 //   client.send('lobby', MsgLevel.NORMAL, 'hello');
 
@@ -28,6 +28,8 @@ export const ErrCode = Object.freeze({
   FORBIDDEN: 403,
   UNKNOWN_TYPE: 404,
   CONFLICT: 409,
+  /** A notice: messages this session lacks could not be recovered; reload. */
+  GONE: 410,
   TOO_LARGE: 413,
   UNAVAILABLE: 503,
 });
@@ -109,6 +111,11 @@ export function unpack(data) {
 
 /**
  * Loads api/protocol.proto with protobuf.js and returns its message types.
+ *
+ * The schema text is read here (fetch in browsers, the file system in Node)
+ * and given to `protobuf.parse`: `protobuf.load` resolves names as file
+ * paths, and turns `http://host/api/protocol.proto` into a request for
+ * `/host/api/protocol.proto` on the page's own origin.
  * @param {object} [opts]
  * @param {object} [opts.protobuf] protobuf.js (full build, it parses .proto);
  *   default: the global `protobuf` (browser script tag), else the `protobufjs` package.
@@ -117,11 +124,20 @@ export function unpack(data) {
  */
 export async function loadProtocol(opts = {}) {
   const protobuf = opts.protobuf ?? globalThis.protobuf ?? (await import('protobufjs')).default;
+  if (typeof protobuf?.parse !== 'function') {
+    throw new Error('protobuf.js full build needed (protobuf.parse is missing): load protobuf.min.js, not the light or minimal build');
+  }
   const url = new URL(opts.protoUrl ?? '../../api/protocol.proto', import.meta.url);
-  // protobuf.js reads file paths with fs in Node and fetches URLs in
-  // browsers; it does not understand file: URLs, so convert those.
-  const where = url.protocol === 'file:' ? (await import('node:url')).fileURLToPath(url) : url.href;
-  const root = await protobuf.load(where);
+  let source;
+  if (url.protocol === 'file:') {
+    const { readFile } = await import('node:fs/promises');
+    source = await readFile(url, 'utf8');
+  } else {
+    const res = await fetch(url);
+    if (!res.ok) throw new Error(`cannot load the protocol schema ${url.href}: HTTP ${res.status}`);
+    source = await res.text();
+  }
+  const { root } = protobuf.parse(source);
   const type = (name) => root.lookupType(`chatroom.protocol.${name}`);
   return {
     root,
@@ -154,7 +170,36 @@ class Pending {
 }
 
 /**
- * One WebSocket session in one room.
+ * A protobuf uint64/int64 as a Number. protobuf.js hands out a Long when the
+ * `long` package is around (Node) and a Number otherwise (the browser
+ * build); offsets and ids stay below 2^53, so a Number is exact.
+ */
+export function toNumber(v) {
+  if (typeof v === 'number') return v;
+  if (typeof v === 'bigint') return Number(v);
+  if (v && typeof v.toNumber === 'function') return v.toNumber();
+  if (v && typeof v.low === 'number' && typeof v.high === 'number') {
+    return (v.unsigned ? v.high >>> 0 : v.high) * 2 ** 32 + (v.low >>> 0);
+  }
+  return Number(v ?? 0);
+}
+
+/** Reconnect timing: the first retry after about `baseMs`, doubling up to `maxMs`. */
+export const BACKOFF = Object.freeze({ baseMs: 500, maxMs: 15000 });
+
+/**
+ * The wait before reconnect attempt `attempt` (0 for the first): the
+ * exponential step `min(maxMs, baseMs * 2^attempt)`, of which a random half
+ * is taken off ("equal jitter"), so that clients dropped together do not
+ * come back together. Never more than `maxMs`, never less than half a step.
+ */
+export function backoffDelay(attempt, { baseMs = BACKOFF.baseMs, maxMs = BACKOFF.maxMs } = {}, random = Math.random) {
+  const step = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 30));
+  return Math.round(step / 2 + random() * (step / 2));
+}
+
+/**
+ * One client of one room, over one WebSocket at a time.
  *
  * Replies carry no request id, so they are matched by kind and order: the
  * server answers a session's frames one at a time, in order. HEARTBEAT and
@@ -162,15 +207,37 @@ class Pending {
  * SIGN_IN answers it. A MESSAGE is answered only when it fails, so later Errs
  * cannot be tied to a request: they are emitted as 'err' events.
  *
- * One instance serves one connection: to reconnect, make a new one.
+ * Room stream position: pushed frames and the sign-in answer carry the
+ * room's `epoch` and `offset` (README "Protocol"; 0 when the server keeps no
+ * stream for the room). The client keeps the last offset seen per room and
+ * epoch, drops pushed messages at or below it (a reconnect may bring some
+ * twice), and signs in again with `since_offset` + `epoch` so that the
+ * server can send what was missed.
+ *
+ * With `reconnect` on, a connection that drops after a successful sign-in
+ * is opened again with backoff (`backoffDelay`; the count restarts after
+ * each successful sign-in) — not after `close()`, and not once a sign-in
+ * has been refused (a bad or expired token would be refused again). Without
+ * it, one instance serves one connection.
  *
  * Events (`on(name, fn)` returns a function that unsubscribes):
- * - 'message' `{room, level, data, batch, batchSize}`: one pushed message;
- *   `batch` numbers the Reply frames this client received, `batchSize` is how
- *   many messages that frame carried;
- * - 'batch' `{room, level, messages}`: one pushed frame, unpacked;
- * - 'err' `{code, msg}`: an Err reply that answers no pending sign-in;
- * - 'close' `{code, reason}`; 'error' `Error`: transport or decoding problems.
+ * - 'message' `{room, level, data, batch, batchSize, epoch, offset}`: one
+ *   pushed message (`offset` null when the room has no stream);
+ * - 'batch' `{room, level, messages, epoch, offset}`: one pushed frame,
+ *   unpacked, without the messages dropped as already seen;
+ * - 'err' `{code, msg, ...}`: an Err reply that answers no pending sign-in;
+ * - 'state' `{state, attempt, delayMs?}`: 'connecting', 'open', 'signed-in',
+ *   'reconnecting' (waiting `delayMs` before attempt `attempt`), 'closed';
+ * - 'reconnecting' `{attempt, delayMs, code, reason}`: the connection dropped
+ *   and will be opened again;
+ * - 'reconnected' `{attempt, answer}`: signed in again after a drop;
+ * - 'unrecovered' `{room, reason, code?, msg?, epoch, offset}`: messages this
+ *   client lacks could not be recovered (the sign-in answer said
+ *   `recovered: false`, or an Err 410 notice came): show that, reload;
+ * - 'refused' `{code, msg}`: a reconnect's sign-in was refused; the client
+ *   stops (then 'close');
+ * - 'close' `{code, reason}`: the client is done (no reconnect follows);
+ * - 'error' `Error`: transport or decoding problems.
  */
 export class RoomClient {
   /**
@@ -180,18 +247,34 @@ export class RoomClient {
    *   one, else the `ws` package.
    * @param {number} [opts.timeoutMs=10000] default answer timeout for
    *   signIn / heartbeat / members (0: none).
+   * @param {boolean|{baseMs?: number, maxMs?: number}} [opts.reconnect=false]
+   *   reconnect after an unexpected drop (true: `BACKOFF` timing).
+   * @param {() => number} [opts.random] jitter source (tests), default Math.random.
    */
   constructor(proto, opts = {}) {
     this.proto = proto;
     this.WebSocket = opts.WebSocket;
     this.timeoutMs = opts.timeoutMs ?? 10000;
+    this.reconnect = opts.reconnect ? { ...BACKOFF, ...(opts.reconnect === true ? {} : opts.reconnect) } : null;
+    this.random = opts.random ?? Math.random;
     this.ws = null;
-    this.closed = null; // {code, reason} once closed
+    this.url = null;
+    this.closed = null; // {code, reason} once done for good
+    this.state = 'idle';
     this.batches = 0;
+    /** Pushed messages dropped because their offset was already seen. */
+    this.duplicates = 0;
     this.listeners = new Map();
     this.pendingSignIn = null;
     this.pendingHeartbeats = [];
     this.pendingMembers = [];
+    /** room -> {epoch, offset}: the last message seen of the room's stream. */
+    this.streams = new Map();
+    this.session = null; // {token, room} after a successful sign-in
+    this.refused = null; // the Err of a refused sign-in
+    this.userClosed = false;
+    this.attempt = 0;
+    this.retryTimer = null;
   }
 
   on(name, fn) {
@@ -216,18 +299,30 @@ export class RoomClient {
     }
   }
 
+  setState(state, extra = {}) {
+    this.state = state;
+    this.emit('state', { state, attempt: this.attempt, ...extra });
+  }
+
   /** Opens the WebSocket; resolves once open. */
   async connect(url) {
-    if (this.ws) throw new Error('already connected');
+    if (this.ws || this.closed) throw new Error('already connected');
+    this.url = url;
+    await this.open(url);
+  }
+
+  async open(url) {
     const WS = this.WebSocket ?? globalThis.WebSocket ?? (await import('ws')).default;
+    this.setState('connecting');
     const ws = new WS(url);
     this.ws = ws;
     // Browsers default to Blob, which needs an asynchronous read per frame;
     // ws defaults to Buffer, already a Uint8Array: keep that.
     if (ws.binaryType === 'blob') ws.binaryType = 'arraybuffer';
-    ws.addEventListener('message', (ev) => this.onFrame(ev.data));
-    ws.addEventListener('error', (ev) => this.emit('error', ev.error ?? new Error('websocket error')));
-    ws.addEventListener('close', (ev) => this.onClose(ev.code, ev.reason));
+    // Events of a socket that has been replaced (after a reconnect) are ignored.
+    ws.addEventListener('message', (ev) => { if (this.ws === ws) this.onFrame(ev.data); });
+    ws.addEventListener('error', (ev) => { if (this.ws === ws) this.emit('error', ev.error ?? new Error(`websocket error (${url})`)); });
+    ws.addEventListener('close', (ev) => { if (this.ws === ws) this.onClose(ev.code, ev.reason); });
     await new Promise((resolve, reject) => {
       const opened = () => { done(); resolve(); };
       const failed = (ev) => { done(); reject(ev.error ?? new Error(`cannot connect to ${url} (close code ${ev.code ?? '?'})`)); };
@@ -240,6 +335,7 @@ export class RoomClient {
       ws.addEventListener('error', failed);
       ws.addEventListener('close', failed);
     });
+    if (this.ws === ws) this.setState('open');
   }
 
   /** Sends raw bytes as one binary frame (for diagnostics and tests). */
@@ -254,26 +350,71 @@ export class RoomClient {
     this.sendRaw(Req.encode(Req.create({ type, data: bytes(data) })).finish());
   }
 
+  /** The last position seen in `room`'s stream, `{epoch, offset}`, or null. */
+  position(room) {
+    const s = this.streams.get(room);
+    return s ? { ...s } : null;
+  }
+
   /**
-   * Signs in to `room`; resolves with the server's Err `{code, msg}` (code 0
-   * on success, otherwise the server closes the connection).
+   * Signs in to `room`; resolves with the server's Err `{code, msg, epoch,
+   * offset, recovered}` (code 0 on success, otherwise the server closes the
+   * connection). When this client has seen the room's stream before (an
+   * earlier connection), it asks for what came after (`since_offset`,
+   * `epoch`).
    */
   signIn(token, room, { timeoutMs = this.timeoutMs } = {}) {
     if (this.pendingSignIn) return Promise.reject(new Error('a sign-in is already pending'));
     const { SignIn } = this.proto;
+    const since = this.streams.get(room);
+    const fields = { token, roomID: room };
+    if (since?.epoch) Object.assign(fields, { sinceOffset: since.offset, epoch: since.epoch });
     return new Promise((resolve, reject) => {
       const p = new Pending(resolve, reject, timeoutMs, 'sign-in');
       this.pendingSignIn = p;
       try {
-        this.sendReq(PackageType.SIGN_IN, SignIn.encode(SignIn.create({ token, roomID: room })).finish());
+        this.sendReq(PackageType.SIGN_IN, SignIn.encode(SignIn.create(fields)).finish());
       } catch (e) {
         this.pendingSignIn = null;
         p.reject(e);
       }
+    }).then((answer) => {
+      if (answer.code === ErrCode.OK) this.signedIn(token, room, answer, since);
+      else this.refused = answer;
+      return answer;
     }).finally(() => {
       // After a timeout or a send failure; the answer path clears it itself.
       if (this.pendingSignIn?.done) this.pendingSignIn = null;
     });
+  }
+
+  signedIn(token, room, answer, since) {
+    this.session = { token, room };
+    this.refused = null;
+    this.attempt = 0;
+    if (since?.epoch) {
+      if (answer.recovered && answer.epoch === since.epoch) {
+        // What came after since.offset is on its way: keep the position so
+        // that it is shown, and anything seen twice is dropped.
+      } else {
+        this.emit('unrecovered', {
+          room,
+          reason: answer.epoch ? 'the server could not send the messages missed' : 'the server keeps no history of this room',
+          epoch: answer.epoch,
+          offset: answer.offset,
+          since: { ...since },
+        });
+        this.setPosition(room, answer.epoch, answer.offset);
+      }
+    } else {
+      this.setPosition(room, answer.epoch, answer.offset);
+    }
+    this.setState('signed-in');
+  }
+
+  setPosition(room, epoch, offset) {
+    if (epoch) this.streams.set(room, { epoch, offset });
+    else this.streams.delete(room);
   }
 
   /** Sends a heartbeat; resolves with the reply text ("pong"). */
@@ -293,6 +434,7 @@ export class RoomClient {
    * Sends a room message. Success is not acknowledged: the message comes
    * back pushed to every session of the room, this one included; a failure
    * arrives as an 'err' event. An empty `room` means the session's room.
+   * Throws 'not connected' while reconnecting.
    */
   send(room, level, data) {
     const { BroadcastRoomReq } = this.proto;
@@ -303,7 +445,7 @@ export class RoomClient {
   /**
    * Pushed messages as an async iterator, from the moment this is called
    * (call it before the messages can arrive, e.g. before signIn). It ends
-   * when the connection closes; `break` out of the loop to stop listening.
+   * when the client closes for good; `break` out of the loop to stop listening.
    */
   messages() {
     const queue = [];
@@ -337,9 +479,21 @@ export class RoomClient {
     };
   }
 
-  /** Closes the connection; resolves with `{code, reason}` once closed. */
+  /**
+   * Closes the connection and stops reconnecting; resolves with
+   * `{code, reason}` once closed.
+   */
   close(code = 1000, reason = '') {
-    if (!this.ws || this.closed) return Promise.resolve(this.closed);
+    this.userClosed = true;
+    if (this.closed) return Promise.resolve(this.closed);
+    if (this.retryTimer !== null) {
+      // Between two connections: nothing open to close.
+      clearTimeout(this.retryTimer);
+      this.retryTimer = null;
+      this.finish({ code, reason: reason || 'closed by the client' });
+      return Promise.resolve(this.closed);
+    }
+    if (!this.ws) return Promise.resolve(null);
     return new Promise((resolve) => {
       const off = this.on('close', (c) => { off(); resolve(c); });
       this.ws.close(code, reason);
@@ -381,7 +535,15 @@ export class RoomClient {
     switch (reply.type) {
       case PackageType.UNKNOWN: {
         const e = this.proto.Err.decode(reply.data);
-        const err = { code: e.code, msg: e.msg };
+        const err = {
+          code: e.code,
+          msg: e.msg,
+          epoch: toNumber(e.epoch),
+          offset: toNumber(e.offset),
+          recovered: Boolean(e.recovered),
+        };
+        const refId = toNumber(e.refId);
+        if (refId) err.refId = refId;
         const signIn = this.pendingSignIn;
         if (signIn) {
           // Cleared now, not in signIn's finally (a microtask later): the next
@@ -391,6 +553,7 @@ export class RoomClient {
           signIn.resolve(err);
         } else {
           this.emit('err', err);
+          if (err.code === ErrCode.GONE) this.onGone(err);
         }
         break;
       }
@@ -400,20 +563,50 @@ export class RoomClient {
       case PackageType.MEMBERS:
         this.answer(this.pendingMembers, text(reply.data), 'MEMBERS');
         break;
-      case PackageType.MESSAGE: {
-        const m = this.proto.BroadcastRoomReq.decode(reply.data);
-        // Unpack before emitting anything: a broken batch is dropped whole.
-        const messages = unpack(m.data);
-        const batch = ++this.batches;
-        this.emit('batch', { room: m.roomID, level: m.msgLv, messages });
-        for (const data of messages) {
-          this.emit('message', { room: m.roomID, level: m.msgLv, data, batch, batchSize: messages.length });
-        }
+      case PackageType.MESSAGE:
+        this.onPush(this.proto.BroadcastRoomReq.decode(reply.data));
         break;
-      }
       default:
         this.emit('error', new Error(`reply of unknown type ${reply.type}`));
     }
+  }
+
+  onPush(m) {
+    // Unpack before emitting anything: a broken batch is dropped whole.
+    const all = unpack(m.data);
+    const room = m.roomID;
+    const epoch = toNumber(m.epoch);
+    const last = toNumber(m.offset);
+    const batch = ++this.batches;
+    let messages = all;
+    let offsets = all.map(() => null);
+    if (epoch) {
+      const first = last - (all.length - 1);
+      offsets = all.map((_, i) => first + i);
+      const seen = this.streams.get(room);
+      if (seen && seen.epoch === epoch) {
+        const keep = offsets.map((o) => o > seen.offset);
+        this.duplicates += keep.filter((k) => !k).length;
+        messages = all.filter((_, i) => keep[i]);
+        offsets = offsets.filter((_, i) => keep[i]);
+        seen.offset = Math.max(seen.offset, last);
+      } else {
+        // A stream not seen before, or a new epoch of it: everything is new.
+        this.streams.set(room, { epoch, offset: last });
+      }
+      if (!messages.length) return;
+    }
+    this.emit('batch', { room, level: m.msgLv, messages, epoch, offset: epoch ? last : null });
+    messages.forEach((data, i) => {
+      this.emit('message', { room, level: m.msgLv, data, batch, batchSize: all.length, epoch, offset: offsets[i] });
+    });
+  }
+
+  /** An Err 410 notice: what this session lacks is gone; live from `offset` on. */
+  onGone(err) {
+    const room = this.session?.room ?? '';
+    this.setPosition(room, err.epoch, err.offset);
+    this.emit('unrecovered', { room, reason: err.msg || 'messages could not be recovered', code: err.code, msg: err.msg, epoch: err.epoch, offset: err.offset });
   }
 
   answer(queue, value, what) {
@@ -423,11 +616,51 @@ export class RoomClient {
   }
 
   onClose(code, reason) {
-    this.closed = { code, reason: typeof reason === 'string' ? reason : text(reason ?? EMPTY) };
-    const gone = new Error(`connection closed (code ${code}${this.closed.reason ? `: ${this.closed.reason}` : ''})`);
+    const why = { code, reason: typeof reason === 'string' ? reason : text(reason ?? EMPTY) };
+    const gone = new Error(`connection closed (code ${code}${why.reason ? `: ${why.reason}` : ''})`);
     this.pendingSignIn?.reject(gone);
+    this.pendingSignIn = null;
     for (const p of this.pendingHeartbeats.splice(0)) p.reject(gone);
     for (const p of this.pendingMembers.splice(0)) p.reject(gone);
-    this.emit('close', this.closed);
+    if (this.reconnect && this.session && !this.userClosed && !this.refused) {
+      const delayMs = backoffDelay(this.attempt, this.reconnect, this.random);
+      this.attempt += 1;
+      this.emit('reconnecting', { attempt: this.attempt, delayMs, ...why });
+      this.setState('reconnecting', { delayMs, ...why });
+      this.retryTimer = setTimeout(() => this.retry(), delayMs);
+      return;
+    }
+    if (this.refused && this.session) this.emit('refused', { code: this.refused.code, msg: this.refused.msg });
+    this.finish(why);
+  }
+
+  async retry() {
+    this.retryTimer = null;
+    if (this.userClosed) return;
+    const attempt = this.attempt;
+    const { token, room } = this.session;
+    try {
+      await this.open(this.url);
+    } catch {
+      // The socket's close event has scheduled the next attempt (or ended).
+      return;
+    }
+    let answer;
+    try {
+      answer = await this.signIn(token, room);
+    } catch (e) {
+      // Closed before the answer (scheduled again), or no answer in time.
+      if (this.ws?.readyState === 1) this.ws.close(1000, 'no sign-in answer');
+      return;
+    }
+    if (answer.code === ErrCode.OK) this.emit('reconnected', { attempt, answer });
+    // A refusal: the server closes the socket, and onClose ends the client.
+  }
+
+  finish(why) {
+    if (this.closed) return;
+    this.closed = why;
+    this.setState('closed', why);
+    this.emit('close', why);
   }
 }

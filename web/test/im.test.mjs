@@ -356,14 +356,15 @@ describe('standalone server: IM', () => {
     // The room page works from logic too: protobuf.js and the .proto.
     const room = new URL('/web/room.html', base());
     assert.equal((await fetch(room)).status, 200);
-    const pb = await fetch(new URL('node_modules/protobufjs/dist/protobuf.min.js', room));
+    const pb = await fetch(new URL('vendor/protobuf.min.js', room));
     assert.equal(pb.status, 200);
     assert.equal(pb.headers.get('content-type'), 'text/javascript; charset=utf-8');
+    assert.match(await pb.text(), /protobuf\.js v7/);
     const proto = await fetch(new URL('../../api/protocol.proto', new URL('lib/chatroom.mjs', room)));
     assert.equal(proto.status, 200);
     assert.match(await proto.text(), /message BroadcastRoomReq/);
     // And nothing else.
-    for (const p of ['/web/..%2F..%2FCargo.toml', '/web/%2e%2e/Cargo.toml', '/web/package.json', '/web/node_modules/ws/index.js', '/api/..%2fCargo.toml']) {
+    for (const p of ['/web/..%2F..%2FCargo.toml', '/web/%2e%2e/Cargo.toml', '/web/package.json', '/web/node_modules/ws/index.js', '/web/node_modules/protobufjs/dist/protobuf.min.js', '/api/..%2fCargo.toml']) {
       const r = await fetch(`${base()}${p}`);
       assert.equal(r.status, 404, p);
       assert.equal((await r.json()).msg, 'not found', p);

@@ -50,6 +50,36 @@ pub struct Addrs {
     pub http: SocketAddr,
 }
 
+/// What the process says once it listens: first the page a person opens
+/// (when pages are served), then the sockets for programs. An unspecified
+/// bind address (0.0.0.0, ::) is shown as loopback, which a browser on this
+/// machine can open.
+pub fn start_line(ws: SocketAddr, http: SocketAddr, pages: bool) -> String {
+    let shown = |a: SocketAddr| {
+        if a.ip().is_unspecified() {
+            let ip: std::net::IpAddr = if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            SocketAddr::new(ip, a.port())
+        } else {
+            a
+        }
+    };
+    let (ws, http) = (shown(ws), shown(http));
+    let api = format!(
+        "WebSocket ws://{ws}/room and ws://{ws}/chat, HTTP API http://{http} (POST /msg, POST /tk, IM routes)"
+    );
+    if pages {
+        format!(
+            "chatroom standalone: open http://{http}/ (IM chat; room page http://{http}/web/room.html) · {api}"
+        )
+    } else {
+        format!("chatroom standalone (http.web_dir is empty: no pages) · {api}")
+    }
+}
+
 /// Serves until `shutdown`, then stops all three services and waits for them.
 pub async fn run(
     mut cfg: StandaloneConfig,
@@ -89,6 +119,7 @@ pub async fn run(
         conn: vec![format!("{conn_id}={conn_uri}")],
     };
 
+    let banner = start_line(ws, http, !cfg.logic.http.web_dir.is_empty());
     let logic = tokio::spawn(chatroom_logic::run(
         cfg.logic,
         chatroom_logic::Listeners {
@@ -107,9 +138,7 @@ pub async fn run(
         },
         shutdown.clone(),
     ));
-    info!(
-        "chatroom standalone: WebSocket ws://{ws}/room, HTTP API http://{http} (POST /msg, POST /tk)"
-    );
+    info!("{banner}");
 
     let (c, l, j) = tokio::join!(conn, logic, job);
     c??;
@@ -117,4 +146,34 @@ pub async fn run(
     j??;
     info!("chatroom stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::start_line;
+
+    #[test]
+    fn the_start_line_names_the_page_to_open() {
+        let l = start_line(
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:8081".parse().unwrap(),
+            true,
+        );
+        assert!(l.contains("open http://127.0.0.1:8081/ "), "{l}");
+        assert!(l.contains("http://127.0.0.1:8081/web/room.html"), "{l}");
+        assert!(l.contains("ws://127.0.0.1:8080/room"), "{l}");
+        let l = start_line(
+            "0.0.0.0:8080".parse().unwrap(),
+            "[::]:9".parse().unwrap(),
+            true,
+        );
+        assert!(l.contains("open http://[::1]:9/ "), "{l}");
+        assert!(l.contains("ws://127.0.0.1:8080/room"), "{l}");
+        let l = start_line(
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:8081".parse().unwrap(),
+            false,
+        );
+        assert!(!l.contains("open "), "{l}");
+    }
 }

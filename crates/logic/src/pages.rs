@@ -10,8 +10,18 @@
 //! outside the folder: a path whose decoded form has `..`/`.` segments,
 //! empty segments, backslashes, colons or control characters is refused
 //! before the file system is asked, and what the file system answers must
-//! still lie inside the folder once symbolic links are resolved. From
-//! `node_modules` only protobuf.js's browser build is served.
+//! still lie inside the folder once symbolic links are resolved. Nothing
+//! under `node_modules` or `test` is served.
+//!
+//! protobuf.js's browser build, which the room page needs, is compiled into
+//! the binary (`web/vendor/protobuf.min.js`, vendored with its licence) and
+//! served from memory at `/web/vendor/protobuf.min.js`: the page works from
+//! `cargo run --release` on a fresh clone, with no `npm install` in `web/`,
+//! and a binary can never be without it.
+//!
+//! `GET /chat/index.shtml?id=<id>&token=<token>` is the IM seed's entry (its
+//! log-in page sends the browser there): it redirects to the chat page,
+//! which signs in with that id and token.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,8 +48,14 @@ const MAX_FILE_BYTES: u64 = 8 << 20;
 /// Longest path accepted after `/web/` or `/api/`, in bytes.
 const MAX_PATH_BYTES: usize = 512;
 
-/// Files under `node_modules` that pages load; nothing else there is served.
-const VENDORED: &[&str] = &["node_modules/protobufjs/dist/protobuf.min.js"];
+/// protobuf.js 7's browser build (full: it parses `.proto` files).
+const PROTOBUF_JS: &[u8] = include_bytes!("../../../web/vendor/protobuf.min.js");
+
+/// Where the room page loads [`PROTOBUF_JS`] from.
+pub const PROTOBUF_JS_PATH: &str = "/web/vendor/protobuf.min.js";
+
+/// The IM seed's chat entry.
+pub const SEED_CHAT_ENTRY: &str = "/chat/index.shtml";
 
 /// Top-level folders of `web_dir` that are never served (dependencies, tests).
 const PRIVATE_DIRS: &[&str] = &["node_modules", "test"];
@@ -91,6 +107,8 @@ pub fn router(web_dir: &str) -> Router {
         .route("/", get(|| async { Redirect::to(HOME) }))
         .route("/web", get(|| async { Redirect::to(HOME) }))
         .route("/web/", get(|| async { Redirect::to(HOME) }))
+        .route(PROTOBUF_JS_PATH, get(protobuf_js))
+        .route(SEED_CHAT_ENTRY, get(seed_chat_entry))
         .route("/web/{*path}", get(web_file))
         .route("/api/{*path}", get(api_file))
         .method_not_allowed_fallback(method_not_allowed)
@@ -102,10 +120,39 @@ async fn web_file(State(p): State<Arc<Pages>>, uri: Uri) -> Response {
         return not_found(uri.path());
     };
     let top = rel.split('/').next().unwrap_or("");
-    if PRIVATE_DIRS.contains(&top) && !VENDORED.contains(&rel.as_str()) {
+    if PRIVATE_DIRS.contains(&top) {
         return not_found(uri.path());
     }
     serve(&p.web, &rel, uri.path()).await
+}
+
+async fn protobuf_js() -> Response {
+    (
+        [
+            (
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/javascript; charset=utf-8"),
+            ),
+            (X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+            (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        PROTOBUF_JS,
+    )
+        .into_response()
+}
+
+/// `/chat/index.shtml?<query>` -> `/web/chat.html?<query>`: the query (the
+/// seed's `id` and `token`) is passed on as it came.
+async fn seed_chat_entry(uri: Uri) -> Response {
+    let target = match uri.query() {
+        Some(q) if !q.is_empty() => format!("{HOME}?{q}"),
+        _ => HOME.to_string(),
+    };
+    // Never cached: the address carries a token.
+    let mut resp = Redirect::to(&target).into_response();
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 async fn api_file(State(p): State<Arc<Pages>>, uri: Uri) -> Response {

@@ -125,10 +125,11 @@ async fn pages_are_served_with_their_content_types() {
         ("/web/copy.proto", "text/plain; charset=utf-8", "proto3"),
         ("/web/a%20b.css", "text/css; charset=utf-8", "spaced"),
         ("/web/sub/inner.html", "text/html; charset=utf-8", "inner"),
+        // Compiled in: the site has no vendor/ folder (nor node_modules with it).
         (
-            "/web/node_modules/protobufjs/dist/protobuf.min.js",
+            "/web/vendor/protobuf.min.js",
             "text/javascript; charset=utf-8",
-            "protobuf.js",
+            "protobuf.js v7",
         ),
         (
             "/api/protocol.proto",
@@ -143,6 +144,15 @@ async fn pages_are_served_with_their_content_types() {
         assert_eq!(header(&h, "x-content-type-options"), "nosniff", "{path}");
         assert!(body.contains(needle), "{path}: {body}");
     }
+    // The IM seed's entry leads to the chat page with its id and token.
+    let (s, h, _) = get(&node, "/chat/index.shtml?id=7&token=a.b-c_d").await;
+    assert!(s.is_redirection(), "{s}");
+    assert_eq!(header(&h, "location"), "/web/chat.html?id=7&token=a.b-c_d");
+    assert_eq!(header(&h, "cache-control"), "no-store");
+    let (s, h, _) = get(&node, "/chat/index.shtml").await;
+    assert!(s.is_redirection(), "{s}");
+    assert_eq!(header(&h, "location"), "/web/chat.html");
+
     let (_, h, _) = get(&node, "/web/chat.html").await;
     assert!(
         header(&h, "content-security-policy").contains("frame-ancestors 'none'"),
@@ -183,6 +193,7 @@ async fn missing_private_and_unknown_files_are_404_json() {
         "/web/package.json",
         "/web/serve.rs",
         "/web/node_modules/ws/index.js",
+        "/web/node_modules/protobufjs/dist/protobuf.min.js",
         "/web/node_modules/protobufjs/dist/",
         "/web/test/im.test.mjs",
         "/web/escape.html",
@@ -259,6 +270,7 @@ async fn the_repository_pages_are_found_and_empty_web_dir_turns_pages_off() {
         ("/web/room.html", "<html"),
         ("/web/lib/im.mjs", "export"),
         ("/web/lib/chatroom.mjs", "export"),
+        ("/web/vendor/protobuf.min.js", "protobuf.js v7"),
         ("/api/protocol.proto", "BroadcastRoomReq"),
     ] {
         let (s, _, body) = get(&node, path).await;
