@@ -11,6 +11,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
+import net from 'node:net';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { randomUUID } from 'node:crypto';
@@ -389,6 +390,67 @@ describe('standalone server', () => {
     const refused = await postJson('/msg', { room_id: r, msg: 'x' }, { Authorization: 'not-a-token' });
     assert.equal(refused.code, 1001, JSON.stringify(refused));
     await closeAll([a.c]);
+  });
+
+  test('the client recovers by offset after the server side drops its socket', async () => {
+    // A TCP proxy between client and server stands in for a network drop:
+    // the test cuts the connection, refuses new ones while messages are
+    // published, then lets the client back in.
+    const r = room('recover');
+    let accepting = true;
+    const live = new Set();
+    const proxy = net.createServer((downstream) => {
+      if (!accepting) { downstream.destroy(); return; }
+      const upstream = net.connect(server.ws, '127.0.0.1');
+      live.add(downstream);
+      live.add(upstream);
+      downstream.pipe(upstream);
+      upstream.pipe(downstream);
+      const done = () => { downstream.destroy(); upstream.destroy(); live.delete(downstream); live.delete(upstream); };
+      downstream.on('error', done).on('close', done);
+      upstream.on('error', done).on('close', done);
+    });
+    proxy.listen(0, '127.0.0.1');
+    await once(proxy, 'listening');
+    const c = new RoomClient(proto, { timeoutMs: ANSWER_MS, reconnect: { baseMs: 50, maxMs: 200 } });
+    clients.add(c);
+    const box = inbox(c);
+    await c.connect(`ws://127.0.0.1:${proxy.address().port}/room`);
+    const first = await c.signIn(await token('rita'), r);
+    assert.equal(first.code, ErrCode.OK);
+    const ops = await token('ops');
+    const say = async (msg) => {
+      const reply = await postJson('/msg', { room_id: r, msg }, { Authorization: ops });
+      assert.equal(reply.code, 1, JSON.stringify(reply));
+    };
+    await say('before');
+    await box.until('the first message', (xs) => xs.length === 1);
+    const before = c.position(r);
+    assert.ok(before?.epoch > 0 && before.offset > 0, `a stream position: ${JSON.stringify(before)}`);
+
+    accepting = false;
+    const dropped = nextEvent(c, 'reconnecting');
+    for (const sock of live) sock.destroy();
+    await dropped;
+    // A second session, connected directly, sees these arrive: they are in
+    // the room's stream while the first is away.
+    const watcher = await signedIn('walt', r);
+    for (let i = 0; i < 5; i++) await say(`missed-${i}`);
+    await watcher.box.until('the five messages', (xs) => xs.length === 5);
+
+    const back = nextEvent(c, 'reconnected', () => true, 10000);
+    accepting = true;
+    const { answer } = await back;
+    assert.equal(answer.recovered, true, `sign-in answer: ${JSON.stringify(answer)}`);
+    const got = await box.until('the missed messages', (xs) => xs.length >= 6);
+    assert.deepEqual(got.map((m) => m.text), ['before', 'missed-0', 'missed-1', 'missed-2', 'missed-3', 'missed-4']);
+    assert.deepEqual(got.map((m) => m.offset), [0, 1, 2, 3, 4, 5].map((i) => before.offset + i), 'consecutive offsets, none twice');
+    await say('after');
+    const all = await box.until('a live message after recovery', (xs) => xs.length >= 7);
+    assert.equal(all[6].text, 'after');
+    assert.equal(all.length, 7, 'nothing more');
+    await closeAll([c, watcher.c]);
+    proxy.close();
   });
 
   test('a bad token is refused with Err 100 and the socket closes', async () => {

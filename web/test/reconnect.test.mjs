@@ -1,6 +1,7 @@
 // RoomClient's reconnection and room stream positions, against a scripted
-// server (the `ws` package with the real protobuf.js schema), because the
-// standalone server does not send epochs and offsets yet: backoff with
+// server (the `ws` package with the real protobuf.js schema), which can
+// stage what the real one rarely does (offsets past 2^32, duplicates, a
+// 410 notice; protocol.test.mjs recovers against the real one): backoff with
 // jitter, since_offset + epoch on the next sign-in, duplicates dropped by
 // offset, 'unrecovered' on recovered:false and on an Err 410 notice, no
 // reconnect after close() or after a refused sign-in, uint64 offsets above
