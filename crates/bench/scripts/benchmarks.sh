@@ -12,6 +12,8 @@
 #                    cluster conn node (19,000 idle sessions on conn-a)
 #   standalone-http  (5) the same load as `cluster` (POST /msg, one room of 10,000)
 #                    against the standalone server, to set beside it
+#   floor            the bare-socket floor: one 64-byte message written to 10,000
+#                    idle sockets by a bare writer, at FLOOR_RATE msg/s (no server)
 #
 # Each run gets a fresh server (or a fresh cluster: etcd, chatroom-test-nsqd,
 # logic, job, conn-a, conn-b, all on free loopback ports, in a temporary
@@ -38,7 +40,8 @@ root=$(cd "$(dirname "$0")/../../.." && pwd)
 BIN=$(cd "${BIN:-$root/target/release}" && pwd)
 OUT=${OUT:-$(mktemp -d /tmp/chatroom-bench.XXXXXX)}
 RUNS=${RUNS:-3}
-RATES=${RATES:-"10 30 100 300"}
+RATES=${RATES:-"10 100 300 1000"}
+FLOOR_RATE=${FLOOR_RATE:-10}
 ROOM_RATES=${ROOM_RATES:-"1000 2000 5000"}
 CLUSTER_RATES=${CLUSTER_RATES:-"10 30 100"}
 SCENARIOS=${SCENARIOS:-"idle fanout nats"}
@@ -422,9 +425,31 @@ for s in $SCENARIOS; do
       done
     done
     ;;
+  floor)
+    for _ in $(seq 1 "$RUNS"); do
+      wait_quiet
+      line=$("$BIN/chatroom-bench" floor --sessions "$(sessions 10000)" --rate "$FLOOR_RATE" \
+        --duration "$DURATION" --source-ips "$SOURCES" --json | tail -1)
+      echo "$line" >>"$OUT/floor.jsonl"
+      echo "floor: $line" >&2
+    done
+    ;;
   *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
 done
+
+if [ -f "$OUT/floor.jsonl" ]; then
+  python3 - "$OUT/floor.jsonl" <<'PY'
+import json, statistics, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+med = lambda k: statistics.median(r["latency"][k] / 1000 for r in rs)
+print(f"floor ({len(rs)} runs, {rs[0]['sessions']} sockets, {rs[0]['rate']} msg/s): "
+      f"p50 {med('p50_us'):.1f} ms, p99 {med('p99_us'):.1f} ms, max {med('max_us'):.1f} ms, "
+      f"{statistics.median(r['pass_ms'] for r in rs):.1f} ms per message to every socket, "
+      f"{statistics.median(r['cpu_us_per_write'] for r in rs):.1f} µs CPU per write")
+PY
+fi
+[ -f "$results" ] || exit 0
 
 python3 - "$results" "$QUIET_CORES" <<'PY'
 import json, statistics, sys
@@ -446,8 +471,8 @@ print("Server figures are over every measured process (cluster-N: conn-a, conn-b
 print("cluster-idle-conn: conn-a alone); infra = etcd + the test NSQ broker (cluster-idle-conn:")
 print("also conn-b, logic and job).")
 print()
-print("| scenario | runs (left out) | server processes | signed in | server KiB/session | sent msg/s | deliveries/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | server cores | infra cores | generator cores | other cores |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| scenario | runs (left out) | server processes | signed in | server KiB/session | sent msg/s | deliveries/s | msgs/frame | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | cut off | server cores | infra cores | generator cores | other cores |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, rs in rows.items():
     kib = [r["server_bytes_per_session"] / 1024 if r["server_bytes_per_session"] else None for r in rs]
     print("| " + " | ".join([
@@ -457,11 +482,13 @@ for name, rs in rows.items():
         fmt(kib, "{:.2f}"),
         fmt([r["publish_rate"] if r["publishers"] else None for r in rs], "{:.1f}"),
         fmt([r["deliveries_per_sec"] for r in rs]),
+        fmt([r["deliveries"] / r["frames"] if r.get("frames") else None for r in rs], "{:.1f}"),
         fmt([r["latency"]["p50_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["latency"]["p99_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["latency"]["p999_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["latency"]["max_us"] / 1000 for r in rs], "{:.1f}"),
         fmt([r["loss"]["lost"] for r in rs]), fmt([r["duplicates"] for r in rs]),
+        fmt([r.get("disconnected") for r in rs]),
         fmt([r["server_cpu_cores"] for r in rs], "{:.2f}"),
         fmt([r.get("infra_cpu_cores") for r in rs], "{:.2f}"),
         fmt([r["generator_cpu_cores"] for r in rs], "{:.2f}"),

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod floor;
 pub mod http;
 pub mod latency;
 pub mod loss;

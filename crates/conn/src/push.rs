@@ -84,7 +84,7 @@ impl RoomPush {
                 entries.push(Entry {
                     offset: 0,
                     level,
-                    data: Bytes::copy_from_slice(&item),
+                    data: Bytes::copy_from_slice(item),
                 });
             }
             if !req.offsets.is_empty() {

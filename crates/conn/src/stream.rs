@@ -251,6 +251,23 @@ impl RoomStream {
         out
     }
 
+    /// Tells a stream that has not seen `epoch` yet where a session of it
+    /// goes on (`next`): messages from there on are then kept in order even
+    /// if the first to arrive is a later one (two job nodes).
+    pub fn expect(&self, epoch: u64, next: u64) {
+        let mut st = self.lock();
+        if epoch > st.epoch {
+            st.epoch = epoch;
+            st.next = next;
+            st.entries.clear();
+            st.bytes = 0;
+            st.early.clear();
+            st.gap_since = None;
+            st.evicted_important = 0;
+            st.cache.clear();
+        }
+    }
+
     /// Gives up on gaps waited for longer than `reorder_wait` (periodic).
     pub fn expire_gaps(&self, cfg: &StreamConfig, now: Instant) -> Appended {
         let mut out = Appended::default();
@@ -490,11 +507,13 @@ impl StreamStats {
     }
 }
 
+type Shard = Mutex<HashMap<String, Arc<RoomStream>>>;
+
 /// Every room stream of this node, sharded by room so no lock is global.
 pub struct Streams {
     pub cfg: StreamConfig,
     pub stats: StreamStats,
-    shards: Box<[Mutex<HashMap<String, Arc<RoomStream>>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     started: Instant,
 }
@@ -717,6 +736,22 @@ mod tests {
         assert_eq!((a.stale, stale.len()), (1, 1));
         let (msgs, _, _) = take_frame(&s, &c, 9, 1);
         assert_eq!(msgs, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn a_stream_told_where_a_session_goes_on_keeps_earlier_late_arrivals() {
+        let c = cfg();
+        let s = RoomStream::new("r".into());
+        let now = Instant::now();
+        s.expect(4, 10);
+        // 12 arrives first (another job node was quicker): it waits.
+        assert_eq!(push(&s, &c, 4, vec![e(12, "c")], now).early, 1);
+        assert_eq!(push(&s, &c, 4, vec![e(10, "a"), e(11, "b")], now).appended, 3);
+        let (msgs, next, _) = take_frame(&s, &c, 4, 10);
+        assert_eq!((msgs.len(), next), (3, 13));
+        // An older epoch never rewinds it.
+        s.expect(3, 1);
+        assert_eq!(s.position(), (4, 13));
     }
 
     #[test]

@@ -98,6 +98,16 @@ pub async fn run(
     // clear error instead of failing every request later.
     let presence = Presence::connect(&cfg.presence).await?;
     let streams = stream::Streams::connect(&cfg.presence, &cfg.stream).await?;
+    if matches!(
+        cfg.discovery,
+        chatroom_common::config::DiscoveryConfig::Etcd { .. }
+    ) && cfg.presence.kind == config::PresenceKind::Memory
+    {
+        // Each such node would number rooms on its own.
+        warn!(
+            "several logic nodes need presence.kind = \"redis\": with \"memory\" each numbers room streams on its own"
+        );
+    }
     let publisher = Publisher::connect(&cfg.queue, memory_queue.as_ref()).await?;
     let discovery = Discovery::connect(&cfg.discovery).await?;
     let store = Store::connect(&cfg.store).await?;
