@@ -114,7 +114,11 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
             );
             for m in cl.recv_stream(1, T).await?.msgs {
                 if m.data.starts_with(b"seq-") {
-                    got.push((String::from_utf8_lossy(&m.data).into_owned(), m.epoch, m.offset));
+                    got.push((
+                        String::from_utf8_lossy(&m.data).into_owned(),
+                        m.epoch,
+                        m.offset,
+                    ));
                 }
             }
         }
@@ -123,7 +127,9 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         anyhow::ensure!(order == want, "out of order: {order:?}");
         let first = got[0].2;
         anyhow::ensure!(
-            got.iter().enumerate().all(|(i, g)| g.2 == first + i as u64 && g.1 == got[0].1),
+            got.iter()
+                .enumerate()
+                .all(|(i, g)| g.2 == first + i as u64 && g.1 == got[0].1),
             "offsets not consecutive in one epoch: {got:?}"
         );
         seen.push(got);
@@ -214,7 +220,9 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     // A's client comes back on B with the position it had before A died,
     // and recovers every IMPORTANT message it missed, in order, once.
     let mut back = Client::connect(&c.ws_b).await?;
-    let e = back.sign_in_resume(&tok_a, "lobby", epoch, last_seen).await?;
+    let e = back
+        .sign_in_resume(&tok_a, "lobby", epoch, last_seen)
+        .await?;
     anyhow::ensure!(e.code == 0 && e.recovered, "recovery on B: {e:?}");
     let mut rec: Vec<String> = vec![];
     let mut offsets = vec![];

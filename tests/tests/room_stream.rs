@@ -81,10 +81,16 @@ async fn ten_thousand_messages_sent_then_closed_all_arrive_in_order() {
     let total = 10_000usize;
     // Written back to back without waiting for anything, then closed.
     for i in 0..total {
-        tx.ws.feed(message_frame("flood", format!("m{i}"))).await.unwrap();
+        tx.ws
+            .feed(message_frame("flood", format!("m{i}")))
+            .await
+            .unwrap();
     }
     tx.ws.close(None).await.unwrap();
-    let got = rx.recv_stream(total, Duration::from_secs(60)).await.unwrap();
+    let got = rx
+        .recv_stream(total, Duration::from_secs(60))
+        .await
+        .unwrap();
     let datas: Vec<String> = got
         .msgs
         .iter()
@@ -111,7 +117,9 @@ async fn a_client_that_missed_a_thousand_messages_gets_them_all_once_after_recon
     let s = standalone(&[]).await;
     let mut away = s.client("away", "lobby").await;
     let mut tx = s.client("writer", "lobby").await;
-    tx.send_message("lobby", MsgLevel::Normal, b"before").await.unwrap();
+    tx.send_message("lobby", MsgLevel::Normal, b"before")
+        .await
+        .unwrap();
     let seen = away.recv_stream(1, Duration::from_secs(10)).await.unwrap();
     let (epoch, last) = (seen.msgs[0].epoch, seen.msgs[0].offset);
     assert_ne!(epoch, 0, "pushed frames carry the stream's epoch");
@@ -129,9 +137,15 @@ async fn a_client_that_missed_a_thousand_messages_gets_them_all_once_after_recon
 
     let tok = http::token(&s.http, "away").await.unwrap();
     let mut back = Client::connect(&s.ws).await.unwrap();
-    let e = back.sign_in_resume(&tok, "lobby", epoch, last).await.unwrap();
+    let e = back
+        .sign_in_resume(&tok, "lobby", epoch, last)
+        .await
+        .unwrap();
     assert_eq!((e.code, e.recovered, e.epoch), (0, true, epoch));
-    let got = back.recv_stream(1000, Duration::from_secs(30)).await.unwrap();
+    let got = back
+        .recv_stream(1000, Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(
         got.offsets(),
         (last + 1..=last + 1000).collect::<Vec<_>>(),
@@ -141,7 +155,9 @@ async fn a_client_that_missed_a_thousand_messages_gets_them_all_once_after_recon
         assert_eq!(m.data, format!("missed-{i}").as_bytes());
     }
     // Then live, with nothing repeated.
-    tx.send_message("lobby", MsgLevel::Normal, b"after").await.unwrap();
+    tx.send_message("lobby", MsgLevel::Normal, b"after")
+        .await
+        .unwrap();
     let more = back.recv_stream(1, Duration::from_secs(10)).await.unwrap();
     assert_eq!(
         (more.offsets(), &more.msgs[0].data[..]),
@@ -155,7 +171,9 @@ async fn recovery_beyond_conns_reach_comes_from_logics_history() {
     // conn keeps 16 messages per room; logic keeps 2048.
     let s = standalone(&[("CHATROOM__CONN__STREAM__RETAIN_MESSAGES", "16")]).await;
     let mut tx = s.client("writer", "hall").await;
-    tx.send_message("hall", MsgLevel::Important, b"zero").await.unwrap();
+    tx.send_message("hall", MsgLevel::Important, b"zero")
+        .await
+        .unwrap();
     let seen = tx.recv_stream(1, Duration::from_secs(10)).await.unwrap();
     let (epoch, last) = (seen.msgs[0].epoch, seen.msgs[0].offset);
     for i in 0..200 {
@@ -166,14 +184,23 @@ async fn recovery_beyond_conns_reach_comes_from_logics_history() {
     tx.recv_stream(200, Duration::from_secs(30)).await.unwrap();
     let tok = http::token(&s.http, "late").await.unwrap();
     let mut late = Client::connect(&s.ws).await.unwrap();
-    let e = late.sign_in_resume(&tok, "hall", epoch, last).await.unwrap();
+    let e = late
+        .sign_in_resume(&tok, "hall", epoch, last)
+        .await
+        .unwrap();
     assert_eq!((e.code, e.recovered), (0, true));
-    let got = late.recv_stream(200, Duration::from_secs(30)).await.unwrap();
+    let got = late
+        .recv_stream(200, Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(got.offsets(), (last + 1..=last + 200).collect::<Vec<_>>());
     assert!(got.msgs.iter().all(|m| m.level == MsgLevel::Important));
     // A stale epoch cannot be recovered, and the answer says so.
     let mut stale = Client::connect(&s.ws).await.unwrap();
-    let e = stale.sign_in_resume(&tok, "hall", epoch - 1, 5).await.unwrap();
+    let e = stale
+        .sign_in_resume(&tok, "hall", epoch - 1, 5)
+        .await
+        .unwrap();
     assert_eq!((e.code, e.recovered, e.epoch), (0, false, epoch));
     s.stop().await;
 }

@@ -2,7 +2,7 @@
 //! `Err` codes conn answers with.
 
 use bytes::Bytes;
-use chatroom_common::proto::protocol::{BroadcastRoomReq, Err, MsgLevel, PackageType, Reply};
+use chatroom_common::proto::protocol::{Err, PackageType, Reply};
 use prost::Message;
 
 /// `Err.code` values. 0 and 100 are the seed's; the rest borrow the meaning
@@ -81,18 +81,6 @@ pub fn gone(epoch: u64, offset: u64, msg: impl Into<String>) -> Bytes {
     reply(PackageType::Unknown, e.encode_to_vec())
 }
 
-/// The pushed frame for a merged batch: built once per push and shared by
-/// every session of the room.
-pub fn room_batch(room_id: &str, level: MsgLevel, batch: Bytes) -> Bytes {
-    let inner = BroadcastRoomReq {
-        room_id: room_id.to_string(),
-        msg_lv: level as i32,
-        data: batch,
-        ..Default::default()
-    };
-    reply(PackageType::Message, inner.encode_to_vec())
-}
-
 /// Human name of a raw package type, for error messages and logs.
 pub fn type_name(raw: i32) -> String {
     PackageType::try_from(raw)
@@ -114,12 +102,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_frame_carries_room_level_and_data() {
-        let data = chatroom_common::batch::encode([&b"a"[..], b"bc"]);
-        let r = Reply::decode(room_batch("r1", MsgLevel::Important, data.clone())).unwrap();
-        assert_eq!(r.r#type, PackageType::Message as i32);
-        let m = BroadcastRoomReq::decode(r.data).unwrap();
-        assert_eq!((m.room_id.as_str(), m.msg_lv, m.data), ("r1", 1, data));
+    fn type_names() {
         assert_eq!(type_name(3), "MESSAGE");
         assert_eq!(type_name(42), "unknown(42)");
     }

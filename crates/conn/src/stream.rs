@@ -746,7 +746,10 @@ mod tests {
         s.expect(4, 10);
         // 12 arrives first (another job node was quicker): it waits.
         assert_eq!(push(&s, &c, 4, vec![e(12, "c")], now).early, 1);
-        assert_eq!(push(&s, &c, 4, vec![e(10, "a"), e(11, "b")], now).appended, 3);
+        assert_eq!(
+            push(&s, &c, 4, vec![e(10, "a"), e(11, "b")], now).appended,
+            3
+        );
         let (msgs, next, _) = take_frame(&s, &c, 4, 10);
         assert_eq!((msgs.len(), next), (3, 13));
         // An older epoch never rewinds it.

@@ -334,23 +334,38 @@ async fn redis_streams_number_once_across_nodes_and_keep_history() {
     };
     let n1 = a.append("r", &[e("a1"), e("a2")]).await.unwrap();
     let n2 = b.append("r", &[e("b1")]).await.unwrap();
-    let n3 = a.append("r", &[e("a3"), e("a4"), e("a5"), e("a6")]).await.unwrap();
+    let n3 = a
+        .append("r", &[e("a3"), e("a4"), e("a5"), e("a6")])
+        .await
+        .unwrap();
     assert_eq!((n1.first, n2.first, n3.first), (1, 3, 4));
     assert!(n1.epoch > 0 && n1.epoch == n2.epoch && n2.epoch == n3.epoch);
     // Kept: offsets 3..=7 (five).
     let h = b.history("r", n1.epoch, 3, 0, 100).await.unwrap();
     assert!(h.complete);
-    let got: Vec<(u64, Vec<u8>)> = h.entries.iter().map(|e| (e.offset, e.data.to_vec())).collect();
+    let got: Vec<(u64, Vec<u8>)> = h
+        .entries
+        .iter()
+        .map(|e| (e.offset, e.data.to_vec()))
+        .collect();
     assert_eq!(
         got,
-        vec![(4, b"a3".to_vec()), (5, b"a4".to_vec()), (6, b"a5".to_vec()), (7, b"a6".to_vec())]
+        vec![
+            (4, b"a3".to_vec()),
+            (5, b"a4".to_vec()),
+            (6, b"a5".to_vec()),
+            (7, b"a6".to_vec())
+        ]
     );
     assert_eq!(h.entries[0].level, 1);
     let h = b.history("r", n1.epoch, 1, 0, 100).await.unwrap();
     assert!(!h.complete, "offset 2 was trimmed");
     assert_eq!(h.entries.first().map(|e| e.offset), Some(3));
     let h = b.history("r", n1.epoch, 4, 5, 100).await.unwrap();
-    assert_eq!(h.entries.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![5]);
+    assert_eq!(
+        h.entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![5]
+    );
     let h = b.history("r", n1.epoch + 1, 4, 0, 100).await.unwrap();
     assert!(!h.complete && h.entries.is_empty());
     // Redis loses the room: a new stream, a newer epoch, offsets from 1.
