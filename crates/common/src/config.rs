@@ -129,6 +129,40 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// The operator listener (`/metrics`, `/healthz`, `/readyz`) of conn and job.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port`; empty: no admin listener.
+    #[serde(default)]
+    pub addr: String,
+}
+
+impl AdminConfig {
+    /// The address to bind, or `None` when the listener is off.
+    pub fn socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let a = self.addr.trim();
+        if a.is_empty() {
+            return Ok(None);
+        }
+        a.parse()
+            .map(Some)
+            .map_err(|e| ConfigError::invalid("admin.addr", format!("{a:?}: {e}")))
+    }
+}
+
+impl Validate for AdminConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.socket_addr().map(|_| ())
+    }
+}
+
+/// What `--check-config` on the command line asks: load and validate the
+/// config, print a summary, exit (0 when valid).
+pub fn check_config_requested() -> bool {
+    std::env::args().skip(1).any(|a| a == "--check-config")
+}
+
 /// A gRPC listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -53,6 +53,7 @@ pub enum ConnError {
 pub struct Listeners {
     pub ws: TcpListener,
     pub grpc: TcpListener,
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -60,6 +61,7 @@ impl Listeners {
         Ok(Listeners {
             ws: TcpListener::bind(cfg.ws.addr).await?,
             grpc: TcpListener::bind(cfg.grpc.addr).await?,
+            admin: chatroom_common::admin::bind_config(&cfg.admin)?,
         })
     }
 }
@@ -113,6 +115,9 @@ pub async fn run(
         cfg,
     });
 
+    let health = chatroom_common::admin::Health::new("conn", &["discovery"]);
+    let registry = Arc::new(stats.registry(&server));
+    chatroom_common::admin::spawn_opt(listeners.admin, &health, vec![registry], bg.clone());
     let grpc_stop = CancellationToken::new();
     let grpc = {
         let svc = push::PushService {
@@ -127,6 +132,7 @@ pub async fn run(
         let stop = grpc_stop.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
+                .add_service(health.grpc_service("chatroom.conn.Conn").await)
                 .add_service(ConnServer::new(svc))
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
@@ -139,6 +145,7 @@ pub async fn run(
     let registration = discovery
         .register(Service::Conn, me, &tracker, bg.clone())
         .await?;
+    health.set("discovery", true).await;
     tracker.spawn(online::report_loop(
         server.clone(),
         buckets,
@@ -152,6 +159,7 @@ pub async fn run(
     accept_loop(&listeners.ws, &ctx, &sessions, &shutdown).await;
 
     info!("shutting down: deregistering");
+    health.set_all(false).await;
     registration.deregister().await;
     drop(listeners.ws);
     info!(sessions = Stats::get(&stats.sessions), "closing sessions");

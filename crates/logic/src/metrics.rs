@@ -1,0 +1,247 @@
+//! logic's Prometheus families (process-wide, `chatroom_logic_*`): HTTP
+//! requests by route and code with latency, gRPC calls by method (sign-ins
+//! among them), rate-limit refusals, store query latency and errors,
+//! presence backend errors. Queue publishing is counted by the shared
+//! publisher (`chatroom_queue_*`). Served on logic's HTTP listener at
+//! `GET /metrics`.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use chatroom_common::metrics::{
+    Counter, DynLabels, Family, Histogram, HistogramFamily, latency_family, with_global,
+};
+
+/// gRPC methods of `chatroom.logic.Logic` (the label values; anything else
+/// is `other`).
+pub const GRPC_METHODS: &[&str] = &[
+    "SignIn",
+    "SignOut",
+    "Heartbeat",
+    "Receive",
+    "ReceiveMany",
+    "ReportOnline",
+    "Chat",
+    "Pending",
+    "AckPending",
+    "Undelivered",
+    "RoomHistory",
+    "other",
+];
+
+#[derive(Debug)]
+pub struct LogicMetrics {
+    /// HTTP requests by route (the matched pattern) and status code.
+    pub http_requests: Family<DynLabels, Counter>,
+    /// HTTP latency by route.
+    pub http_latency: HistogramFamily<DynLabels>,
+    /// gRPC calls handled, by method (pre-created, indexed like `GRPC_METHODS`).
+    pub grpc_calls: Vec<Counter>,
+    /// gRPC calls answered with a non-OK status, by method.
+    pub grpc_errors: Vec<Counter>,
+    pub grpc_latency: Vec<Histogram>,
+    /// SignIn calls (conn asking logic to admit a session).
+    pub sign_ins: Counter,
+    /// Requests refused by a per-user rate limit.
+    pub rate_limited: Counter,
+    pub store_queries: Counter,
+    pub store_errors: Counter,
+    pub store_latency: Histogram,
+    pub presence_errors: Counter,
+}
+
+pub static LOGIC: LazyLock<LogicMetrics> = LazyLock::new(|| {
+    let grpc_calls_f = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    let grpc_errors_f = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    let grpc_latency_f: HistogramFamily<Vec<(&'static str, &'static str)>> = latency_family();
+    let m = LogicMetrics {
+        http_requests: Family::default(),
+        http_latency: latency_family(),
+        grpc_calls: GRPC_METHODS
+            .iter()
+            .map(|n| grpc_calls_f.get_or_create_owned(&vec![("method", *n)]))
+            .collect(),
+        grpc_errors: GRPC_METHODS
+            .iter()
+            .map(|n| grpc_errors_f.get_or_create_owned(&vec![("method", *n)]))
+            .collect(),
+        grpc_latency: GRPC_METHODS
+            .iter()
+            .map(|n| grpc_latency_f.get_or_create_owned(&vec![("method", *n)]))
+            .collect(),
+        sign_ins: Counter::default(),
+        rate_limited: Counter::default(),
+        store_queries: Counter::default(),
+        store_errors: Counter::default(),
+        store_latency: Histogram::latency(),
+        presence_errors: Counter::default(),
+    };
+    with_global(|r| {
+        let r = r.sub_registry_with_prefix("logic");
+        r.register(
+            "http_requests",
+            "HTTP requests by route and status code",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_request_seconds",
+            "HTTP request latency by route",
+            m.http_latency.clone(),
+        );
+        r.register("grpc_calls", "gRPC calls by method", grpc_calls_f);
+        r.register(
+            "grpc_errors",
+            "gRPC calls answered with a non-OK status, by method",
+            grpc_errors_f,
+        );
+        r.register(
+            "grpc_call_seconds",
+            "gRPC call latency by method",
+            grpc_latency_f,
+        );
+        r.register("sign_ins", "SignIn calls from conn", m.sign_ins.clone());
+        r.register(
+            "rate_limited",
+            "Requests refused by a per-user rate limit",
+            m.rate_limited.clone(),
+        );
+        r.register("store_queries", "Store operations", m.store_queries.clone());
+        r.register(
+            "store_errors",
+            "Store operations that failed in the database",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "store_query_seconds",
+            "Store operation latency",
+            m.store_latency.clone(),
+        );
+        r.register(
+            "presence_errors",
+            "Presence backend (Redis) errors",
+            m.presence_errors.clone(),
+        );
+    });
+    m
+});
+
+/// Index of a gRPC path's method in [`GRPC_METHODS`].
+pub fn grpc_method_index(path: &str) -> usize {
+    let name = path.rsplit('/').next().unwrap_or("");
+    GRPC_METHODS
+        .iter()
+        .position(|m| *m == name)
+        .unwrap_or(GRPC_METHODS.len() - 1)
+}
+
+/// Times one store operation (recorded when dropped).
+pub struct StoreTimer(Instant);
+
+impl StoreTimer {
+    pub fn start() -> Self {
+        StoreTimer(Instant::now())
+    }
+}
+
+impl Drop for StoreTimer {
+    fn drop(&mut self) {
+        let m = &*LOGIC;
+        m.store_queries.inc();
+        m.store_latency.observe_duration(self.0.elapsed());
+    }
+}
+
+/// A tower layer for the gRPC server: counts and times each call by
+/// method; a call answered with a `grpc-status` other than 0 in its headers
+/// (a trailers-only error) counts as an error.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrpcMetricsLayer;
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<axum::http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>>,
+    S::Future: Unpin,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = GrpcFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        GrpcFuture {
+            method: grpc_method_index(req.uri().path()),
+            started: Instant::now(),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+/// The call's future, recording when it completes (no allocation).
+pub struct GrpcFuture<F> {
+    inner: F,
+    method: usize,
+    started: Instant,
+}
+
+impl<F, RB, E> std::future::Future for GrpcFuture<F>
+where
+    F: std::future::Future<Output = Result<axum::http::Response<RB>, E>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let r = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll(cx));
+        let (i, m) = (self.method, &*LOGIC);
+        m.grpc_calls[i].inc();
+        if i == 0 {
+            m.sign_ins.inc();
+        }
+        m.grpc_latency[i].observe_duration(self.started.elapsed());
+        let failed = match &r {
+            Ok(resp) => resp
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() != b"0"),
+            Err(_) => true,
+        };
+        if failed {
+            m.grpc_errors[i].inc();
+        }
+        std::task::Poll::Ready(r)
+    }
+}
+
+/// Records one HTTP request.
+pub fn record_http(route: &str, code: u16, took: Duration) {
+    let m = &*LOGIC;
+    m.http_requests
+        .get_or_create(&vec![
+            ("route", route.to_string()),
+            ("code", code.to_string()),
+        ])
+        .inc();
+    m.http_latency
+        .get_or_create(&vec![("route", route.to_string())])
+        .observe_duration(took);
+}
