@@ -90,11 +90,25 @@ log "building"
 cargo build --workspace --bins
 export CHATROOM_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
 
+if [ -n "${NSQD_BIN:-}" ]; then
+  echo "real NSQ: NSQD_BIN=$NSQD_BIN NSQLOOKUPD_BIN=${NSQLOOKUPD_BIN:-(beside nsqd)}"
+else
+  echo "real NSQ: NSQD_BIN is not set; the real-nsqd cluster test will not run"
+fi
+
 log "cargo test --workspace"
-cargo test --workspace
+cargo test --workspace 2>&1 | tee "$work/cargo-test.log"
+# With NSQD_BIN set the test cannot pass without running (it only returns
+# early when NSQD_BIN is unset).
+if [ -n "${NSQD_BIN:-}" ] && grep -q '^test cluster_with_real_nsqd \.\.\. ok' "$work/cargo-test.log"; then
+  real_nsq="ran and passed (real nsqd + nsqlookupd)"
+else
+  real_nsq="did NOT run (set NSQD_BIN and NSQLOOKUPD_BIN, e.g. from shared/nsq/bin/)"
+fi
+echo "real-NSQ cluster test: $real_nsq"
 
 if [ -f web/package.json ]; then
   log "protobuf.js protocol test"
   (cd web && npm ci --no-audit --no-fund --loglevel=error && CHATROOM_BIN="$CHATROOM_BIN_DIR/chatroom" node --test test/)
 fi
-log "all tests passed"
+log "all tests passed; real-NSQ cluster test $real_nsq"
