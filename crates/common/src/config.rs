@@ -158,9 +158,20 @@ impl Validate for AdminConfig {
 }
 
 /// What `--check-config` on the command line asks: load and validate the
-/// config, print a summary, exit (0 when valid).
+/// config (defaults, file, `CHATROOM__*` environment), print it, exit 0;
+/// an invalid config exits non-zero naming the key, like a normal start.
 pub fn check_config_requested() -> bool {
     std::env::args().skip(1).any(|a| a == "--check-config")
+}
+
+/// Prints the loaded config for `--check-config` (the binary then exits).
+#[allow(clippy::print_stdout)]
+pub fn print_checked<T: std::fmt::Debug>(service: &str, file: Option<&Path>, cfg: &T) {
+    let from = file.map_or_else(
+        || "built-in defaults".to_string(),
+        |f| f.display().to_string(),
+    );
+    println!("{service}: config OK ({from} + environment)\n{cfg:#?}");
 }
 
 /// A gRPC listener.
