@@ -21,14 +21,8 @@ use chatroom_common::metrics::{
 
 use crate::room::PushStats;
 
-/// How a session speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// protobuf on `/room`
-    Proto,
-    /// JSON on `/chat`
-    Json,
-}
+/// How a session speaks (protobuf on `/room`, JSON on `/chat`).
+pub use crate::chat::Encoding;
 
 /// Why a sign-in was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +262,7 @@ impl Stats {
 
     fn encoding_gauge(&self, enc: Encoding) -> &AtomicI64 {
         match enc {
-            Encoding::Proto => &self.sessions_proto,
+            Encoding::Protobuf => &self.sessions_proto,
             Encoding::Json => &self.sessions_json,
         }
     }
