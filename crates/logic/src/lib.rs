@@ -92,6 +92,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), LogicError> {
     let node_id = cfg.node.id_or("logic");
+    metrics::init();
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
 

@@ -232,16 +232,90 @@ where
     }
 }
 
+/// The routes of logic's router (matched patterns), whose series are
+/// created at start-up so that counting a request takes no lock and
+/// allocates nothing; a route missing here still counts, through the
+/// family's lookup.
+pub const HTTP_ROUTES: &[&str] = &[
+    "/msg",
+    "/tk",
+    "/user/register",
+    "/user/login",
+    "/user/find",
+    "/contact/addfriend",
+    "/contact/friend",
+    "/contact/loadfriend",
+    "/contact/createcommunity",
+    "/contact/community",
+    "/contact/loadcommunity",
+    "/contact/joincommunity",
+    "/chat/history",
+    "/attach/upload",
+    "/attach/files/{name}",
+    "/admin/broadcast",
+    "unmatched",
+];
+
+/// Status codes with a pre-created series per route.
+const HTTP_CODES: &[u16] = &[200, 400, 401, 403, 404, 405, 413, 415, 429, 500, 503];
+
+struct RouteHandles {
+    route: &'static str,
+    by_code: Vec<Counter>,
+    latency: Histogram,
+}
+
+static ROUTES: LazyLock<Vec<RouteHandles>> = LazyLock::new(|| {
+    let m = &*LOGIC;
+    HTTP_ROUTES
+        .iter()
+        .map(|route| RouteHandles {
+            route,
+            by_code: HTTP_CODES
+                .iter()
+                .map(|code| {
+                    m.http_requests.get_or_create_owned(&vec![
+                        ("route", route.to_string()),
+                        ("code", code.to_string()),
+                    ])
+                })
+                .collect(),
+            latency: m
+                .http_latency
+                .get_or_create_owned(&vec![("route", route.to_string())]),
+        })
+        .collect()
+});
+
+/// Creates every pre-registered series now (logic start-up).
+pub fn init() {
+    LazyLock::force(&ROUTES);
+}
+
 /// Records one HTTP request.
 pub fn record_http(route: &str, code: u16, took: Duration) {
+    let known = ROUTES.iter().find(|h| h.route == route);
+    let counted = known
+        .and_then(|h| {
+            let i = HTTP_CODES.iter().position(|c| *c == code)?;
+            h.by_code[i].inc();
+            Some(())
+        })
+        .is_some();
     let m = &*LOGIC;
-    m.http_requests
-        .get_or_create(&vec![
-            ("route", route.to_string()),
-            ("code", code.to_string()),
-        ])
-        .inc();
-    m.http_latency
-        .get_or_create(&vec![("route", route.to_string())])
-        .observe_duration(took);
+    if !counted {
+        m.http_requests
+            .get_or_create(&vec![
+                ("route", route.to_string()),
+                ("code", code.to_string()),
+            ])
+            .inc();
+    }
+    match known {
+        Some(h) => h.latency.observe_duration(took),
+        None => m
+            .http_latency
+            .get_or_create(&vec![("route", route.to_string())])
+            .observe_duration(took),
+    }
 }
