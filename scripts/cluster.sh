@@ -8,8 +8,9 @@
 #   scripts/cluster.sh status   what runs, and whether each node is ready
 #   scripts/cluster.sh down     stop what `up` started (and nothing else)
 #
-# Needs etcd, redis-server, PostgreSQL (initdb/pg_ctl) and the real NSQ
-# binaries: nsqd and nsqlookupd on PATH, or NSQD_BIN / NSQLOOKUPD_BIN.
+# Needs etcd, redis-server, PostgreSQL (initdb/pg_ctl) — installed with
+# apt-get when missing and run as root — and the real NSQ binaries: nsqd
+# and nsqlookupd on PATH, or NSQD_BIN / NSQLOOKUPD_BIN.
 # Knobs (environment):
 #   CLUSTER_DIR   state: pids, logs, data        (default: $TMPDIR/chatroom-cluster)
 #   BIN           chatroom binaries              (default: target/release, built if missing)
@@ -106,7 +107,23 @@ as_pg() { # PostgreSQL refuses to run as root
 
 # ---------------------------------------------------------------- up
 
+# As root on Debian/Ubuntu, installs what apt has (like scripts/test.sh).
+apt_missing() {
+  local pkgs=()
+  command -v etcd >/dev/null || pkgs+=(etcd-server)
+  command -v redis-server >/dev/null || pkgs+=(redis-server)
+  command -v curl >/dev/null || pkgs+=(curl)
+  { command -v initdb >/dev/null || [ -n "$(pg_bin)" ]; } || pkgs+=(postgresql)
+  if [ ${#pkgs[@]} -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    say "installing ${pkgs[*]} (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null \
+      || die "apt-get install ${pkgs[*]} failed"
+  fi
+}
+
 need_tools() {
+  apt_missing
   local missing=()
   command -v etcd >/dev/null || missing+=("etcd (Debian: apt-get install etcd-server)")
   command -v redis-server >/dev/null || missing+=("redis-server (apt-get install redis-server)")
@@ -126,11 +143,15 @@ need_tools() {
 }
 
 need_binaries() {
+  local given=${BIN:-}
   BIN=${BIN:-${CARGO_TARGET_DIR:-$root/target}/release}
   local b missing=0
   for b in chatroom-logic chatroom-conn chatroom-job; do
     [ -x "$BIN/$b" ] || missing=1
   done
+  if [ $missing = 1 ] && [ -n "$given" ]; then
+    die "BIN=$given lacks chatroom-logic, chatroom-conn or chatroom-job: cargo build --release -p chatroom-logic -p chatroom-conn -p chatroom-job --bins"
+  fi
   if [ $missing = 1 ]; then
     say "building the release binaries into $BIN (cargo build --release)"
     (cd "$root" && cargo build --release -p chatroom-logic -p chatroom-conn -p chatroom-job --bins)
