@@ -319,3 +319,44 @@ pub fn record_http(route: &str, code: u16, took: Duration) {
             .observe_duration(took),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every route of the API router has its series pre-created (else its
+    /// requests would take the family's lock).
+    #[test]
+    fn every_api_route_is_pre_registered() {
+        let sources = [
+            include_str!("http.rs"),
+            include_str!("im_api.rs"),
+            include_str!("upload.rs"),
+        ];
+        let mut found = 0;
+        for src in sources {
+            for part in src.split(".route(\"").skip(1) {
+                let route = part.split('"').next().unwrap();
+                assert!(
+                    HTTP_ROUTES.contains(&route),
+                    "{route} missing in HTTP_ROUTES"
+                );
+                found += 1;
+            }
+        }
+        assert!(found >= 16, "{found}");
+    }
+
+    #[test]
+    fn grpc_paths_map_to_their_method() {
+        assert_eq!(grpc_method_index("/chatroom.logic.Logic/SignIn"), 0);
+        assert_eq!(
+            GRPC_METHODS[grpc_method_index("/chatroom.logic.Logic/ReceiveMany")],
+            "ReceiveMany"
+        );
+        assert_eq!(
+            GRPC_METHODS[grpc_method_index("/grpc.health.v1.Health/Check")],
+            "other"
+        );
+    }
+}
