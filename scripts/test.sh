@@ -93,8 +93,22 @@ log "building"
 cargo build --workspace --bins
 export CHATROOM_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/debug"
 
+if [ -n "${NSQD_BIN:-}" ]; then
+  echo "real NSQ: NSQD_BIN=$NSQD_BIN NSQLOOKUPD_BIN=${NSQLOOKUPD_BIN:-(beside nsqd)}"
+else
+  echo "real NSQ: NSQD_BIN is not set; the real-nsqd cluster test will not run"
+fi
+
 log "cargo test --workspace"
-cargo test --workspace
+cargo test --workspace 2>&1 | tee "$work/cargo-test.log"
+# With NSQD_BIN set the test cannot pass without running (it only returns
+# early when NSQD_BIN is unset).
+if [ -n "${NSQD_BIN:-}" ] && grep -q '^test cluster_with_real_nsqd \.\.\. ok' "$work/cargo-test.log"; then
+  real_nsq="ran and passed (real nsqd + nsqlookupd)"
+else
+  real_nsq="did NOT run (set NSQD_BIN and NSQLOOKUPD_BIN, e.g. from shared/nsq/bin/)"
+fi
+echo "real-NSQ cluster test: $real_nsq"
 
 log "npm ci (protobuf.js, ws, playwright-core)"
 (cd web && npm ci --no-audit --no-fund --loglevel=error)
@@ -108,4 +122,4 @@ CHROMIUM=$(command -v chromium)
 export CHROMIUM
 (cd web && node --test test/browser-*.test.mjs)
 echo "screenshots: $root/web/screenshots/"
-log "all tests passed"
+log "all tests passed; real-NSQ cluster test $real_nsq"

@@ -204,9 +204,13 @@ pub const T: Duration = Duration::from_secs(15);
 #[allow(clippy::large_enum_variant)] // one per test run
 pub enum Queue {
     Broker(TestNsqd),
+    /// A real nsqd registered with a real nsqlookupd; job finds nsqd only
+    /// through nsqlookupd.
     Real {
         tcp: SocketAddr,
-        _proc: Proc,
+        http: SocketAddr,
+        lookupd_http: SocketAddr,
+        _procs: Vec<Proc>,
         _dir: TempDir,
     },
 }
@@ -223,7 +227,10 @@ pub struct Cluster {
     pub conn_a: Proc,
     pub conn_b: Proc,
     pub others: Vec<Proc>,
-    _queue: Queue,
+    /// `http://addr` of every node's `/metrics` + `/readyz`: logic's HTTP
+    /// listener, conn's and job's admin listener, by node name.
+    pub admin: Vec<(String, String)>,
+    pub queue: Queue,
 }
 
 /// A temporary folder, removed on drop unless a test is failing (kept for
@@ -274,15 +281,49 @@ pub async fn fresh_pg_database(tag: &str) -> String {
     }
 }
 
-/// A real nsqd from `NSQD_BIN`, or `None` (with a notice) when it is unset.
+/// The nsqlookupd binary: `NSQLOOKUPD_BIN`, else `nsqlookupd` beside nsqd.
+fn nsqlookupd_bin(nsqd: &std::path::Path) -> PathBuf {
+    if let Some(p) = std::env::var_os("NSQLOOKUPD_BIN") {
+        return PathBuf::from(p);
+    }
+    let sibling = nsqd.with_file_name("nsqlookupd");
+    if sibling.exists() {
+        return sibling;
+    }
+    panic!(
+        "NSQD_BIN is set but NSQLOOKUPD_BIN is not, and there is no nsqlookupd beside {}: \
+         the real-NSQ test needs both (nsq release archives ship them together)",
+        nsqd.display()
+    );
+}
+
+/// A real nsqlookupd + nsqd from `NSQD_BIN` / `NSQLOOKUPD_BIN`, or `None`
+/// (with a notice) when `NSQD_BIN` is unset.
 pub async fn start_nsqd() -> Option<Queue> {
-    let Some(bin) = std::env::var_os("NSQD_BIN") else {
+    let Some(bin) = std::env::var_os("NSQD_BIN").map(PathBuf::from) else {
         eprintln!(
             "NOTICE: NSQD_BIN is not set; the real-nsqd cluster test did not run (set NSQD_BIN=/path/to/nsqd)"
         );
         return None;
     };
+    let lookupd_bin = nsqlookupd_bin(&bin);
     let work = TempDir::new("nsqd");
+    let lookupd_tcp = free_addr();
+    let lookupd_http = free_addr();
+    let mut l = Command::new(&lookupd_bin);
+    l.args([
+        format!("--tcp-address={lookupd_tcp}"),
+        format!("--http-address={lookupd_http}"),
+        "--broadcast-address=127.0.0.1".into(),
+    ])
+    .kill_on_drop(true)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = l.spawn().expect("starting nsqlookupd");
+    let mut lookupd = Proc::adopt("nsqlookupd", child, work.0.clone());
+    wait_listening(&mut lookupd, lookupd_http, T)
+        .await
+        .expect("nsqlookupd listening");
     let tcp = free_addr();
     let http_addr = free_addr();
     let mut p = Command::new(&bin);
@@ -290,6 +331,7 @@ pub async fn start_nsqd() -> Option<Queue> {
         format!("--tcp-address={tcp}"),
         format!("--http-address={http_addr}"),
         format!("--data-path={}", work.0.display()),
+        format!("--lookupd-tcp-address={lookupd_tcp}"),
         "--broadcast-address=127.0.0.1".into(),
     ])
     .kill_on_drop(true)
@@ -302,9 +344,38 @@ pub async fn start_nsqd() -> Option<Queue> {
         .expect("nsqd listening");
     Some(Queue::Real {
         tcp,
-        _proc: proc_,
+        http: http_addr,
+        lookupd_http,
+        _procs: vec![proc_, lookupd],
         _dir: work,
     })
+}
+
+/// Creates `topic` on a real nsqd and waits until nsqlookupd lists it, so
+/// that job's first nsqlookupd poll finds the nsqd (what an operator does
+/// when deploying: `POST /topic/create`).
+pub async fn create_topic(nsqd_http: SocketAddr, lookupd_http: SocketAddr, topic: &str) {
+    let (s, body) = crate::http::request_text(
+        "POST",
+        &format!("http://{nsqd_http}/topic/create?topic={topic}"),
+    )
+    .await
+    .expect("nsqd /topic/create");
+    assert_eq!(s, 200, "nsqd /topic/create: {body}");
+    let url = format!("http://{lookupd_http}/lookup?topic={topic}");
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if let Ok((200, body)) = crate::http::get_text(&url).await
+            && body.contains("\"tcp_port\"")
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nsqlookupd never listed topic {topic}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Starts the cluster: logic-0/1, conn-a/b, job-0/1.
@@ -331,15 +402,24 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
         Queue::Broker(b) => b.tcp_addr().to_string(),
         Queue::Real { tcp, .. } => tcp.to_string(),
     };
+    // job is never told where nsqd is: it asks nsqlookupd (the test
+    // broker's built-in one, or a real nsqlookupd).
     let consumer_env = match &queue {
         Queue::Broker(b) => env(&[(
             "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES",
             &format!("http://{}", b.http_addr()),
         )]),
-        Queue::Real { tcp, .. } => {
-            env(&[("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", &tcp.to_string())])
+        Queue::Real {
+            http, lookupd_http, ..
+        } => {
+            create_topic(*http, *lookupd_http, topic).await;
+            env(&[(
+                "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES",
+                &format!("http://{lookupd_http}"),
+            )])
         }
     };
+    let mut admin = vec![];
 
     let mut others = vec![];
     let mut http_addrs = vec![];
@@ -369,6 +449,7 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
         let mut p = Proc::spawn(&format!("logic-{i}"), "chatroom-logic", &work.0, &e).unwrap();
         wait_listening(&mut p, http_addr, T).await.unwrap();
         wait_listening(&mut p, grpc, T).await.unwrap();
+        admin.push((format!("logic-{i}"), format!("http://{http_addr}")));
         http_addrs.push(http_addr);
         others.push(p);
     }
@@ -376,28 +457,47 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
     let mut ws = vec![];
     for name in ["conn-a", "conn-b"] {
         let ws_addr = free_addr();
+        let admin_addr = free_addr();
         let mut e = common.clone();
         e.extend(env(&[
             ("CHATROOM__NODE__ID", name),
+            ("CHATROOM__ADMIN__ADDR", &admin_addr.to_string()),
             ("CHATROOM__WS__ADDR", &ws_addr.to_string()),
             ("CHATROOM__GRPC__ADDR", &free_addr().to_string()),
             ("CHATROOM__REPORT_ONLINE_MS", "300"),
         ]));
         let mut p = Proc::spawn(name, "chatroom-conn", &work.0, &e).unwrap();
         wait_listening(&mut p, ws_addr, T).await.unwrap();
+        admin.push((name.to_string(), format!("http://{admin_addr}")));
         ws.push(format!("ws://{ws_addr}/room"));
         conns.push(p);
     }
     for i in 0..2 {
+        let admin_addr = free_addr();
+        admin.push((format!("job-{i}"), format!("http://{admin_addr}")));
         let mut e = common.clone();
         e.extend(consumer_env.clone());
         e.extend(env(&[
             ("CHATROOM__NODE__ID", &format!("job-{i}")),
+            ("CHATROOM__ADMIN__ADDR", &admin_addr.to_string()),
             ("CHATROOM__QUEUE__KIND", "nsq"),
             ("CHATROOM__QUEUE__TOPIC", topic),
             ("CHATROOM__QUEUE__CHANNEL", "job"),
         ]));
         others.push(Proc::spawn(&format!("job-{i}"), "chatroom-job", &work.0, &e).unwrap());
+    }
+    // Every node ready (registered, queue connected, store answering),
+    // not merely listening.
+    for (name, base) in &admin {
+        if let Err(e) = crate::http::wait_ok(&format!("{base}/readyz"), T).await {
+            let out: String = conns
+                .iter()
+                .chain(others.iter())
+                .filter(|p| &p.name == name)
+                .map(|p| p.output())
+                .collect();
+            panic!("{name}: {e:#}\n{out}");
+        }
     }
     let conn_b = conns.pop().unwrap();
     let conn_a = conns.pop().unwrap();
@@ -410,11 +510,29 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
         conn_a,
         conn_b,
         others,
-        _queue: queue,
+        admin,
+        queue,
     }
 }
 
 impl Cluster {
+    /// The admin base URL (`http://addr`) of node `name`.
+    pub fn admin_url(&self, name: &str) -> &str {
+        self.admin
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, u)| u.as_str())
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// `GET /metrics` of node `name`.
+    pub async fn scrape(&self, name: &str) -> anyhow::Result<String> {
+        let url = format!("{}/metrics", self.admin_url(name));
+        let (s, body) = crate::http::get_text(&url).await?;
+        anyhow::ensure!(s == 200, "{url}: HTTP {s}: {body}");
+        Ok(body)
+    }
+
     /// The live conn nodes in etcd, kept current until `stop`.
     pub async fn watch_conns(&self, tracker: &TaskTracker, stop: CancellationToken) -> NodesRx {
         let cfg = DiscoveryConfig::Etcd {

@@ -53,3 +53,41 @@ pub async fn token(http_base: &str, uid: &str) -> anyhow::Result<String> {
         .map(str::to_string)
         .with_context(|| format!("no token in {}", a.json))
 }
+
+/// `method url` with an empty body: the status and the body as text
+/// (`/metrics`, `/readyz`, nsqd's and nsqlookupd's HTTP APIs).
+pub async fn request_text(method: &str, url: &str) -> anyhow::Result<(u16, String)> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+        .await
+        .with_context(|| format!("{method} {url}: no answer in 10 s"))??;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// `GET url`: the status and body text.
+pub async fn get_text(url: &str) -> anyhow::Result<(u16, String)> {
+    request_text("GET", url).await
+}
+
+/// Polls `GET url` until it answers 200 or `within` passes (a readiness
+/// endpoint); the last answer is in the error.
+pub async fn wait_ok(url: &str, within: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let last = match get_text(url).await {
+            Ok((200, _)) => return Ok(()),
+            Ok((s, body)) => format!("HTTP {s}: {body}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{url} not ready after {within:?}: {last}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

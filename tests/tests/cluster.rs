@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use chatroom_common::discovery::NodesRx;
+use chatroom_common::metrics::sample;
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_tests::client::Client;
 use chatroom_tests::cluster::{Cluster, LEASE_TTL, Queue, T, start_cluster, start_nsqd};
@@ -163,6 +164,8 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
         }
     }
 
+    check_metrics(c).await?;
+
     // MEMBERS counts both nodes, from either side.
     for cl in [&mut a, &mut b] {
         let deadline = tokio::time::Instant::now() + T;
@@ -259,6 +262,111 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every node's `/metrics` after the traffic above: each family the
+/// cluster exercised has moved, on the node that did the work.
+async fn check_metrics(c: &Cluster) -> anyhow::Result<()> {
+    let v = |t: &str, name: &str, labels: &[(&str, &str)]| sample(t, name, labels).unwrap_or(0.0);
+    for (name, base) in &c.admin {
+        let (s, body) = http::get_text(&format!("{base}/healthz")).await?;
+        anyhow::ensure!(s == 200, "{name} /healthz: {s} {body}");
+        let (s, body) = http::get_text(&format!("{base}/readyz")).await?;
+        anyhow::ensure!(s == 200, "{name} /readyz: {s} {body}");
+    }
+    // conn: both nodes delivered the messages above to their session.
+    for name in ["conn-a", "conn-b"] {
+        let t = c.scrape(name).await?;
+        let n = [("node", name)];
+        for family in [
+            "chatroom_conn_pushes_total",
+            "chatroom_conn_deliveries_total",
+            "chatroom_conn_accepted_total",
+            "chatroom_conn_connections",
+        ] {
+            anyhow::ensure!(v(&t, family, &n) > 0.0, "{name}: {family} is 0:\n{t}");
+        }
+        anyhow::ensure!(
+            v(&t, "chatroom_discovery_nodes", &[("service", "logic")]) == 2.0,
+            "{name}: discovery should know 2 logic nodes:\n{t}"
+        );
+        anyhow::ensure!(
+            v(&t, "chatroom_discovery_registrations", &[]) == 1.0,
+            "{name}: not registered:\n{t}"
+        );
+    }
+    // job: between them the two consumed, batched, pushed and FINed; each
+    // knows both conn nodes and holds an nsqd connection found through
+    // nsqlookupd.
+    let mut sums = std::collections::HashMap::<&str, f64>::new();
+    for name in ["job-0", "job-1"] {
+        let t = c.scrape(name).await?;
+        let n = [("node", name)];
+        anyhow::ensure!(
+            v(&t, "chatroom_job_conn_nodes", &n) == 2.0,
+            "{name}: conn_nodes != 2:\n{t}"
+        );
+        anyhow::ensure!(
+            v(&t, "chatroom_nsq_connections", &[("role", "consumer")]) >= 1.0,
+            "{name}: no nsqd consumer connection:\n{t}"
+        );
+        anyhow::ensure!(v(&t, "chatroom_nsq_rdy", &[]) >= 1.0, "{name}: RDY 0:\n{t}");
+        anyhow::ensure!(
+            v(&t, "chatroom_nsq_lookupd_up", &[]) == 1.0,
+            "{name}: nsqlookupd not answering:\n{t}"
+        );
+        for (family, labels) in [
+            ("chatroom_job_messages_consumed_total", &n[..]),
+            ("chatroom_job_batches_total", &n[..]),
+            ("chatroom_job_batch_messages_count", &n[..]),
+            ("chatroom_job_pushes_total", &n[..]),
+            ("chatroom_job_sessions_delivered_total", &n[..]),
+            ("chatroom_nsq_messages_received_total", &[][..]),
+        ] {
+            *sums.entry(family).or_default() += v(&t, family, labels);
+        }
+        *sums.entry("fin").or_default() += v(&t, "chatroom_job_acks_total", &[("kind", "fin")]);
+    }
+    for (family, total) in &sums {
+        anyhow::ensure!(*total > 0.0, "jobs: {family} did not move");
+    }
+    // logic: sign-ins, /tk and /msg requests, publishes over an nsqd connection.
+    let mut sign_ins = 0.0;
+    let mut published = 0.0;
+    for name in ["logic-0", "logic-1"] {
+        let t = c.scrape(name).await?;
+        sign_ins += v(&t, "chatroom_logic_sign_ins_total", &[]);
+        published += v(&t, "chatroom_queue_published_total", &[]);
+        anyhow::ensure!(
+            v(&t, "chatroom_nsq_connections", &[("role", "producer")]) == 1.0,
+            "{name}: no nsqd producer connection:\n{t}"
+        );
+    }
+    anyhow::ensure!(sign_ins >= 2.0, "logic sign-ins {sign_ins}, want >= 2");
+    anyhow::ensure!(published > 0.0, "nothing published");
+    let t = c.scrape("logic-0").await?;
+    anyhow::ensure!(
+        v(
+            &t,
+            "chatroom_logic_http_requests_total",
+            &[("route", "/msg"), ("code", "200")]
+        ) > 0.0,
+        "logic-0 counted no POST /msg:\n{t}"
+    );
+    // etcd leases are renewed every ttl/3: wait for one renewal.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let t = c.scrape("conn-a").await?;
+        if v(&t, "chatroom_discovery_lease_renewals_total", &[]) > 0.0 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "conn-a never renewed its lease:\n{t}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_with_test_broker() {
     let broker = TestNsqd::start().await;
@@ -268,12 +376,15 @@ async fn cluster_with_test_broker() {
     }
 }
 
-/// The same scenario over a real nsqd, when `NSQD_BIN` names one.
+/// The same scenario over a real nsqd and nsqlookupd, when `NSQD_BIN` names
+/// one (`.ci/run` sets it from `../shared/nsq/bin/`): job finds nsqd only
+/// through nsqlookupd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_with_real_nsqd() {
     let Some(queue) = start_nsqd().await else {
         return;
     };
+    eprintln!("REAL-NSQ: cluster test running against a real nsqd + nsqlookupd");
     let mut c = start_cluster(queue).await;
     if let Err(e) = scenario(&mut c).await {
         panic!("{e:#}\n{}", c.dump());

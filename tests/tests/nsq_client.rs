@@ -239,6 +239,12 @@ async fn producer_reconnects_fails_fast_in_an_outage_and_fails_over() {
         "starts on the first address"
     );
 
+    let nsq = &*chatroom_common::metrics::NSQ;
+    let reconnects = nsq.producer_reconnects.get();
+    assert!(
+        nsq.producer_connections.get() >= 1,
+        "a live producer connection is counted"
+    );
     a.drop_connections();
     eventually("the drop", WAIT, || {
         a.connections() == 0 || a.accepted() >= 2
@@ -246,6 +252,19 @@ async fn producer_reconnects_fails_fast_in_an_outage_and_fails_over() {
     .await;
     publish_eventually(&p, b"2").await;
     assert_eq!(a.published(TOPIC) + b.published(TOPIC), 2);
+    // Counted in chatroom_nsq_reconnects_total{role="producer"}.
+    assert!(nsq.producer_reconnects.get() > reconnects);
+    let text = chatroom_common::metrics::render(&[]);
+    assert!(
+        chatroom_common::metrics::sample(
+            &text,
+            "chatroom_nsq_reconnects_total",
+            &[("role", "producer")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
 
     // The first nsqd goes away: publishing fails over to the second.
     a.shutdown().await;
@@ -461,10 +480,19 @@ async fn consumer_reconnects_after_the_connection_drops() {
     m.finish();
     eventually("the FIN", WAIT, || b.finished() == 1).await;
 
+    let nsq = &*chatroom_common::metrics::NSQ;
+    let reconnects = nsq.consumer_reconnects.get();
+    assert!(nsq.consumer_connections.get() >= 1);
+    assert!(nsq.rdy.get() >= 1, "RDY sent is counted");
+    assert!(nsq.received.get() >= 1);
     let before = b.accepted();
     b.drop_connections();
     eventually("a resubscribed consumer", WAIT, || {
         b.accepted() > before && subscribers(&b) == 1
+    })
+    .await;
+    eventually("the consumer reconnect counted", WAIT, || {
+        nsq.consumer_reconnects.get() > reconnects
     })
     .await;
     publish_eventually(&p, b"after").await;

@@ -6,8 +6,9 @@
 #   nats             the same fan-out against nats-server over WebSocket, when installed
 #   rooms            (3) 10,000 sessions in 1,000 rooms of 10, 100 WebSocket publishers,
 #                    at each of ROOM_RATES (msg/s over all publishers), NORMAL
-#   cluster          (4) the cluster path: POST /msg -> logic -> NSQ (the test broker)
-#                    -> job -> two conn nodes, 10,000 sessions in one room split over
+#   cluster          (4) the cluster path: POST /msg -> logic -> NSQ (real nsqd, found
+#                    by job through nsqlookupd) -> job -> two conn nodes (the deploy
+#                    topology of scripts/cluster.sh), 10,000 sessions in one room split over
 #                    the two conn nodes, at each of CLUSTER_RATES; plus (1) on one
 #                    cluster conn node (19,000 idle sessions on conn-a)
 #   standalone-http  (5) the same load as `cluster` (POST /msg, one room of 10,000)
@@ -15,9 +16,9 @@
 #   floor            the bare-socket floor: one 64-byte message written to 10,000
 #                    idle sockets by a bare writer, at FLOOR_RATE msg/s (no server)
 #
-# Each run gets a fresh server (or a fresh cluster: etcd, chatroom-test-nsqd,
-# logic, job, conn-a, conn-b, all on free loopback ports, in a temporary
-# folder) and waits for the machine to be quiet first; every report is kept
+# Each run gets a fresh server (or a fresh cluster from `scripts/cluster.sh up`:
+# etcd, Redis, PostgreSQL, nsqlookupd + nsqd, logic-1/2, conn-1/2, job-1/2,
+# on loopback under a free port offset, in a temporary folder) and waits for the machine to be quiet first; every report is kept
 # as a JSON line (appended to $OUT/results.jsonl, so a later call can add
 # runs) and summarised (median, min, max) at the end, leaving out runs during
 # which other processes used more than $QUIET_CORES cores (idle runs are
@@ -25,13 +26,15 @@
 # $OUT/*.log.
 #
 #   cargo build --release -p chatroom -p chatroom-bench -p chatroom-conn -p chatroom-logic \
-#     -p chatroom-job -p chatroom-tests --bins
+#     -p chatroom-job --bins
 #   crates/bench/scripts/benchmarks.sh                 # idle fanout nats, 3 runs each
 #   RUNS=1 RATES="10 100" SCENARIOS=fanout crates/bench/scripts/benchmarks.sh
 #   RUNS=3 SCENARIOS="cluster standalone-http" crates/bench/scripts/benchmarks.sh
 #   RUNS=3 SCENARIOS=rooms ROOM_RATES="1000 2000" crates/bench/scripts/benchmarks.sh
 #
-# The cluster needs `etcd` on the PATH (Debian: apt-get install etcd-server).
+# The cluster needs what scripts/cluster.sh needs: etcd, redis-server,
+# PostgreSQL and the real nsqd + nsqlookupd (on PATH or NSQD_BIN /
+# NSQLOOKUPD_BIN); it says what is missing and how to get it.
 # SESSIONS, DURATION and WARMUP override every scenario's session count,
 # measured seconds and warm-up seconds (for a quick functional check, e.g.
 # SESSIONS=300 DURATION=2 WARMUP=1 RUNS=1 CLUSTER_RATES=10 SCENARIOS=cluster).
@@ -64,6 +67,7 @@ sessions() { # default count: $SESSIONS when set
 # order; the run's scratch folder (etcd data, SQLite store), removed after.
 procs=()
 scratch=""
+cluster_dir=""
 # What the generator measures: the server's pids and the supporting
 # processes' pids (comma-separated).
 server_pids=""
@@ -96,6 +100,11 @@ stop_all() {
     wait "$pid" 2>/dev/null || true
   done
   procs=()
+  if [ -n "$cluster_dir" ]; then
+    CLUSTER_DIR=$cluster_dir "$root/scripts/cluster.sh" down >>"$OUT/cluster-down.log" 2>&1 || true
+    rm -rf "$cluster_dir"
+    cluster_dir=""
+  fi
   server_pids=""
   infra_pids=""
   if [ -n "$scratch" ]; then
@@ -131,6 +140,10 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 
 alive() {
   local p
+  if [ -n "$cluster_dir" ] && ! CLUSTER_DIR=$cluster_dir "$root/scripts/cluster.sh" status >/dev/null; then
+    echo "a cluster node stopped or is not ready; see $cluster_dir/logs" >&2
+    return 1
+  fi
   for p in "${procs[@]}"; do
     if ! running "${p#*:}"; then
       echo "${p%%:*} exited; see $OUT/*.log" >&2
@@ -187,128 +200,42 @@ start_nats() {
 
 # --- the cluster -----------------------------------------------------------
 
-# Keys under an etcd prefix, over etcd's JSON gateway (no etcdctl needed).
-etcd_count() { # prefix
-  python3 - "$etcd_url" "$1" <<'PY'
-import base64, json, sys, urllib.request
-url, prefix = sys.argv[1], sys.argv[2].encode()
-end = prefix[:-1] + bytes([prefix[-1] + 1])
-b64 = lambda b: base64.b64encode(b).decode()
-body = json.dumps({"key": b64(prefix), "range_end": b64(end), "count_only": True}).encode()
-try:
-    with urllib.request.urlopen(urllib.request.Request(url + "/v3/kv/range", data=body), timeout=2) as r:
-        print(int(json.load(r).get("count", 0)))
-except Exception:
-    print(-1)
-PY
-}
-
-etcd_has() { # prefix n: at least n keys under prefix
-  [ "$(etcd_count "$1")" -ge "$2" ]
-}
-
-etcd_healthy() {
-  curl -sf "$etcd_url/health" 2>/dev/null | grep -q '"health":"true"'
-}
-
-log_has() { # file count pattern: the log holds the pattern at least count times
-  [ "$(grep -c -- "$3" "$1" 2>/dev/null || true)" -ge "$2" ]
-}
-
-# Starts etcd, the test NSQ broker, one logic, two conn nodes and one job,
-# each on its own free loopback ports, and waits until every one is ready:
-# listening, logic and both conn nodes registered in etcd, job subscribed to
-# the queue and pushing to both conn nodes. Sets ws_a, ws_b, http_url and
-# the pids (pid_conn_a ...).
+# The deploy topology through scripts/cluster.sh (etcd, Redis, PostgreSQL,
+# real nsqlookupd + nsqd, two logic, two conn, two job; every node waited on
+# its /readyz), under a port offset where all its ports are free. Sets ws_a,
+# ws_b, http_url and the pids (pid_conn_a, pid_conn_b, cluster_pids,
+# cluster_infra).
+cluster_pid() { cat "$cluster_dir/pids/$1.pid"; }
 start_cluster() {
-  if ! command -v etcd >/dev/null; then
-    echo "etcd not installed (apt-get install etcd-server)" >&2
-    return 1
-  fi
-  for b in chatroom-logic chatroom-conn chatroom-job chatroom-test-nsqd; do
+  for b in chatroom-logic chatroom-conn chatroom-job; do
     if [ ! -x "$BIN/$b" ]; then
-      echo "$BIN/$b is missing: cargo build --release -p chatroom-conn -p chatroom-logic -p chatroom-job -p chatroom-tests --bins" >&2
+      echo "$BIN/$b is missing: cargo build --release -p chatroom-conn -p chatroom-logic -p chatroom-job --bins" >&2
       return 1
     fi
   done
-  scratch=$(mktemp -d /tmp/chatroom-cluster.XXXXXX)
-  local p_etcd p_peer p_nsq p_lookup p_grpc p_http p_ws_a p_grpc_a p_ws_b p_grpc_b
-  read -r p_etcd p_peer p_nsq p_lookup p_grpc p_http p_ws_a p_grpc_a p_ws_b p_grpc_b < <(free_ports 10)
-  etcd_url="http://127.0.0.1:$p_etcd"
-  ws_a="ws://127.0.0.1:$p_ws_a/room"
-  ws_b="ws://127.0.0.1:$p_ws_b/room"
-  http_url="http://127.0.0.1:$p_http"
-
-  etcd --name bench --data-dir "$scratch/etcd" \
-    --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
-    --listen-peer-urls "http://127.0.0.1:$p_peer" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$p_peer" \
-    --initial-cluster "bench=http://127.0.0.1:$p_peer" >"$OUT/etcd.log" 2>&1 &
-  started etcd $!
-  pid_etcd=$!
-  wait_until 30 "etcd to be healthy" etcd_healthy
-
-  "$BIN/chatroom-test-nsqd" --tcp-address "127.0.0.1:$p_nsq" --http-address "127.0.0.1:$p_lookup" \
-    >"$OUT/test-nsqd.log" 2>&1 &
-  started test-nsqd $!
-  pid_nsqd=$!
-  wait_port "$p_nsq"
-  wait_port "$p_lookup"
-
-  # Settings every service shares: etcd discovery, logs to stdout only.
-  local common=(
-    CHATROOM__DISCOVERY__KIND=etcd
-    "CHATROOM__DISCOVERY__ENDPOINTS=$etcd_url"
-    CHATROOM__DISCOVERY__PREFIX=/chatroom
-    CHATROOM__LOG__DIR=
-    NO_COLOR=1
-  )
-  # logic: memory presence (one logic node), SQLite store in the scratch
-  # folder, publishes to the broker. Only logic reads token.secret (conn's
-  # config has no such key and refuses unknown ones).
-  mkdir -p "$scratch/logic"
-  (cd "$scratch/logic" && exec env "${common[@]}" \
-    CHATROOM__NODE__ID=logic-0 CHATROOM__ID_NODE=0 \
-    "CHATROOM__GRPC__ADDR=127.0.0.1:$p_grpc" "CHATROOM__HTTP__ADDR=127.0.0.1:$p_http" \
-    CHATROOM__HTTP__WEB_DIR= "CHATROOM__TOKEN__SECRET=$SECRET" \
-    CHATROOM__PRESENCE__KIND=memory \
-    "CHATROOM__STORE__URL=sqlite://$scratch/logic/chatroom.db?mode=rwc" \
-    "CHATROOM__IM__UPLOAD_DIR=$scratch/logic/uploads" \
-    CHATROOM__QUEUE__KIND=nsq CHATROOM__QUEUE__TOPIC=chatroom-room \
-    "CHATROOM__QUEUE__NSQD_TCP_ADDRESSES=127.0.0.1:$p_nsq" \
-    "$BIN/chatroom-logic") >"$OUT/logic.log" 2>&1 &
-  started logic $!
-  pid_logic=$!
-  wait_port "$p_http"
-  wait_port "$p_grpc"
-  wait_until 30 "logic to register in etcd" etcd_has /chatroom/logic/ 1
-
-  local name ws grpc
-  for name in a b; do
-    if [ $name = a ]; then ws=$p_ws_a grpc=$p_grpc_a; else ws=$p_ws_b grpc=$p_grpc_b; fi
-    (cd "$scratch" && exec env "${common[@]}" \
-      "CHATROOM__NODE__ID=conn-$name" \
-      "CHATROOM__WS__ADDR=127.0.0.1:$ws" CHATROOM__WS__MAX_CONNECTIONS=20000 \
-      "CHATROOM__GRPC__ADDR=127.0.0.1:$grpc" \
-      "$BIN/chatroom-conn") >"$OUT/conn-$name.log" 2>&1 &
-    started "conn-$name" $!
-    if [ $name = a ]; then pid_conn_a=$!; else pid_conn_b=$!; fi
-    wait_port "$ws"
-    wait_port "$grpc"
+  cluster_dir=$(mktemp -d /tmp/chatroom-cluster.XXXXXX)
+  local off ok=0
+  for off in 20000 21000 22000 23000 24000 25000; do
+    if CLUSTER_DIR=$cluster_dir PORT_OFFSET=$off BIN=$BIN CLUSTER_SECRET=$SECRET \
+      CLUSTER_CONN_ENV="CHATROOM__WS__MAX_CONNECTIONS=20000" \
+      "$root/scripts/cluster.sh" up >"$OUT/cluster-up.log" 2>&1; then
+      ok=1
+      break
+    fi
+    grep -q "is in use" "$OUT/cluster-up.log" || break
   done
-  wait_until 30 "both conn nodes to register in etcd" etcd_has /chatroom/conn/ 2
-
-  (cd "$scratch" && exec env "${common[@]}" \
-    CHATROOM__NODE__ID=job-0 \
-    CHATROOM__QUEUE__KIND=nsq CHATROOM__QUEUE__TOPIC=chatroom-room CHATROOM__QUEUE__CHANNEL=job \
-    "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES=http://127.0.0.1:$p_lookup" \
-    "$BIN/chatroom-job") >"$OUT/job.log" 2>&1 &
-  started job $!
-  pid_job=$!
-  wait_until 30 "job to push to both conn nodes" log_has "$OUT/job.log" 2 "conn node joined"
-  wait_until 30 "job to subscribe to the queue" log_has "$OUT/job.log" 1 "nsq consumer subscribed"
-  infra_pids="$pid_etcd,$pid_nsqd"
-  alive
+  if [ $ok = 0 ]; then
+    cat "$OUT/cluster-up.log" >&2
+    return 1
+  fi
+  ws_a="ws://127.0.0.1:$((8080 + off))/room"
+  ws_b="ws://127.0.0.1:$((8090 + off))/room"
+  http_url="http://127.0.0.1:$((8081 + off))"
+  pid_conn_a=$(cluster_pid conn-1)
+  pid_conn_b=$(cluster_pid conn-2)
+  cluster_pids="$pid_conn_a,$pid_conn_b,$(cluster_pid logic-1),$(cluster_pid logic-2),$(cluster_pid job-1),$(cluster_pid job-2)"
+  cluster_infra="$(cluster_pid etcd),$(cluster_pid redis),$(cluster_pid postgres),$(cluster_pid nsqlookupd),$(cluster_pid nsqd)"
+  infra_pids=$cluster_infra
 }
 
 # Waits (up to 10 minutes) until the machine's CPUs are idle: other
@@ -395,19 +322,19 @@ for s in $SCENARIOS; do
     for _ in $(seq 1 "$RUNS"); do
       start_cluster
       server_pids=$pid_conn_a
-      infra_pids="$infra_pids,$pid_conn_b,$pid_logic,$pid_job"
+      infra_pids="$cluster_infra,${cluster_pids#*,}"
       bench cluster-idle-conn --ws "$ws_a" --http "$http_url" --sessions "$(sessions 19000)" \
         --publishers 0 --duration "$DURATION" --settle 5 --token-secret "$SECRET"
       stop_all
     done
-    # (4) POST /msg -> logic -> NSQ -> job -> conn-a and conn-b, sessions
+    # (4) POST /msg -> logic -> NSQ -> job -> conn-1 and conn-2, sessions
     # alternating between the two nodes. Server memory per session and
-    # server CPU are over all four service processes (conn-a, conn-b,
-    # logic, job) together; etcd and the broker are reported as infra.
+    # server CPU are over all six service processes (conn-1/2, logic-1/2,
+    # job-1/2) together; etcd, Redis, PostgreSQL and NSQ are infra.
     for rate in $CLUSTER_RATES; do
       for _ in $(seq 1 "$RUNS"); do
         start_cluster
-        server_pids="$pid_conn_a,$pid_conn_b,$pid_logic,$pid_job"
+        server_pids=$cluster_pids
         http_fanout_args "$rate"
         bench "cluster-$rate" --ws "$ws_a,$ws_b" --http "$http_url" "${http_fanout[@]}"
         stop_all
@@ -467,9 +394,9 @@ def fmt(vals, f="{:.0f}"):
     if not vals:
         return "-"
     return f"{f.format(statistics.median(vals))} ({f.format(min(vals))}..{f.format(max(vals))})"
-print("Server figures are over every measured process (cluster-N: conn-a, conn-b, logic, job;")
-print("cluster-idle-conn: conn-a alone); infra = etcd + the test NSQ broker (cluster-idle-conn:")
-print("also conn-b, logic and job).")
+print("Server figures are over every measured process (cluster-N: conn-1/2, logic-1/2, job-1/2;")
+print("cluster-idle-conn: conn-1 alone); infra = etcd, Redis, PostgreSQL, nsqlookupd and nsqd")
+print("(cluster-idle-conn: also conn-2, both logic and both job nodes).")
 print()
 print("| scenario | runs (left out) | server processes | signed in | server KiB/session | sent msg/s | deliveries/s | msgs/frame | p50 ms | p99 ms | p99.9 ms | max ms | lost | dup | cut off | server cores | infra cores | generator cores | other cores |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

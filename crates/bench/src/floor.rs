@@ -3,12 +3,14 @@
 //! can be read against what this machine's loopback TCP costs.
 //!
 //! `chatroom-bench floor` re-executes itself as a writer process (the
-//! hidden `floor-writer`, which plays the server: it accepts N sockets and
-//! writes each message to each socket, one `write` per socket, in turn),
-//! connects N client sockets from the given source addresses, and records
-//! publish-to-receive latency from the timestamp in every payload. Each
-//! message is a 64-byte benchmark payload in a WebSocket binary frame, as a
-//! conn node would send it.
+//! hidden `floor-writer`, which plays the server: it accepts N sockets,
+//! answers their WebSocket upgrade, then writes each message to each
+//! socket, one `write` per socket, in turn), opens N WebSocket sessions
+//! from the given source addresses with the generator's own client
+//! settings, and records publish-to-receive latency from the timestamp in
+//! every payload. Each message is a 64-byte benchmark payload in a
+//! WebSocket binary frame, as a conn node would send it; the receiving side
+//! is the same as in the fan-out runs, so the two compare server costs.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
@@ -16,13 +18,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::error::BenchError;
 use crate::latency::{Latency, LatencySummary};
-use crate::net::connect_tcp;
+use crate::net::{client_config, connect_tcp};
 use crate::payload::{self, Stamp};
 
 /// CPU seconds this process used so far (clock ticks of 10 ms).
@@ -68,6 +72,35 @@ async fn say(line: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Answers a client's WebSocket upgrade request (the bare minimum).
+async fn upgrade(s: &mut TcpStream) -> Result<(), BenchError> {
+    let mut req = Vec::with_capacity(512);
+    let mut b = [0u8; 512];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut b).await?;
+        if n == 0 || req.len() > 8192 {
+            return Err(BenchError::config("floor writer: bad upgrade request"));
+        }
+        req.extend_from_slice(&b[..n]);
+    }
+    let text = String::from_utf8_lossy(&req);
+    let key = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_string())
+        })
+        .ok_or_else(|| BenchError::config("floor writer: no Sec-WebSocket-Key"))?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    s.write_all(resp.as_bytes()).await?;
+    Ok(())
+}
+
 /// The writer process: accepts `sessions` sockets on `listener`, then
 /// writes `messages` messages to every socket, `interval` apart; prints
 /// its port first and `writes <n> cpu <secs>` last.
@@ -81,8 +114,9 @@ pub async fn writer(
     say(&format!("port {}", listener.local_addr()?.port())).await?;
     let mut socks: Vec<TcpStream> = Vec::with_capacity(sessions);
     while socks.len() < sessions {
-        let (s, _) = listener.accept().await?;
+        let (mut s, _) = listener.accept().await?;
         s.set_nodelay(true)?;
+        upgrade(&mut s).await?;
         socks.push(s);
     }
     say("ready").await?;
@@ -152,30 +186,24 @@ pub async fn run(
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let latency = Arc::new(Mutex::new(Latency::new()));
     let deliveries = Arc::new(AtomicU64::new(0));
-    let frame_len = frame(
-        Stamp {
-            sent_ns: 0,
-            publisher: 0,
-            seq: 0,
-        },
-        size,
-    )
-    .len();
+    let url = format!("ws://{addr}/floor");
     let mut readers = Vec::with_capacity(sessions);
     for i in 0..sessions {
         let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
-        let mut s = connect_tcp(addr, source).await?;
+        let tcp = connect_tcp(addr, source).await?;
+        let (mut ws, _) =
+            tokio_tungstenite::client_async_with_config(url.as_str(), tcp, Some(client_config()))
+                .await?;
         let (latency, deliveries) = (latency.clone(), deliveries.clone());
         readers.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; frame_len];
             let mut mine = Latency::new();
-            for _ in 0..messages {
-                if s.read_exact(&mut buf).await.is_err() {
-                    break;
-                }
+            let mut got = 0;
+            while got < messages {
+                let Some(Ok(m)) = ws.next().await else { break };
+                let Message::Binary(b) = m else { continue };
                 let recv = payload::now_ns();
-                let head = frame_len - size;
-                if let Ok(st) = payload::decode(&buf[head..]) {
+                got += 1;
+                if let Ok(st) = payload::decode(&b) {
                     mine.record(st.sent_ns, recv);
                     deliveries.fetch_add(1, Ordering::Relaxed);
                 }

@@ -130,11 +130,13 @@ pub async fn run(
         shutdown.clone(),
     ));
     let job = tokio::spawn(chatroom_job::run(cfg.job, Some(queue), shutdown.clone()));
+    let conn_admin = chatroom_common::admin::bind_config(&cfg.conn.admin)?;
     let conn = tokio::spawn(chatroom_conn::run(
         cfg.conn,
         chatroom_conn::Listeners {
             ws: listeners.ws,
             grpc: conn_grpc,
+            admin: conn_admin,
         },
         shutdown.clone(),
     ));

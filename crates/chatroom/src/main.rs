@@ -7,6 +7,10 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let file = chatroom_common::config::file_from_args();
     let cfg = chatroom::StandaloneConfig::load(file.as_deref()).context("loading config")?;
+    if chatroom_common::config::check_config_requested() {
+        chatroom_common::config::print_checked("chatroom", file.as_deref(), &cfg);
+        return Ok(());
+    }
     let _log = chatroom_common::telemetry::init("chatroom", &cfg.log)?;
     let listeners = chatroom::Listeners::bind(&cfg)
         .await

@@ -129,6 +129,51 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// The operator listener (`/metrics`, `/healthz`, `/readyz`) of conn and job.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port`; empty: no admin listener.
+    #[serde(default)]
+    pub addr: String,
+}
+
+impl AdminConfig {
+    /// The address to bind, or `None` when the listener is off.
+    pub fn socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let a = self.addr.trim();
+        if a.is_empty() {
+            return Ok(None);
+        }
+        a.parse()
+            .map(Some)
+            .map_err(|e| ConfigError::invalid("admin.addr", format!("{a:?}: {e}")))
+    }
+}
+
+impl Validate for AdminConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.socket_addr().map(|_| ())
+    }
+}
+
+/// What `--check-config` on the command line asks: load and validate the
+/// config (defaults, file, `CHATROOM__*` environment), print it, exit 0;
+/// an invalid config exits non-zero naming the key, like a normal start.
+pub fn check_config_requested() -> bool {
+    std::env::args().skip(1).any(|a| a == "--check-config")
+}
+
+/// Prints the loaded config for `--check-config` (the binary then exits).
+#[allow(clippy::print_stdout)]
+pub fn print_checked<T: std::fmt::Debug>(service: &str, file: Option<&Path>, cfg: &T) {
+    let from = file.map_or_else(
+        || "built-in defaults".to_string(),
+        |f| f.display().to_string(),
+    );
+    println!("{service}: config OK ({from} + environment)\n{cfg:#?}");
+}
+
 /// A gRPC listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -125,7 +125,10 @@ impl Discovery {
                     Service::Logic => logic,
                     Service::Conn => conn,
                 };
-                let nodes = list.iter().map(|entry| static_node(entry)).collect();
+                let nodes: Vec<Node> = list.iter().map(|entry| static_node(entry)).collect();
+                crate::metrics::DISCOVERY
+                    .nodes_of(service.as_str())
+                    .set(nodes.len() as i64);
                 let (tx, rx) = watch::channel(nodes);
                 // Keep the sender alive for as long as the service runs, so
                 // receivers never see a closed channel.
@@ -195,12 +198,14 @@ impl EtcdDiscovery {
         let mut client = self.client.clone();
         let lease = put_with_lease(&mut client, &key, &node.uri, self.ttl).await?;
         info!(%key, uri = %node.uri, lease, ttl = self.ttl, "registered in etcd");
+        crate::metrics::DISCOVERY.registered.inc();
         let stop = shutdown.child_token();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let ttl = self.ttl;
         let stop2 = stop.clone();
         tracker.spawn(async move {
             keep_alive(client, key, node.uri, ttl, lease, stop2).await;
+            crate::metrics::DISCOVERY.registered.dec();
             let _ = done_tx.send(());
         });
         Ok(Registration {
@@ -217,8 +222,10 @@ impl EtcdDiscovery {
         let prefix = self.key_prefix(service);
         let mut client = self.client.clone();
         let (nodes, rev) = list(&mut client, &prefix).await?;
+        let gauge = crate::metrics::DISCOVERY.nodes_of(service.as_str()).clone();
+        gauge.set(nodes.len() as i64);
         let (tx, rx) = watch::channel(to_vec(&nodes));
-        tracker.spawn(watch_loop(client, prefix, nodes, rev, tx, shutdown));
+        tracker.spawn(watch_loop(client, prefix, nodes, rev, tx, gauge, shutdown));
         Ok(rx)
     }
 }
@@ -261,18 +268,22 @@ async fn keep_alive(
                     _ = tokio::time::sleep(period) => {}
                 }
                 if let Err(e) = keeper.keep_alive().await {
+                    crate::metrics::DISCOVERY.lease_renewals_failed.inc();
                     warn!(%key, error = %e, "lease keep-alive send failed");
                     break;
                 }
                 match stream.message().await {
                     Ok(Some(resp)) if resp.ttl() > 0 => {
+                        crate::metrics::DISCOVERY.lease_renewals.inc();
                         debug!(%key, ttl = resp.ttl(), "lease renewed")
                     }
                     Ok(_) => {
+                        crate::metrics::DISCOVERY.lease_renewals_failed.inc();
                         warn!(%key, "lease expired; registering again");
                         break;
                     }
                     Err(e) => {
+                        crate::metrics::DISCOVERY.lease_renewals_failed.inc();
                         warn!(%key, error = %e, "lease keep-alive failed");
                         break;
                     }
@@ -333,6 +344,7 @@ async fn watch_loop(
     mut nodes: BTreeMap<String, String>,
     mut rev: i64,
     tx: watch::Sender<Vec<Node>>,
+    known: crate::metrics::Gauge,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -371,6 +383,7 @@ async fn watch_loop(
                                 }
                             }
                         }
+                        known.set(nodes.len() as i64);
                         let _ = tx.send(to_vec(&nodes));
                     }
                     Ok(None) => break,
@@ -392,6 +405,7 @@ async fn watch_loop(
                 Ok((n, r)) => {
                     nodes = n;
                     rev = r;
+                    known.set(nodes.len() as i64);
                     let _ = tx.send(to_vec(&nodes));
                     break;
                 }

@@ -2,9 +2,11 @@
 //! tokens, service discovery, the queue between logic and job, the merged
 //! batch codec and the generated wire types.
 
+pub mod admin;
 pub mod batch;
 pub mod config;
 pub mod discovery;
+pub mod metrics;
 pub mod nsq;
 pub mod queue;
 pub mod rooms;

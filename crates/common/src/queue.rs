@@ -84,6 +84,18 @@ impl Publisher {
 
     /// Hands one message to the queue; `Ok` means the queue has it.
     pub async fn publish(&self, body: Bytes) -> Result<(), QueueError> {
+        let m = &*crate::metrics::QUEUE;
+        let started = std::time::Instant::now();
+        let r = self.publish_inner(body).await;
+        m.publish_latency.observe_duration(started.elapsed());
+        match &r {
+            Ok(()) => m.published.inc(),
+            Err(_) => m.publish_errors.inc(),
+        };
+        r
+    }
+
+    async fn publish_inner(&self, body: Bytes) -> Result<(), QueueError> {
         match self {
             Publisher::Memory(q) => q.tx.try_send((body, 1)).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => QueueError::Full,
@@ -96,6 +108,18 @@ impl Publisher {
     /// Hands several messages to the queue at once, in order: all of them
     /// or none (one MPUB; the memory queue reserves every slot first).
     pub async fn publish_many(&self, bodies: &[Bytes]) -> Result<(), QueueError> {
+        let m = &*crate::metrics::QUEUE;
+        let started = std::time::Instant::now();
+        let r = self.publish_many_inner(bodies).await;
+        m.publish_latency.observe_duration(started.elapsed());
+        match &r {
+            Ok(()) => m.published.inc_by(bodies.len() as u64),
+            Err(_) => m.publish_errors.inc(),
+        };
+        r
+    }
+
+    async fn publish_many_inner(&self, bodies: &[Bytes]) -> Result<(), QueueError> {
         match self {
             Publisher::Memory(q) => {
                 let permits = q.tx.try_reserve_many(bodies.len()).map_err(|e| match e {
@@ -114,9 +138,36 @@ impl Publisher {
         }
     }
 
+    /// Whether publishing can work now (readiness): the memory queue is
+    /// open, or an nsqd connection of this process's producer is up.
+    pub fn connected(&self) -> bool {
+        match self {
+            Publisher::Memory(q) => !q.tx.is_closed(),
+            Publisher::Nsq { .. } => crate::metrics::NSQ.producer_connections.get() > 0,
+        }
+    }
+
     pub async fn close(&self) {
         if let Publisher::Nsq { producer, .. } = self {
             producer.close().await;
+        }
+    }
+}
+
+/// Whether a subscriber started from `cfg` can receive now (readiness): an
+/// nsqd connection is up, or nsqlookupd answers (it lists no nsqd until the
+/// topic has been published to once, and the consumer connects then).
+pub fn subscriber_ready(cfg: &QueueConfig) -> bool {
+    match cfg {
+        QueueConfig::Memory { .. } => true,
+        QueueConfig::Nsq {
+            lookupd_http_addresses,
+            ..
+        } => {
+            let m = &*crate::metrics::NSQ;
+            m.consumer_connections.get() > 0
+                || (lookupd_http_addresses.iter().any(|a| !a.trim().is_empty())
+                    && m.lookupd_up.get() > 0)
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use chatroom_common::config::{
-    ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate,
+    AdminConfig, ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate,
 };
 use serde::Deserialize;
 
@@ -40,6 +40,9 @@ pub struct ConnConfig {
     pub discovery: DiscoveryConfig,
     /// Room streams: what each room keeps, how frames are cut.
     pub stream: crate::stream::StreamConfig,
+    /// `/metrics`, `/healthz`, `/readyz` (off when `admin.addr` is empty).
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Session shards; more buckets, less lock contention on push.
     pub buckets: usize,
     /// How often per-room counts go to logic (and cluster totals come back).
@@ -155,6 +158,7 @@ impl Validate for ConnConfig {
         if w.ping_secs == 0 {
             return Err(ConfigError::invalid("ws.ping_secs", "must be > 0"));
         }
+        self.admin.validate()?;
         self.discovery.validate()
     }
 }
@@ -191,5 +195,11 @@ mod tests {
         assert!(e.contains("ws.addr") || e.contains("addr"), "{e}");
         let e = load(&[("CHATROOM__BUCKETS", "0")]).unwrap_err().to_string();
         assert!(e.contains("buckets"), "{e}");
+        let e = load(&[("CHATROOM__ADMIN__ADDR", "nowhere")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.addr"), "{e}");
+        let c = load(&[("CHATROOM__ADMIN__ADDR", "127.0.0.1:0")]).unwrap();
+        assert!(c.admin.socket_addr().unwrap().is_some());
     }
 }

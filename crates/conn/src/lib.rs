@@ -55,6 +55,7 @@ pub enum ConnError {
 pub struct Listeners {
     pub ws: TcpListener,
     pub grpc: TcpListener,
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -62,6 +63,7 @@ impl Listeners {
         Ok(Listeners {
             ws: TcpListener::bind(cfg.ws.addr).await?,
             grpc: TcpListener::bind(cfg.grpc.addr).await?,
+            admin: chatroom_common::admin::bind_config(&cfg.admin)?,
         })
     }
 }
@@ -102,9 +104,13 @@ pub async fn run(
     let logic_nodes = discovery
         .watch(Service::Logic, &tracker, bg.clone())
         .await?;
-    let logic = Arc::new(LogicPool::new(logic_nodes, Duration::from_secs(5)));
-    let buckets = Arc::new(Buckets::new(cfg.buckets));
     let stats = Arc::new(Stats::default());
+    let logic = Arc::new(LogicPool::new(
+        logic_nodes,
+        Duration::from_secs(5),
+        stats.clone(),
+    ));
+    let buckets = Arc::new(Buckets::new(cfg.buckets));
     let online = Arc::new(Online::default());
     let streams = Arc::new(Streams::new(cfg.stream.clone(), cfg.buckets));
     tracker.spawn(
@@ -129,6 +135,15 @@ pub async fn run(
         cfg,
     });
 
+    let health = chatroom_common::admin::Health::new("conn", &["discovery"]);
+    let registry = Arc::new(stats.registry(&server));
+    let stream_registry = Arc::new(streams.registry(&server));
+    chatroom_common::admin::spawn_opt(
+        listeners.admin,
+        &health,
+        vec![registry, stream_registry],
+        bg.clone(),
+    );
     let grpc_stop = CancellationToken::new();
     let grpc = {
         let svc = push::PushService {
@@ -147,6 +162,7 @@ pub async fn run(
         let stop = grpc_stop.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
+                .add_service(health.grpc_service("chatroom.conn.Conn").await)
                 .add_service(ConnServer::new(svc))
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
@@ -159,11 +175,13 @@ pub async fn run(
     let registration = discovery
         .register(Service::Conn, me, &tracker, bg.clone())
         .await?;
+    health.set("discovery", true).await;
     tracker.spawn(online::report_loop(
         server.clone(),
         buckets,
         logic,
         online,
+        stats.clone(),
         Duration::from_millis(ctx.cfg.report_online_ms),
         bg.clone(),
     ));
@@ -172,6 +190,7 @@ pub async fn run(
     accept_loop(&listeners.ws, &ctx, &sessions, &shutdown).await;
 
     info!("shutting down: deregistering");
+    health.set_all(false).await;
     registration.deregister().await;
     drop(listeners.ws);
     info!(sessions = Stats::get(&stats.sessions), "closing sessions");

@@ -4,9 +4,9 @@
 //! sessions sign in or out at once (a restart, a network blip) the rest wait
 //! their turn instead of each holding request and HTTP/2 stream buffers.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chatroom_common::discovery::{Node, NodesRx};
 use chatroom_common::proto::logic::logic_client::LogicClient;
@@ -21,6 +21,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
+use crate::stats::{LogicCall, Stats};
+
 type Client = LogicClient<Channel>;
 
 /// Calls to logic in flight at once from this node.
@@ -28,6 +30,8 @@ pub const MAX_IN_FLIGHT: usize = 256;
 
 pub struct LogicPool {
     state: Mutex<State>,
+    /// Call latency and errors, per kind of call.
+    stats: Arc<Stats>,
     next: AtomicUsize,
     timeout: Duration,
     in_flight: Semaphore,
@@ -39,8 +43,9 @@ struct State {
 }
 
 impl LogicPool {
-    pub fn new(rx: NodesRx, timeout: Duration) -> Self {
+    pub fn new(rx: NodesRx, timeout: Duration, stats: Arc<Stats>) -> Self {
         let pool = LogicPool {
+            stats,
             state: Mutex::new(State {
                 rx,
                 clients: vec![],
@@ -93,8 +98,21 @@ impl LogicPool {
         Some((st.clients.len(), st.clients[i].1.clone()))
     }
 
+    /// Runs `f` on a logic node (timed and counted as `kind`).
+    async fn call<R, F, Fut>(&self, kind: LogicCall, f: F) -> Result<R, Status>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let started = Instant::now();
+        let r = self.call_once(f).await;
+        self.stats
+            .record_logic_call(kind, started.elapsed(), r.is_ok());
+        r
+    }
+
     /// Runs `f` on a logic node; on `Unavailable` retries once on another.
-    async fn call<R, F, Fut>(&self, f: F) -> Result<R, Status>
+    async fn call_once<R, F, Fut>(&self, f: F) -> Result<R, Status>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
@@ -119,7 +137,7 @@ impl LogicPool {
     }
 
     pub async fn sign_in(&self, req: SignInReq) -> Result<SignInReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::SignIn, |mut c| {
             let req = req.clone();
             async move { c.sign_in(req).await }
         })
@@ -127,7 +145,7 @@ impl LogicPool {
     }
 
     pub async fn sign_out(&self, req: SignOutReq) -> Result<SignOutReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Other, |mut c| {
             let req = req.clone();
             async move { c.sign_out(req).await }
         })
@@ -135,7 +153,7 @@ impl LogicPool {
     }
 
     pub async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Other, |mut c| {
             let req = req.clone();
             async move { c.heartbeat(req).await }
         })
@@ -143,7 +161,7 @@ impl LogicPool {
     }
 
     pub async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Receive, |mut c| {
             let req = req.clone();
             async move { c.receive(req).await }
         })
@@ -152,7 +170,7 @@ impl LogicPool {
 
     /// Borrows the request: the caller keeps it for a fallback.
     pub async fn receive_many(&self, req: &ReceiveManyReq) -> Result<ReceiveManyReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::ReceiveMany, |mut c| {
             let req = req.clone();
             async move { c.receive_many(req).await }
         })
@@ -160,7 +178,7 @@ impl LogicPool {
     }
 
     pub async fn report_online(&self, req: ReportOnlineReq) -> Result<ReportOnlineReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::ReportOnline, |mut c| {
             let req = req.clone();
             async move { c.report_online(req).await }
         })
@@ -168,7 +186,7 @@ impl LogicPool {
     }
 
     pub async fn chat(&self, req: ChatReq) -> Result<ChatReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Chat, |mut c| {
             let req = req.clone();
             async move { c.chat(req).await }
         })
@@ -176,7 +194,7 @@ impl LogicPool {
     }
 
     pub async fn pending(&self, req: PendingReq) -> Result<PendingReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Other, |mut c| {
             let req = req.clone();
             async move { c.pending(req).await }
         })
@@ -184,7 +202,7 @@ impl LogicPool {
     }
 
     pub async fn ack_pending(&self, req: AckPendingReq) -> Result<AckPendingReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Other, |mut c| {
             let req = req.clone();
             async move { c.ack_pending(req).await }
         })
@@ -192,7 +210,7 @@ impl LogicPool {
     }
 
     pub async fn undelivered(&self, req: UndeliveredReq) -> Result<UndeliveredReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Other, |mut c| {
             let req = req.clone();
             async move { c.undelivered(req).await }
         })
@@ -200,7 +218,7 @@ impl LogicPool {
     }
 
     pub async fn room_history(&self, req: RoomHistoryReq) -> Result<RoomHistoryReply, Status> {
-        self.call(|mut c| {
+        self.call(LogicCall::Other, |mut c| {
             let req = req.clone();
             async move { c.room_history(req).await }
         })

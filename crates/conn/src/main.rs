@@ -7,6 +7,10 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let file = chatroom_common::config::file_from_args();
     let cfg = chatroom_conn::ConnConfig::load(file.as_deref()).context("loading config")?;
+    if chatroom_common::config::check_config_requested() {
+        chatroom_common::config::print_checked("conn", file.as_deref(), &cfg);
+        return Ok(());
+    }
     let _log = chatroom_common::telemetry::init("conn", &cfg.log)?;
     let listeners = chatroom_conn::Listeners::bind(&cfg)
         .await

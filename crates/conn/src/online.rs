@@ -52,6 +52,7 @@ pub async fn report_loop(
     buckets: Arc<Buckets>,
     pool: Arc<LogicPool>,
     online: Arc<Online>,
+    stats: Arc<crate::stats::Stats>,
     period: Duration,
     shutdown: CancellationToken,
 ) {
@@ -63,6 +64,7 @@ pub async fn report_loop(
             _ = tick.tick() => {}
         }
         let rooms = buckets.counts();
+        stats.set_rooms(rooms.len());
         let req = ReportOnlineReq {
             server: server.clone(),
             rooms: rooms.clone(),

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use chatroom_common::metrics::Histogram;
 use tokio::sync::Notify;
 
 use crate::room::Outbound;
@@ -26,6 +27,9 @@ pub struct Outbox {
     ready: Notify,
     closed: AtomicBool,
     cap: usize,
+    /// Where the queue's depth after each push is observed (the node's
+    /// histogram; a shared handle, no lock).
+    depth: Option<Histogram>,
 }
 
 /// Past this many queued frames a drained queue gives its buffer back.
@@ -38,6 +42,15 @@ impl Outbox {
             ready: Notify::new(),
             closed: AtomicBool::new(false),
             cap: cap.max(1),
+            depth: None,
+        }
+    }
+
+    /// An outbox whose depth after each push goes to `depth`.
+    pub fn with_depth(cap: usize, depth: Histogram) -> Self {
+        Outbox {
+            depth: Some(depth),
+            ..Outbox::new(cap)
         }
     }
 
@@ -55,6 +68,9 @@ impl Outbox {
                 return Err(PushError::Full);
             }
             q.push_back(o);
+            if let Some(h) = &self.depth {
+                h.observe(q.len() as u64);
+            }
         }
         self.ready.notify_one();
         Ok(())

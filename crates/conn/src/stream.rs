@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chatroom_common::batch::HEAD_LEN;
+use chatroom_common::metrics;
 use chatroom_common::proto::protocol::{BroadcastRoomReq, MsgLevel, PackageType, Reply};
 use prost::Message as _;
 use serde::Deserialize;
@@ -609,6 +610,99 @@ impl Streams {
                 }
             }
         }
+    }
+}
+
+/// Exports the streams' counters (`chatroom_conn_stream_*`), read at
+/// scrape time.
+#[derive(Debug)]
+struct StreamsCollector(Arc<Streams>);
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl metrics::Collector for StreamsCollector {
+    fn encode(&self, mut e: metrics::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0.stats;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let e = &mut e;
+        metrics::encode_gauge(
+            e,
+            "stream_rooms",
+            "Room streams kept on this node",
+            self.0.len() as i64,
+        )?;
+        for (name, help, v) in [
+            (
+                "stream_appended",
+                "Messages appended to a room stream",
+                g(&s.appended),
+            ),
+            (
+                "stream_duplicates",
+                "Messages that arrived twice (queue redelivery), dropped",
+                g(&s.duplicates),
+            ),
+            (
+                "stream_skipped",
+                "Offsets given up on after the reorder wait",
+                g(&s.skipped),
+            ),
+            (
+                "stream_stale",
+                "Messages of an older epoch, pushed directly",
+                g(&s.stale),
+            ),
+            (
+                "stream_frames",
+                "Merged stream frames written",
+                g(&s.frames),
+            ),
+            (
+                "stream_messages",
+                "Messages in merged stream frames written",
+                g(&s.messages),
+            ),
+            (
+                "stream_lost_normal",
+                "NORMAL messages sessions lost by falling behind the stream",
+                g(&s.lost_normal),
+            ),
+            (
+                "stream_gaps_recovered",
+                "Sessions behind past an IMPORTANT message, recovered from logic",
+                g(&s.gaps_recovered),
+            ),
+            (
+                "stream_gaps_unrecovered",
+                "Sessions behind past an IMPORTANT message, told with a 410 notice",
+                g(&s.gaps_unrecovered),
+            ),
+        ] {
+            metrics::encode_counter(e, name, help, v)?;
+        }
+        Ok(())
+    }
+}
+
+impl Streams {
+    /// The registry `/metrics` shows the streams' counters from.
+    pub fn registry(self: &Arc<Self>, node: &str) -> metrics::Registry {
+        let mut r = metrics::Registry::with_prefix_and_labels(
+            "chatroom_conn",
+            [(
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(node.to_string()),
+            )]
+            .into_iter(),
+        );
+        r.register_collector(Box::new(StreamsCollector(self.clone())));
+        r
     }
 }
 

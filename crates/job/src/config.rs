@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chatroom_common::batch::HEAD_LEN;
 use chatroom_common::config::{
-    ConfigError, DiscoveryConfig, LogConfig, NodeConfig, QueueConfig, Validate, ms,
+    AdminConfig, ConfigError, DiscoveryConfig, LogConfig, NodeConfig, QueueConfig, Validate, ms,
 };
 use serde::Deserialize;
 
@@ -31,6 +31,9 @@ pub struct JobConfig {
     pub queue: QueueConfig,
     pub batch: BatchConfig,
     pub push: PushConfig,
+    /// `/metrics`, `/healthz`, `/readyz` (off when `admin.addr` is empty).
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// After the queue is drained, how long node workers may keep pushing
     /// what they hold before the rest is requeued.
     pub shutdown_grace_ms: u64,
@@ -100,6 +103,7 @@ impl Validate for JobConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.discovery.validate()?;
         self.queue.validate()?;
+        self.admin.validate()?;
         self.batch.validate()?;
         self.push.validate()?;
         if self.shutdown_grace_ms > 600_000 {

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatroom_common::config::Validate;
+use chatroom_common::admin::Health;
+use chatroom_common::config::{ConfigError, Validate};
 use chatroom_common::discovery::{Discovery, NodesRx, Service};
 use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushUsersReq};
 use chatroom_common::proto::protocol::MsgLevel;
@@ -80,6 +81,21 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
 ) -> Result<(), JobError> {
     cfg.validate()?;
+    let admin = chatroom_common::admin::bind_config(&cfg.admin)
+        .map_err(|e| ConfigError::invalid("admin.addr", e.to_string()))?;
+    run_with_admin(cfg, memory_queue, shutdown, metrics, admin).await
+}
+
+/// [`run_with_metrics`] serving `/metrics`, `/healthz` and `/readyz` on
+/// `admin` (already bound, so tests can bind port 0) instead of `admin.addr`.
+pub async fn run_with_admin(
+    cfg: JobConfig,
+    memory_queue: Option<MemoryQueue>,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    admin: Option<tokio::net::TcpListener>,
+) -> Result<(), JobError> {
+    cfg.validate()?;
     let node_id = cfg.node.id_or("job");
     info!(node = %node_id, "job starting");
 
@@ -88,10 +104,29 @@ pub async fn run_with_metrics(
     let _stop_on_return = stop.clone().drop_guard();
     let tracker = TaskTracker::new();
 
+    // Ready once discovery is followed and the queue can deliver.
+    let health = Health::new("job", &["discovery"]);
+    {
+        let queue = cfg.queue.clone();
+        health.add_probe("queue", move || {
+            let ok = chatroom_common::queue::subscriber_ready(&queue);
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("no nsqd connection and no nsqlookupd answer".to_string())
+                }
+            }
+        });
+    }
+    let registry = Arc::new(metrics.registry(&node_id));
+    chatroom_common::admin::spawn_opt(admin, &health, vec![registry], stop.clone());
+
     let discovery = Discovery::connect(&cfg.discovery).await?;
     let nodes = discovery
         .watch(Service::Conn, &tracker, stop.clone())
         .await?;
+    health.set("discovery", true).await;
     let subscriber = Subscriber::start(
         &cfg.queue,
         memory_queue.as_ref(),

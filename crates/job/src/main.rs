@@ -6,10 +6,13 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cfg: JobConfig = chatroom_common::config::load(
-        include_str!("default.toml"),
-        chatroom_common::config::file_from_args().as_deref(),
-    )?;
+    let file = chatroom_common::config::file_from_args();
+    let cfg: JobConfig =
+        chatroom_common::config::load(include_str!("default.toml"), file.as_deref())?;
+    if chatroom_common::config::check_config_requested() {
+        chatroom_common::config::print_checked("job", file.as_deref(), &cfg);
+        return Ok(());
+    }
     let _log = chatroom_common::telemetry::init("job", &cfg.log)?;
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();

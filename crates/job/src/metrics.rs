@@ -1,10 +1,17 @@
 //! Counters of what job did with the messages it consumed, kept as relaxed
 //! atomics (no lock on the hot path) and logged at info periodically and at
 //! shutdown. They are approximate at any instant and exact once stopped.
+//! [`Metrics::registry`] exports them to Prometheus (`chatroom_job_*`,
+//! labelled with the node id), read at scrape time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use chatroom_common::metrics::{
+    Collector, DescriptorEncoder, DynLabels, Histogram, HistogramFamily, Registry, encode_counter,
+    encode_counter_family, encode_gauge, encode_histogram, latency_family,
+};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -15,6 +22,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Metrics {
             $( $(#[$doc])* pub $name: AtomicU64, )*
+            /// Histograms and gauges (not in the logged snapshot).
+            pub extra: Extra,
         }
 
         /// A copy of the counters at one moment.
@@ -107,5 +116,145 @@ pub async fn report_periodically(
             now.log("job counters");
             last = now;
         }
+    }
+}
+
+/// What job measures beyond the counters.
+#[derive(Debug)]
+pub struct Extra {
+    /// Messages per flushed room batch.
+    pub batch_messages: Histogram,
+    /// Conn nodes job pushes to now.
+    pub nodes: AtomicI64,
+    /// Push call latency (`PushRoom` / `PushRooms`), per conn node.
+    pub push_latency: HistogramFamily<DynLabels>,
+}
+
+impl Default for Extra {
+    fn default() -> Self {
+        Extra {
+            batch_messages: Histogram::counts(),
+            nodes: AtomicI64::new(0),
+            push_latency: latency_family(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The push latency histogram of one conn node: take it once per node
+    /// worker and call `observe_duration` per push (no lookup per push).
+    pub fn node_push_latency(&self, node: &str) -> Histogram {
+        self.extra
+            .push_latency
+            .get_or_create_owned(&vec![("conn_node", node.to_string())])
+    }
+
+    /// A registry exporting these metrics as `chatroom_job_*{node}`.
+    pub fn registry(self: &Arc<Self>, node: &str) -> Registry {
+        let mut r = Registry::with_prefix_and_labels(
+            "chatroom_job",
+            [(
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(node.to_string()),
+            )]
+            .into_iter(),
+        );
+        r.register(
+            "push_seconds",
+            "Latency of push calls to a conn node",
+            self.extra.push_latency.clone(),
+        );
+        r.register_collector(Box::new(JobCollector(self.clone())));
+        r
+    }
+}
+
+#[derive(Debug)]
+struct JobCollector(Arc<Metrics>);
+
+impl Collector for JobCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = self.0.snapshot();
+        encode_counter(
+            &mut e,
+            "messages_consumed",
+            "Messages taken off the queue",
+            m.received,
+        )?;
+        encode_counter(
+            &mut e,
+            "undecodable",
+            "Queue messages that could not be read (finished unread)",
+            m.undecodable,
+        )?;
+        encode_counter(&mut e, "batches", "Batches flushed", m.batches)?;
+        encode_histogram(
+            &mut e,
+            "batch_messages",
+            "Messages per flushed room batch",
+            &self.0.extra.batch_messages,
+        )?;
+        encode_counter(&mut e, "pushes", "Batches a conn node took", m.pushes_ok)?;
+        encode_counter(
+            &mut e,
+            "push_failures",
+            "Batch pushes that failed (every attempt)",
+            m.push_failures,
+        )?;
+        encode_counter(
+            &mut e,
+            "bundles",
+            "PushRooms calls (several batches)",
+            m.bundles,
+        )?;
+        encode_counter(&mut e, "retries", "Retries of IMPORTANT batches", m.retries)?;
+        encode_counter(
+            &mut e,
+            "sessions_delivered",
+            "Sessions conn nodes say got a frame",
+            m.sessions_delivered,
+        )?;
+        encode_counter(
+            &mut e,
+            "sessions_dropped",
+            "Sessions conn nodes say missed a frame",
+            m.sessions_dropped,
+        )?;
+        encode_counter_family(
+            &mut e,
+            "dropped",
+            "Batches a conn node missed, by level",
+            "level",
+            &[
+                ("normal", m.dropped_normal),
+                ("important", m.dropped_important),
+            ],
+        )?;
+        encode_counter(
+            &mut e,
+            "node_queue_overflow",
+            "Batches refused by a full node queue",
+            m.overflow,
+        )?;
+        encode_counter_family(
+            &mut e,
+            "acks",
+            "Queue acknowledgements, by kind (fin, req)",
+            "kind",
+            &[("fin", m.finished), ("req", m.requeued)],
+        )?;
+        encode_counter(
+            &mut e,
+            "no_nodes",
+            "Messages finished with no conn node known",
+            m.no_nodes,
+        )?;
+        encode_gauge(
+            &mut e,
+            "conn_nodes",
+            "Conn nodes pushed to",
+            self.0.extra.nodes.load(Ordering::Relaxed),
+        )?;
+        Ok(())
     }
 }

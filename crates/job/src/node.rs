@@ -74,6 +74,8 @@ pub struct Worker {
     /// Taken off the queue while filling a bundle but not bundled (not a
     /// room batch, or too big): the next one to push.
     held: Option<NodeBatch>,
+    /// This node's push latency (the handle is made once, here).
+    latency: chatroom_common::metrics::Histogram,
 }
 
 /// Why a worker stopped in the middle of a batch.
@@ -89,6 +91,7 @@ impl Worker {
         metrics: Arc<Metrics>,
     ) -> Self {
         Worker {
+            latency: metrics.node_push_latency(&node.id),
             node,
             client: ConnClient::new(channel),
             rx,
@@ -168,11 +171,13 @@ impl Worker {
         };
         metrics::inc(&self.metrics.bundles);
         let mut client = self.client.clone();
+        let started = Instant::now();
         let res = tokio::select! {
             biased;
             _ = self.stop.cancelled() => return Err(Stopped),
             res = client.push_rooms(req) => res,
         };
+        self.latency.observe_duration(started.elapsed());
         let err = match res {
             Ok(reply) => {
                 let replies = reply.into_inner().rooms;
@@ -321,11 +326,13 @@ impl Worker {
     async fn push(&mut self, batch: &Batch) -> Result<Result<(), tonic::Status>, Stopped> {
         // Clients are cheap handles on one channel.
         let client = self.client.clone();
+        let started = Instant::now();
         let res = tokio::select! {
             biased;
             _ = self.stop.cancelled() => return Err(Stopped),
             res = Self::call(client, batch) => res,
         };
+        self.latency.observe_duration(started.elapsed());
         Ok(match res {
             Ok((delivered, dropped)) => {
                 self.pushed(batch, delivered, dropped);

@@ -92,6 +92,10 @@ impl Pool {
             }
             self.start(node.clone());
         }
+        self.metrics.extra.nodes.store(
+            self.nodes.len() as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         debug!(nodes = self.nodes.len(), "conn node set updated");
     }
 
@@ -143,6 +147,10 @@ impl Pool {
             epoch,
             reason,
         } = flushed;
+        self.metrics
+            .extra
+            .batch_messages
+            .observe(tokens.len() as u64);
         debug!(room = %room_id, ?level, ?reason, messages = tokens.len(), bytes = data.len(),
             nodes = self.nodes.len(), "batch flushed");
         let mut batch = Batch::new(room_id, level, data, tokens.len());

@@ -33,6 +33,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tk", post(post_tk))
         .merge(crate::im_api::routes())
         .merge(crate::upload::routes(&app))
+        // Counts and times every request to a known route (by its pattern).
+        .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Applies to the Json/Form extractors: past it they reject with 413,
@@ -358,7 +360,22 @@ fn issue_token(
 }
 
 async fn not_found() -> Response {
-    respond::<()>(Err(ApiError::NotFound))
+    let r = respond::<()>(Err(ApiError::NotFound));
+    crate::metrics::record_http("unmatched", r.status().as_u16(), std::time::Duration::ZERO);
+    r
+}
+
+/// `chatroom_logic_http_requests{route, code}` and the latency histogram.
+async fn track(
+    path: Option<axum::extract::MatchedPath>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let route = path.as_ref().map_or("unmatched", |p| p.as_str());
+    crate::metrics::record_http(route, resp.status().as_u16(), started.elapsed());
+    resp
 }
 
 async fn method_not_allowed() -> Response {

@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod http;
 pub mod id;
 pub mod im_api;
+pub mod metrics;
 pub mod pages;
 pub mod password;
 pub mod presence;
@@ -34,6 +35,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chatroom_common::admin::Health;
 use chatroom_common::discovery::{Discovery, Node, Service};
 use chatroom_common::proto::logic::logic_server::LogicServer;
 use chatroom_common::queue::{MemoryQueue, Publisher};
@@ -91,6 +93,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), LogicError> {
     let node_id = cfg.node.id_or("logic");
+    metrics::init();
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
 
@@ -124,7 +127,23 @@ pub async fn run(
     // Cancelled after deregistration: tells the servers to stop accepting.
     let stop_serving = CancellationToken::new();
 
+    // Ready while registered, with the queue connected and the store answering.
+    let health = Health::new("logic", &["discovery"]);
+    {
+        let publisher = publisher.clone();
+        health.add_probe("queue", move || {
+            let ok = publisher.connected();
+            async move { ok.then_some(()).ok_or_else(|| "not connected".to_string()) }
+        });
+        let store = store.clone();
+        health.add_probe("store", move || {
+            let store = store.clone();
+            async move { store.ping().await.map_err(|e| e.to_string()) }
+        });
+    }
     let grpc = tonic::transport::Server::builder()
+        .layer(metrics::GrpcMetricsLayer)
+        .add_service(health.grpc_service("chatroom.logic.Logic").await)
         .add_service(LogicServer::new(grpc::LogicService::new(app.clone())))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
@@ -133,7 +152,13 @@ pub async fn run(
     let mut grpc_task: JoinHandle<Result<(), LogicError>> =
         tracker.spawn(async move { grpc.await.map_err(LogicError::Grpc) });
 
-    let routes = http::router(app.clone()).merge(pages::router(&cfg.http.web_dir));
+    let admin = chatroom_common::admin::router(chatroom_common::admin::Admin {
+        health: health.clone(),
+        registries: Vec::new(),
+    });
+    let routes = http::router(app.clone())
+        .merge(pages::router(&cfg.http.web_dir))
+        .merge(admin);
     let http = axum::serve(listeners.http, routes)
         .with_graceful_shutdown(stop_serving.clone().cancelled_owned());
     let mut http_task: JoinHandle<Result<(), LogicError>> =
@@ -175,6 +200,7 @@ pub async fn run(
             return Err(e.into());
         }
     };
+    health.set("discovery", true).await;
     info!(node = %node_id, grpc = %grpc_addr, http = %http_addr, uri = %node.uri, "logic started");
 
     // Until asked to stop, or until a server dies on its own.
@@ -186,6 +212,7 @@ pub async fn run(
     }
 
     // conn nodes stop picking us before we stop answering them.
+    health.set_all(false).await;
     registration.deregister().await;
     stop_serving.cancel();
     finish(

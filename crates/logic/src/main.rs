@@ -9,11 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cfg: LogicConfig = config::load(
-        include_str!("default.toml"),
-        config::file_from_args().as_deref(),
-    )
-    .context("loading logic config")?;
+    let file = config::file_from_args();
+    let cfg: LogicConfig = config::load(include_str!("default.toml"), file.as_deref())
+        .context("loading logic config")?;
+    if config::check_config_requested() {
+        config::print_checked("logic", file.as_deref(), &cfg);
+        return Ok(());
+    }
     let _log = chatroom_common::telemetry::init("logic", &cfg.log).context("setting up logging")?;
 
     // A memory queue only makes sense when job runs in the same process (the

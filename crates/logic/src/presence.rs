@@ -26,11 +26,27 @@ use crate::config::{PresenceConfig, PresenceKind};
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(redis::RedisError),
     #[error("redis reply: {0}")]
-    Reply(#[from] redis::ParsingError),
+    Reply(redis::ParsingError),
     #[error("presence.url is not a valid Redis URL")]
     BadUrl,
+}
+
+// Every backend failure passes through these (the `?` after each Redis
+// call), so they count `chatroom_logic_presence_errors`.
+impl From<redis::RedisError> for PresenceError {
+    fn from(e: redis::RedisError) -> Self {
+        crate::metrics::LOGIC.presence_errors.inc();
+        PresenceError::Redis(e)
+    }
+}
+
+impl From<redis::ParsingError> for PresenceError {
+    fn from(e: redis::ParsingError) -> Self {
+        crate::metrics::LOGIC.presence_errors.inc();
+        PresenceError::Reply(e)
+    }
 }
 
 /// One signed-in connection.

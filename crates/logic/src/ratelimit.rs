@@ -58,6 +58,7 @@ impl RateLimiter {
             b.tokens -= 1.0;
             true
         } else {
+            crate::metrics::LOGIC.rate_limited.inc();
             false
         }
     }

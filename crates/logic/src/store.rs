@@ -35,7 +35,7 @@ pub const CMD_COMMUNITY: i32 = 11;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store.url: {0}")]
@@ -52,6 +52,14 @@ pub enum StoreError {
     AlreadyFriends,
     #[error("you can own at most {0} communities")]
     TooManyCommunities(u32),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        // Every database failure passes here (the `?` in each query).
+        crate::metrics::LOGIC.store_errors.inc();
+        StoreError::Db(e)
+    }
 }
 
 impl StoreError {
@@ -220,10 +228,18 @@ impl Store {
         self.pool.close().await;
     }
 
+    /// A trivial query (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     // ------------------------------------------------------------ users
 
     /// Registers a user; its id is the next from the counter.
     pub async fn create_user(&self, u: &NewUser) -> Result<User, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         if self.user_by_mobile(&u.mobile).await?.is_some() {
             return Err(StoreError::MobileTaken);
         }
@@ -266,6 +282,7 @@ impl Store {
     }
 
     pub async fn user(&self, id: i64) -> Result<Option<User>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
@@ -274,6 +291,7 @@ impl Store {
     }
 
     pub async fn user_by_mobile(&self, mobile: &str) -> Result<Option<User>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let row = sqlx::query(&format!("SELECT {USER_COLS} FROM users WHERE mobile = $1"))
             .bind(mobile)
             .fetch_optional(&self.pool)
@@ -283,6 +301,7 @@ impl Store {
 
     /// The user and its password hash, for login.
     pub async fn credentials(&self, mobile: &str) -> Result<Option<(User, String)>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let row = sqlx::query(&format!(
             "SELECT {USER_COLS}, passwd FROM users WHERE mobile = $1"
         ))
@@ -299,6 +318,7 @@ impl Store {
 
     /// Makes `a` and `b` friends: both rows or neither.
     pub async fn add_friend(&self, a: i64, b: i64) -> Result<User, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         if a == b {
             return Err(StoreError::SelfFriend);
         }
@@ -333,10 +353,12 @@ impl Store {
     }
 
     pub async fn is_friend(&self, a: i64, b: i64) -> Result<bool, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         self.has_contact(a, b, KIND_USER).await
     }
 
     pub async fn is_member(&self, uid: i64, community: i64) -> Result<bool, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         self.has_contact(uid, community, KIND_COMMUNITY).await
     }
 
@@ -354,6 +376,7 @@ impl Store {
 
     /// A user's friends, by id.
     pub async fn friends(&self, uid: i64) -> Result<Vec<User>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let rows = sqlx::query(&format!(
             "SELECT {} FROM contacts c JOIN users u ON u.id = c.target \
              WHERE c.owner = $1 AND c.kind = $2 ORDER BY u.id",
@@ -375,6 +398,7 @@ impl Store {
         c: &NewCommunity,
         max_owned: u32,
     ) -> Result<Community, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let created_ms = now_ms() as i64;
         let mut tx = self.pool.begin().await?;
         // Taking the counter first serialises creations, so the count below
@@ -425,6 +449,7 @@ impl Store {
     }
 
     pub async fn community(&self, id: i64) -> Result<Option<Community>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let row = sqlx::query(&format!(
             "SELECT {COMMUNITY_COLS} FROM communities WHERE id = $1"
         ))
@@ -436,6 +461,7 @@ impl Store {
 
     /// Joins a community; joining one the user is in already is fine.
     pub async fn join_community(&self, uid: i64, id: i64) -> Result<Community, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let c = self
             .community(id)
             .await?
@@ -455,6 +481,7 @@ impl Store {
 
     /// The communities a user belongs to, by id.
     pub async fn communities_of(&self, uid: i64) -> Result<Vec<Community>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let rows = sqlx::query(&format!(
             "SELECT {} FROM contacts c JOIN communities m ON m.id = c.target \
              WHERE c.owner = $1 AND c.kind = $2 ORDER BY m.id",
@@ -469,6 +496,7 @@ impl Store {
 
     /// The member ids of a community.
     pub async fn members(&self, community: i64) -> Result<Vec<i64>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let rows = sqlx::query(
             "SELECT owner FROM contacts WHERE target = $1 AND kind = $2 ORDER BY owner",
         )
@@ -486,6 +514,7 @@ impl Store {
     /// Stores a message (its `id` already given) and, in the same
     /// transaction, an inbox row for each of `inbox`.
     pub async fn insert_message(&self, m: &ChatMsg, inbox: &[i64]) -> Result<(), StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO messages (id, conv, sender, target, cmd, media, content, pic, url, memo, \
@@ -519,6 +548,7 @@ impl Store {
     /// Puts already stored messages in `uid`'s inbox (ids of messages that
     /// do not exist are ignored; ones already there stay once).
     pub async fn add_inbox(&self, uid: i64, ids: &[i64]) -> Result<u64, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let mut n = 0;
         for id in ids {
             n += sqlx::query(
@@ -542,6 +572,7 @@ impl Store {
 
     /// Takes a stored message back (its delivery could not be started).
     pub async fn delete_message(&self, id: i64) -> Result<(), StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM inbox WHERE msg_id = $1")
             .bind(id)
@@ -556,6 +587,7 @@ impl Store {
     }
 
     pub async fn message(&self, id: i64) -> Result<Option<ChatMsg>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
@@ -570,6 +602,7 @@ impl Store {
         before: i64,
         limit: u32,
     ) -> Result<Vec<ChatMsg>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let rows = sqlx::query(&format!(
             "SELECT {MSG_COLS} FROM messages WHERE conv = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
         ))
@@ -583,6 +616,7 @@ impl Store {
 
     /// Up to `limit` of a user's inbox messages, oldest first.
     pub async fn pending(&self, uid: i64, limit: u32) -> Result<Vec<ChatMsg>, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let rows = sqlx::query(&format!(
             "SELECT {} FROM inbox i JOIN messages m ON m.id = i.msg_id \
              WHERE i.uid = $1 ORDER BY i.msg_id LIMIT $2",
@@ -598,6 +632,7 @@ impl Store {
     /// Removes a user's inbox entries up to and including `upto`; answers
     /// how many went.
     pub async fn ack_pending(&self, uid: i64, upto: i64) -> Result<u64, StoreError> {
+        let _t = crate::metrics::StoreTimer::start();
         let r = sqlx::query("DELETE FROM inbox WHERE uid = $1 AND msg_id <= $2")
             .bind(uid)
             .bind(upto)

@@ -338,6 +338,12 @@ async fn poll_lookupds(
             Err(e) => tracing::warn!(error = %e, "nsqlookupd query failed"),
         }
     }
+    let m = &*crate::metrics::NSQ;
+    m.lookupd_up.set(i64::from(answered));
+    m.lookupd_nsqds.set(found.len() as i64);
+    if !answered {
+        m.lookupd_errors.inc();
+    }
     answered.then_some(found)
 }
 
@@ -364,9 +370,13 @@ async fn connection(
     tx: mpsc::Sender<Message>,
 ) {
     let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
+    let mut first = true;
     loop {
         if shared.shutdown.is_cancelled() || tx.is_closed() {
             break;
+        }
+        if !std::mem::take(&mut first) {
+            crate::metrics::NSQ.consumer_reconnects.inc();
         }
         if let Some(w) = &wanted
             && !w.load(Ordering::Relaxed)
@@ -450,9 +460,24 @@ async fn session(shared: &Shared, addr: &str, tx: &mpsc::Sender<Message>) -> End
         }};
     }
 
+    let nsq_metrics = &*crate::metrics::NSQ;
+    nsq_metrics.consumer_connections.inc();
+    // What this connection last added to the process-wide gauges; synced
+    // once per event (two compares, an atomic add only on change).
+    let mut shown_in_flight = 0i64;
+    let mut shown_rdy = 0i64;
     let result: Result<End, NsqError> = async {
         send!(Command::Rdy(target))?;
         loop {
+            let (now_in_flight, now_rdy) = (in_flight as i64, if closing { 0 } else { target as i64 });
+            if now_in_flight != shown_in_flight {
+                nsq_metrics.in_flight.inc_by(now_in_flight - shown_in_flight);
+                shown_in_flight = now_in_flight;
+            }
+            if now_rdy != shown_rdy {
+                nsq_metrics.rdy.inc_by(now_rdy - shown_rdy);
+                shown_rdy = now_rdy;
+            }
             tokio::select! {
                 f = reader.next_frame() => {
                     last_read = Instant::now();
@@ -476,6 +501,7 @@ async fn session(shared: &Shared, addr: &str, tx: &mpsc::Sender<Message>) -> End
                             tracing::warn!(addr = %addr, error = %err, "nsqd rejected an ack");
                         }
                         Some(Frame::Message(raw)) => {
+                            nsq_metrics.received.inc();
                             in_flight += 1;
                             rdy_left = rdy_left.saturating_sub(1);
                             if closing {
@@ -574,6 +600,9 @@ async fn session(shared: &Shared, addr: &str, tx: &mpsc::Sender<Message>) -> End
         }
     }
     .await;
+    nsq_metrics.consumer_connections.dec();
+    nsq_metrics.in_flight.dec_by(shown_in_flight);
+    nsq_metrics.rdy.dec_by(shown_rdy);
     match result {
         Ok(end) => end,
         // During a drain a failing connection just ends the drain: nsqd

@@ -191,7 +191,10 @@ impl Task {
                 let addr = self.addrs[idx].clone();
                 tracing::info!(addr = %addr, "nsq producer connected");
                 let started = Instant::now();
-                match self.serve(c).await {
+                crate::metrics::NSQ.producer_connections.inc();
+                let end = self.serve(c).await;
+                crate::metrics::NSQ.producer_connections.dec();
+                match end {
                     End::Stopped => {
                         tracing::info!(addr = %addr, "nsq producer closed");
                         return;
@@ -214,6 +217,7 @@ impl Task {
             // requests wait in the queue meanwhile (bounded by their timeout).
             for k in 1..=self.addrs.len() {
                 let i = (idx + k) % self.addrs.len();
+                crate::metrics::NSQ.producer_reconnects.inc();
                 let attempt = tokio::select! {
                     r = conn::connect(&self.addrs[i], &self.who) => r,
                     _ = self.stop.cancelled() => return,

@@ -104,7 +104,10 @@ async fn run_session(
     shutdown: CancellationToken,
 ) {
     let id = tag.id;
-    let tx = Arc::new(Outbox::new(ctx.cfg.ws.send_queue));
+    let tx = Arc::new(Outbox::with_depth(
+        ctx.cfg.ws.send_queue,
+        ctx.stats.outbox_depth.clone(),
+    ));
     let kill = shutdown.child_token();
     let enc = match endpoint {
         Endpoint::Room => Encoding::Protobuf,
@@ -135,6 +138,7 @@ async fn run_session(
         }
     };
     if let Some((who, extra_rooms, resume)) = signed {
+        ctx.stats.session_signed_in(edge.enc);
         let me = Arc::new(SessionTx::new(
             id,
             edge.tx.clone(),
@@ -168,6 +172,7 @@ async fn run_session(
             ctx.streams.unsubscribe(&s);
         }
         ctx.buckets.unregister(&me);
+        ctx.stats.session_signed_out(edge.enc);
         read::sign_out(&ctx, who, tag);
     }
     // Closed, the outbox lets the writer send what is queued (an Err and a

@@ -3,7 +3,6 @@
 //! messages — and every bad frame answered with an error.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +20,7 @@ use crate::chat::{self, Encoding};
 use crate::frame::{self, code};
 use crate::heartbeat::Heartbeat;
 use crate::room::Outbound;
+use crate::stats::BadFrame;
 use crate::ws::{self, Frame, WsError};
 
 /// The reader's own state.
@@ -88,7 +88,7 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, st: &mut Reading, dat
     let req = match Req::decode(data) {
         Ok(r) => r,
         Err(e) => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::Malformed);
             warn!(error = %e, "malformed frame");
             return edge
                 .err(code::BAD_REQUEST, format!("malformed Req frame: {e}"), 0)
@@ -116,7 +116,7 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, st: &mut Reading, dat
             return match ChatMsg::decode(req.data) {
                 Ok(m) => im::send_chat(edge, ctx, who, m).await,
                 Err(e) => {
-                    ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    ctx.stats.bad_frame(BadFrame::Malformed);
                     warn!(error = %e, "malformed ChatMsg");
                     edge.err(code::BAD_REQUEST, format!("malformed ChatMsg: {e}"), 0)
                         .await
@@ -125,11 +125,12 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, st: &mut Reading, dat
             };
         }
         Ok(PackageType::SignIn) => {
+            ctx.stats.bad_frame(BadFrame::SecondSignIn);
             warn!("second sign-in on a signed-in session");
             Some(frame::err(code::CONFLICT, "already signed in"))
         }
         Ok(PackageType::Unknown | PackageType::ChatAck) | Err(_) => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::UnknownType);
             warn!(kind = req.r#type, "unknown package type");
             Some(frame::err(
                 code::UNKNOWN_TYPE,
@@ -149,7 +150,7 @@ async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, tex
     let m = match chat::parse_json(std::str::from_utf8(&text).unwrap_or_default()) {
         Ok(m) => m,
         Err(e) => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::Malformed);
             warn!(error = %e, "malformed JSON message");
             return edge.err(code::BAD_REQUEST, e, 0).await.is_ok();
         }
@@ -161,7 +162,7 @@ async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, tex
         }
         chat::cmd::SINGLE | chat::cmd::COMMUNITY => im::send_chat(edge, ctx, who, m.into()).await,
         other => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::UnknownType);
             warn!(cmd = other, "unknown cmd");
             edge.err(code::UNKNOWN_TYPE, format!("unknown cmd {other}"), m.id)
                 .await
@@ -189,7 +190,7 @@ async fn on_message(
     let mut msg = match BroadcastRoomReq::decode(data) {
         Ok(m) => m,
         Err(e) => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::Malformed);
             warn!(error = %e, "malformed BroadcastRoomReq");
             return Some(frame::err(
                 code::BAD_REQUEST,
@@ -203,6 +204,7 @@ async fn on_message(
     if msg.room_id.is_empty() {
         msg.room_id = room.clone();
     } else if &msg.room_id != room {
+        ctx.stats.bad_frame(BadFrame::NotInRoom);
         warn!(target_room = %msg.room_id, "message to a room the session is not in");
         return Some(frame::err(
             code::FORBIDDEN,
@@ -283,13 +285,13 @@ pub(super) async fn reject_incoming(
     let wrong = match (edge.enc, &what) {
         (_, Incoming::Closed) => return false,
         (_, Incoming::Violation(code)) => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::Protocol);
             warn!(code, "websocket protocol violation; closing");
             let _ = edge.out(Outbound::Close(*code, "protocol violation")).await;
             return false;
         }
         (_, Incoming::TooLarge) => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::TooLarge);
             warn!(
                 max = ctx.cfg.ws.max_frame_bytes,
                 "frame over the size limit; closing"
@@ -307,7 +309,11 @@ pub(super) async fn reject_incoming(
         }
         _ => "unexpected frame",
     };
-    ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.bad_frame(if before_sign_in {
+        BadFrame::NotSignedIn
+    } else {
+        BadFrame::Text
+    });
     warn!(before_sign_in, "{wrong}");
     let _ = edge.err(code::BAD_REQUEST, wrong, 0).await;
     if before_sign_in {

@@ -1,7 +1,6 @@
 //! Signing a session in: `/room` reads a `SIGN_IN` frame, `/chat` takes the
 //! credentials from its query; logic rules on the token either way.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chatroom_common::proto::logic::SignInReq;
@@ -17,6 +16,7 @@ use crate::Ctx;
 use crate::chat;
 use crate::frame::{self, code};
 use crate::room::Outbound;
+use crate::stats::{BadFrame, SignInRefusal};
 use crate::ws;
 
 /// `/room`: the first frame must be SIGN_IN; logic rules on it. The answer
@@ -34,6 +34,7 @@ pub(super) async fn sign_in_room(
     };
     let data = match first {
         Err(_) => {
+            ctx.stats.sign_in_refused(SignInRefusal::Timeout);
             info!("no sign-in within the deadline; closing");
             edge.refuse(code::LOGIN_NEEDED, "login needed: sign in first")
                 .await;
@@ -41,6 +42,7 @@ pub(super) async fn sign_in_room(
         }
         Ok(Incoming::Binary(d)) => d,
         Ok(other) => {
+            ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
             reject_incoming(edge, ctx, other, true).await;
             return None;
         }
@@ -48,7 +50,8 @@ pub(super) async fn sign_in_room(
     let req = match Req::decode(data) {
         Ok(r) => r,
         Err(e) => {
-            ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.bad_frame(BadFrame::Malformed);
+            ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
             warn!(error = %e, "malformed frame before sign-in");
             edge.refuse(code::BAD_REQUEST, format!("malformed Req frame: {e}"))
                 .await;
@@ -56,6 +59,8 @@ pub(super) async fn sign_in_room(
         }
     };
     if req.r#type != PackageType::SignIn as i32 {
+        ctx.stats.bad_frame(BadFrame::NotSignedIn);
+        ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
         warn!(kind = %frame::type_name(req.r#type), "frame before sign-in");
         let msg = format!(
             "login needed: sign in before {}",
@@ -67,6 +72,8 @@ pub(super) async fn sign_in_room(
     let sign = match SignIn::decode(req.data) {
         Ok(s) => s,
         Err(e) => {
+            ctx.stats.bad_frame(BadFrame::Malformed);
+            ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
             warn!(error = %e, "malformed SignIn");
             edge.refuse(code::BAD_REQUEST, format!("malformed SignIn: {e}"))
                 .await;
@@ -74,6 +81,7 @@ pub(super) async fn sign_in_room(
         }
     };
     if sign.room_id.is_empty() {
+        ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
         warn!("sign-in with an empty room id");
         edge.refuse(code::BAD_REQUEST, "room id is empty").await;
         return None;
@@ -100,6 +108,7 @@ pub(super) async fn sign_in_chat(
     ctx: &Ctx,
 ) -> Option<(Identity, Vec<String>, Resume)> {
     if token.is_empty() {
+        ctx.stats.sign_in_refused(SignInRefusal::Token);
         warn!("chat connection without a token");
         edge.refuse(code::LOGIN_NEEDED, "login needed: token is missing")
             .await;
@@ -127,6 +136,7 @@ async fn ask_logic(
     let reply = match ctx.logic.sign_in(req).await {
         Ok(r) => r,
         Err(e) => {
+            ctx.stats.sign_in_refused(SignInRefusal::LogicUnavailable);
             warn!(error = %e.message(), "logic sign-in call failed");
             edge.refuse(code::UNAVAILABLE, "sign-in service unavailable, try again")
                 .await;
@@ -134,6 +144,12 @@ async fn ask_logic(
         }
     };
     if reply.code != code::OK {
+        ctx.stats
+            .sign_in_refused(if reply.code == code::LOGIN_NEEDED {
+                SignInRefusal::Token
+            } else {
+                SignInRefusal::Other
+            });
         info!(code = reply.code, msg = %reply.msg, "sign-in refused");
         edge.refuse(reply.code, reply.msg).await;
         return None;

@@ -22,6 +22,7 @@ use crate::chat::Encoding;
 use crate::frame;
 use crate::outbox::Outbox;
 use crate::room::{Cursor, Outbound};
+use crate::stats::DropReason;
 use crate::stream::Take;
 use crate::ws::{self, OpCode};
 
@@ -67,6 +68,8 @@ pub(super) async fn write_loop(w: Writer) {
         }
         let mut close = None;
         let mut subscribed = false;
+        // Messages beyond one per frame (merged stream frames).
+        let mut merged = 0u64;
         let mut open = outbox.take_ready(&mut taken, WRITE_BATCH);
         for o in taken.drain(..) {
             match o {
@@ -92,8 +95,10 @@ pub(super) async fn write_loop(w: Writer) {
         taken.clear();
         if close.is_none()
             && let Some(c) = cursor.as_mut()
+            && let Some((from, next)) = from_stream(&ctx, c, &mut frames, &mut merged)
         {
-            Box::pin(from_stream(&ctx, c, &mut frames)).await;
+            // Rare: boxed so the writer's idle state does not hold it.
+            Box::pin(recover_gap(&ctx, c, from, next, &mut frames)).await;
         }
         if frames.is_empty() {
             if let Some(c) = close {
@@ -126,6 +131,10 @@ pub(super) async fn write_loop(w: Writer) {
                 continue;
             }
         }
+        let sent = (
+            frames.len() as u64,
+            frames.iter().map(|(_, b)| b.len() as u64).sum::<u64>(),
+        );
         // Boxed: the write's state exists only while a write is under way.
         let write = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, sink.send(&frames)));
         let wrote = tokio::select! {
@@ -138,7 +147,7 @@ pub(super) async fn write_loop(w: Writer) {
             frames = Vec::new();
         }
         match wrote {
-            Some(Ok(Ok(()))) => {}
+            Some(Ok(Ok(()))) => ctx.stats.record_write(sent.0, sent.0 + merged, sent.1),
             Some(Ok(Err(e))) => {
                 session_span(tag, None).in_scope(|| debug!(error = %e, "websocket write failed"));
                 break (0, "");
@@ -167,10 +176,18 @@ pub(super) async fn write_loop(w: Writer) {
 /// Appends the merged frames the session lacks (up to a write's worth) and
 /// moves its cursor past them. A session behind the stream's reach loses
 /// the oldest NORMAL messages (counted); if an IMPORTANT one was among them
-/// the range comes from logic's history, or the session is told (`410`).
-async fn from_stream(ctx: &Ctx, c: &mut Cursor, frames: &mut Vec<(OpCode, Bytes)>) {
+/// the range `from..next` is returned, for [`recover_gap`]. Adds the
+/// messages taken to `messages`.
+fn from_stream(
+    ctx: &Ctx,
+    c: &mut Cursor,
+    frames: &mut Vec<(OpCode, Bytes)>,
+    messages: &mut u64,
+) -> Option<(u64, u64)> {
     let cfg = &ctx.streams.cfg;
     let stats = &ctx.streams.stats;
+    let (mut nframes, mut nmessages) = (0u64, 0u64);
+    let mut gap = None;
     while frames.len() < WRITE_BATCH {
         match c.stream.take(cfg, c.epoch, c.next) {
             Take::Nothing => break,
@@ -181,10 +198,8 @@ async fn from_stream(ctx: &Ctx, c: &mut Cursor, frames: &mut Vec<(OpCode, Bytes)
             } => {
                 frames.push((OpCode::Binary, frame));
                 c.next = next;
-                stats.frames.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .messages
-                    .fetch_add(u64::from(messages), Ordering::Relaxed);
+                nframes += 1;
+                nmessages += u64::from(messages);
             }
             Take::Epoch { epoch, next } => {
                 c.epoch = epoch;
@@ -196,6 +211,7 @@ async fn from_stream(ctx: &Ctx, c: &mut Cursor, frames: &mut Vec<(OpCode, Bytes)
                 important: false,
             } => {
                 stats.lost_normal.fetch_add(next - from, Ordering::Relaxed);
+                ctx.stats.record_drop(DropReason::Lagged, next - from);
                 c.next = next;
             }
             Take::Lost {
@@ -203,24 +219,46 @@ async fn from_stream(ctx: &Ctx, c: &mut Cursor, frames: &mut Vec<(OpCode, Bytes)
                 next,
                 important: true,
             } => {
-                match recover::gap(ctx, &c.stream.room, c.epoch, from, next).await {
-                    Some(got) => {
-                        stats.gaps_recovered.fetch_add(1, Ordering::Relaxed);
-                        frames.extend(got.into_iter().map(|f| (OpCode::Binary, f)));
-                    }
-                    None => {
-                        stats.gaps_unrecovered.fetch_add(1, Ordering::Relaxed);
-                        warn!(room = %c.stream.room, from, to = next - 1,
-                            "session fell behind past IMPORTANT messages that could not be recovered");
-                        let msg = format!(
-                            "messages {from}..={} could not be delivered: reload the room",
-                            next - 1
-                        );
-                        frames.push((OpCode::Binary, frame::gone(c.epoch, next - 1, msg)));
-                    }
-                }
-                c.next = next;
+                gap = Some((from, next));
+                break;
             }
         }
     }
+    // Once per wake, not per frame: every writer of the node counts here.
+    if nframes > 0 {
+        stats.frames.fetch_add(nframes, Ordering::Relaxed);
+        stats.messages.fetch_add(nmessages, Ordering::Relaxed);
+        // Stream frames are counted by their messages; the rest one each.
+        *messages += nmessages - nframes;
+    }
+    gap
+}
+
+/// The session lost `from..next` including an IMPORTANT message: the range
+/// comes from logic's history, or the session is told (`410`).
+async fn recover_gap(
+    ctx: &Ctx,
+    c: &mut Cursor,
+    from: u64,
+    next: u64,
+    frames: &mut Vec<(OpCode, Bytes)>,
+) {
+    let stats = &ctx.streams.stats;
+    match recover::gap(ctx, &c.stream.room, c.epoch, from, next).await {
+        Some(got) => {
+            stats.gaps_recovered.fetch_add(1, Ordering::Relaxed);
+            frames.extend(got.into_iter().map(|f| (OpCode::Binary, f)));
+        }
+        None => {
+            stats.gaps_unrecovered.fetch_add(1, Ordering::Relaxed);
+            warn!(room = %c.stream.room, from, to = next - 1,
+                "session fell behind past IMPORTANT messages that could not be recovered");
+            let msg = format!(
+                "messages {from}..={} could not be delivered: reload the room",
+                next - 1
+            );
+            frames.push((OpCode::Binary, frame::gone(c.epoch, next - 1, msg)));
+        }
+    }
+    c.next = next;
 }

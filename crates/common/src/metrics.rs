@@ -1,0 +1,507 @@
+//! Prometheus metrics: one process-wide registry for what the shared
+//! libraries count (NSQ client, discovery, queue publishing, logic), plus
+//! per-instance registries that a service adds when it is started (conn and
+//! job keep their counters per node, as plain atomics, and export them through
+//! a [`Collector`] read at scrape time).
+//!
+//! Nothing here costs a lock or an allocation when counting: counters and
+//! gauges are `prometheus-client` atomics, labelled series are created once
+//! and kept as handles, and [`Histogram`] is a fixed array of atomic buckets
+//! (the crate's own histogram takes a lock per observation). The registry's
+//! mutex is taken only to register (start-up) and to encode (a scrape).
+//!
+//! The text is OpenMetrics (`application/openmetrics-text`), which Prometheus
+//! scrapes as it is.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+pub use prometheus_client::collector::Collector;
+pub use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+pub use prometheus_client::metrics::MetricType;
+pub use prometheus_client::metrics::counter::{ConstCounter, Counter};
+pub use prometheus_client::metrics::family::Family;
+pub use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+pub use prometheus_client::registry::Registry;
+
+use prometheus_client::encoding::NoLabelSet;
+use prometheus_client::metrics::TypedMetric;
+
+/// Content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Labels of a labelled family: a few `&'static str` pairs.
+pub type Labels = Vec<(&'static str, &'static str)>;
+
+/// Labels whose value is only known at run time (node ids, routes).
+pub type DynLabels = Vec<(&'static str, String)>;
+
+static GLOBAL: LazyLock<Mutex<Registry>> =
+    LazyLock::new(|| Mutex::new(Registry::with_prefix("chatroom")));
+
+/// Registers into the process-wide registry (start-up only).
+pub fn with_global<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
+    let mut g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
+    f(&mut g)
+}
+
+/// The process-wide families, then each of `instance`'s, as OpenMetrics
+/// text (one `# EOF` at the end).
+pub fn render(instance: &[&Registry]) -> String {
+    // Make sure the shared families exist even before first use, so a
+    // scrape always lists them.
+    init();
+    let mut out = String::with_capacity(8192);
+    {
+        let g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &g);
+    }
+    for r in instance {
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, r);
+    }
+    let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+    out
+}
+
+/// Registers every process-wide family now (they are otherwise created on
+/// first use).
+pub fn init() {
+    LazyLock::force(&NSQ);
+    LazyLock::force(&DISCOVERY);
+    LazyLock::force(&QUEUE);
+}
+
+/// Finds the value of one sample in rendered text: `name` plus every
+/// `label="value"` given (any order, other labels ignored). Tests and the
+/// cluster script read scrapes with it.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        if line.starts_with('#') {
+            return None;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = match series.find('{') {
+            Some(i) => (&series[..i], &series[i..]),
+            None => (series, ""),
+        };
+        if n != name {
+            return None;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        if !all {
+            return None;
+        }
+        value.parse().ok()
+    })
+}
+
+/// Sum of every sample of `name` (all label values).
+pub fn sample_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let n = series.split('{').next()?;
+            (n == name).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Bucket bounds for latencies, in microseconds (exported in seconds).
+pub const LATENCY_US: &[u64] = &[
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Bucket bounds for counts (messages per batch, queue depths).
+pub const COUNT: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384];
+
+/// A lock-free histogram: fixed bounds, one atomic per bucket, an atomic
+/// sum. Observations are integers (microseconds, items); `divisor` turns
+/// them into the exported unit. Clones share the same buckets.
+#[derive(Clone, Debug)]
+pub struct Histogram(Arc<HistInner>);
+
+#[derive(Debug)]
+struct HistInner {
+    bounds: &'static [u64],
+    /// Non-cumulative; one more than `bounds` (the +Inf bucket).
+    counts: Box<[AtomicU64]>,
+    sum: AtomicU64,
+    /// Observed units per exported unit (1e6: microseconds to seconds).
+    divisor: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64], divisor: f64) -> Self {
+        Histogram(Arc::new(HistInner {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            divisor,
+        }))
+    }
+
+    /// Latencies: observe with [`Histogram::observe_duration`], exported in seconds.
+    pub fn latency() -> Self {
+        Self::new(LATENCY_US, 1e6)
+    }
+
+    /// Counts (items per batch, depth), exported as they are.
+    pub fn counts() -> Self {
+        Self::new(COUNT, 1.0)
+    }
+
+    pub fn observe(&self, v: u64) {
+        let h = &*self.0;
+        let i = h.bounds.partition_point(|b| *b < v);
+        h.counts[i].fetch_add(1, Ordering::Relaxed);
+        h.sum.fetch_add(v, Ordering::Relaxed);
+    }
+
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // The encoder takes per-bucket counts and accumulates them itself.
+        let h = &*self.0;
+        let mut total = 0u64;
+        let mut buckets = Vec::with_capacity(h.counts.len());
+        for (i, c) in h.counts.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            total += n;
+            let bound = h.bounds.get(i).map_or(f64::MAX, |b| *b as f64 / h.divisor);
+            buckets.push((bound, n));
+        }
+        let sum = h.sum.load(Ordering::Relaxed) as f64 / h.divisor;
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// A family of [`Histogram`]s created on demand (one per label set).
+pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub fn latency_family<L>() -> HistogramFamily<L>
+where
+    L: Clone + std::hash::Hash + Eq + prometheus_client::encoding::EncodeLabelSet,
+{
+    Family::new_with_constructor(Histogram::latency as fn() -> Histogram)
+}
+
+/// Encodes one counter or gauge of a collector from a plain value.
+pub fn encode_counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+pub fn encode_gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// A counter family of a collector, one sample per `(label value, count)`.
+pub fn encode_counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: &[(&'static str, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in values {
+        let labels = [(label, *value)];
+        ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge family of a collector, one sample per `(label value, value)`.
+pub fn encode_gauge_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: &[(&'static str, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (value, n) in values {
+        let labels = [(label, *value)];
+        ConstGauge::new(*n).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A histogram of a collector.
+pub fn encode_histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    h: &Histogram,
+) -> Result<(), std::fmt::Error> {
+    h.encode(enc.encode_descriptor(name, help, None, MetricType::Histogram)?)
+}
+
+/// The NSQ client's families (all connections of the process).
+#[derive(Debug)]
+pub struct NsqMetrics {
+    /// Live nsqd connections, by role (`producer`, `consumer`).
+    pub connections: Family<Labels, Gauge>,
+    /// Connection attempts after a lost or failed connection, by role.
+    pub reconnects: Family<Labels, Counter>,
+    /// RDY last sent, summed over consumer connections.
+    pub rdy: Gauge,
+    /// Messages received and not yet FINed/REQed, over consumer connections.
+    pub in_flight: Gauge,
+    /// Messages received from nsqd.
+    pub received: Counter,
+    /// 1 when the last nsqlookupd poll got an answer.
+    pub lookupd_up: Gauge,
+    /// nsqd nodes the last nsqlookupd poll listed for the topic.
+    pub lookupd_nsqds: Gauge,
+    /// nsqlookupd polls that no nsqlookupd answered.
+    pub lookupd_errors: Counter,
+    pub producer_connections: Gauge,
+    pub consumer_connections: Gauge,
+    pub producer_reconnects: Counter,
+    pub consumer_reconnects: Counter,
+}
+
+pub static NSQ: LazyLock<NsqMetrics> = LazyLock::new(|| {
+    let connections = Family::<Labels, Gauge>::default();
+    let reconnects = Family::<Labels, Counter>::default();
+    let m = NsqMetrics {
+        producer_connections: connections.get_or_create_owned(&vec![("role", "producer")]),
+        consumer_connections: connections.get_or_create_owned(&vec![("role", "consumer")]),
+        producer_reconnects: reconnects.get_or_create_owned(&vec![("role", "producer")]),
+        consumer_reconnects: reconnects.get_or_create_owned(&vec![("role", "consumer")]),
+        connections,
+        reconnects,
+        rdy: Gauge::default(),
+        in_flight: Gauge::default(),
+        received: Counter::default(),
+        lookupd_up: Gauge::default(),
+        lookupd_nsqds: Gauge::default(),
+        lookupd_errors: Counter::default(),
+    };
+    with_global(|r| {
+        let r = r.sub_registry_with_prefix("nsq");
+        r.register(
+            "connections",
+            "Live nsqd connections by role",
+            m.connections.clone(),
+        );
+        r.register(
+            "reconnects",
+            "nsqd connection attempts after a lost or failed connection, by role",
+            m.reconnects.clone(),
+        );
+        r.register(
+            "rdy",
+            "RDY last sent, summed over consumer connections",
+            m.rdy.clone(),
+        );
+        r.register(
+            "in_flight",
+            "Messages received from nsqd and not yet FINed or REQed",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "messages_received",
+            "Messages received from nsqd",
+            m.received.clone(),
+        );
+        r.register(
+            "lookupd_up",
+            "1 when the last nsqlookupd poll was answered",
+            m.lookupd_up.clone(),
+        );
+        r.register(
+            "lookupd_nsqds",
+            "nsqd nodes nsqlookupd listed for the topic at the last poll",
+            m.lookupd_nsqds.clone(),
+        );
+        r.register(
+            "lookupd_errors",
+            "nsqlookupd polls that no nsqlookupd answered",
+            m.lookupd_errors.clone(),
+        );
+    });
+    m
+});
+
+/// Service discovery's families.
+#[derive(Debug)]
+pub struct DiscoveryMetrics {
+    /// Nodes known by service watched (`conn`, `logic`).
+    pub nodes: Family<Labels, Gauge>,
+    pub conn_nodes: Gauge,
+    pub logic_nodes: Gauge,
+    /// Lease keep-alives that failed (etcd).
+    pub lease_renewals_failed: Counter,
+    /// Lease keep-alives answered.
+    pub lease_renewals: Counter,
+    /// Registrations of this process currently held.
+    pub registered: Gauge,
+}
+
+pub static DISCOVERY: LazyLock<DiscoveryMetrics> = LazyLock::new(|| {
+    let nodes = Family::<Labels, Gauge>::default();
+    let m = DiscoveryMetrics {
+        conn_nodes: nodes.get_or_create_owned(&vec![("service", "conn")]),
+        logic_nodes: nodes.get_or_create_owned(&vec![("service", "logic")]),
+        nodes,
+        lease_renewals_failed: Counter::default(),
+        lease_renewals: Counter::default(),
+        registered: Gauge::default(),
+    };
+    with_global(|r| {
+        let r = r.sub_registry_with_prefix("discovery");
+        r.register("nodes", "Nodes known, by service watched", m.nodes.clone());
+        r.register(
+            "lease_renewals_failed",
+            "etcd lease keep-alives that failed",
+            m.lease_renewals_failed.clone(),
+        );
+        r.register(
+            "lease_renewals",
+            "etcd lease keep-alives answered",
+            m.lease_renewals.clone(),
+        );
+        r.register(
+            "registrations",
+            "Registrations this process holds",
+            m.registered.clone(),
+        );
+    });
+    m
+});
+
+impl DiscoveryMetrics {
+    pub fn nodes_of(&self, service: &str) -> &Gauge {
+        if service == "conn" {
+            &self.conn_nodes
+        } else {
+            &self.logic_nodes
+        }
+    }
+}
+
+/// Publishing to the queue (logic).
+#[derive(Debug)]
+pub struct QueueMetrics {
+    pub published: Counter,
+    pub publish_errors: Counter,
+    pub publish_latency: Histogram,
+}
+
+pub static QUEUE: LazyLock<QueueMetrics> = LazyLock::new(|| {
+    let m = QueueMetrics {
+        published: Counter::default(),
+        publish_errors: Counter::default(),
+        publish_latency: Histogram::latency(),
+    };
+    with_global(|r| {
+        let r = r.sub_registry_with_prefix("queue");
+        r.register("published", "Messages published", m.published.clone());
+        r.register(
+            "publish_errors",
+            "Publishes that failed",
+            m.publish_errors.clone(),
+        );
+        r.register(
+            "publish_latency_seconds",
+            "Time to publish one message (until nsqd answers OK)",
+            m.publish_latency.clone(),
+        );
+    });
+    m
+});
+
+/// The family names a rendered text declares (tests, `--check-config`).
+pub fn family_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' ').map(|(n, _)| n.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_scaled() {
+        let h = Histogram::latency();
+        h.observe_duration(Duration::from_micros(80));
+        h.observe_duration(Duration::from_millis(3));
+        h.observe_duration(Duration::from_secs(60));
+        let mut r = Registry::default();
+        r.register("lat_seconds", "x", h.clone());
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &r).unwrap();
+        assert_eq!(sample(&s, "lat_seconds_count", &[]), Some(3.0), "{s}");
+        assert_eq!(
+            sample(&s, "lat_seconds_bucket", &[("le", "0.0001")]),
+            Some(1.0),
+            "{s}"
+        );
+        assert_eq!(
+            sample(&s, "lat_seconds_bucket", &[("le", "0.005")]),
+            Some(2.0),
+            "{s}"
+        );
+        assert_eq!(
+            sample(&s, "lat_seconds_bucket", &[("le", "+Inf")]),
+            Some(3.0),
+            "{s}"
+        );
+        let sum = sample(&s, "lat_seconds_sum", &[]).unwrap();
+        assert!((sum - 60.00308).abs() < 1e-6, "{sum}");
+        assert_eq!(h.count(), 3);
+    }
+
+    #[test]
+    fn render_lists_shared_families_once_with_one_eof() {
+        NSQ.producer_reconnects.inc();
+        let s = render(&[]);
+        assert!(s.contains("# TYPE chatroom_nsq_reconnects counter"), "{s}");
+        assert!(
+            sample(&s, "chatroom_nsq_reconnects_total", &[("role", "producer")]).unwrap() >= 1.0
+        );
+        assert_eq!(s.matches("# EOF").count(), 1);
+        assert!(s.ends_with("# EOF\n"));
+    }
+}
