@@ -95,8 +95,17 @@ async fn standalone_admin_listeners_after_traffic() {
                 && v(
                     &t,
                     "chatroom_conn_bad_frames_total",
-                    &[("kind", "unclassified")],
-                ) > 0.0)
+                    &[("kind", "malformed")],
+                ) > 0.0
+                && v(
+                    &t,
+                    "chatroom_conn_sign_ins_refused_total",
+                    &[("reason", "bad_frame")],
+                ) > 0.0
+                && moved("chatroom_conn_sign_ins_total")
+                && moved("chatroom_conn_messages_written_total")
+                && moved("chatroom_conn_stream_appended_total")
+                && moved("chatroom_conn_stream_frames_total"))
                 .then_some(t)
         }
     })
