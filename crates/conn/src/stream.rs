@@ -88,11 +88,13 @@ pub struct Appended {
 pub enum Take {
     /// Nothing after the cursor yet.
     Nothing,
-    /// A merged frame of consecutive messages; continue from `next`.
+    /// A merged frame of consecutive messages; continue from `next`
+    /// (`more`: the stream already holds messages after it).
     Frame {
         frame: Bytes,
         next: u64,
         messages: u32,
+        more: bool,
     },
     /// The session's epoch is over: continue from `next` in `epoch`.
     Epoch { epoch: u64, next: u64 },
@@ -335,11 +337,13 @@ impl RoomStream {
             end += 1;
         }
         let to = from + (end - start) as u64;
+        let more = to < st.next;
         if let Some((_, _, f)) = st.cache.iter().find(|(a, b, _)| *a == from && *b == to) {
             return Take::Frame {
                 frame: f.clone(),
                 next: to,
                 messages: (end - start) as u32,
+                more,
             };
         }
         let mut batch = BytesMut::with_capacity(bytes);
@@ -361,6 +365,7 @@ impl RoomStream {
             frame,
             next: to,
             messages: (end - start) as u32,
+            more,
         }
     }
 }
@@ -486,9 +491,6 @@ pub struct StreamStats {
     pub skipped: AtomicU64,
     /// Messages of an older epoch, pushed to the room's sessions directly.
     pub stale: AtomicU64,
-    /// Merged frames written, and the messages in them.
-    pub frames: AtomicU64,
-    pub messages: AtomicU64,
     /// NORMAL messages sessions lost by falling behind the stream's reach.
     pub lost_normal: AtomicU64,
     /// Sessions behind past an IMPORTANT message: recovered from logic, or
@@ -657,16 +659,6 @@ impl metrics::Collector for StreamsCollector {
                 "stream_stale",
                 "Messages of an older epoch, pushed directly",
                 g(&s.stale),
-            ),
-            (
-                "stream_frames",
-                "Merged stream frames written",
-                g(&s.frames),
-            ),
-            (
-                "stream_messages",
-                "Messages in merged stream frames written",
-                g(&s.messages),
             ),
             (
                 "stream_lost_normal",

@@ -195,11 +195,16 @@ fn from_stream(
                 frame,
                 next,
                 messages,
+                more,
             } => {
                 frames.push((OpCode::Binary, frame));
                 c.next = next;
                 nframes += 1;
                 nmessages += u64::from(messages);
+                if !more {
+                    // Caught up: no second look (and lock) this wake.
+                    break;
+                }
             }
             Take::Epoch { epoch, next } => {
                 c.epoch = epoch;
@@ -224,13 +229,9 @@ fn from_stream(
             }
         }
     }
-    // Once per wake, not per frame: every writer of the node counts here.
-    if nframes > 0 {
-        stats.frames.fetch_add(nframes, Ordering::Relaxed);
-        stats.messages.fetch_add(nmessages, Ordering::Relaxed);
-        // Stream frames are counted by their messages; the rest one each.
-        *messages += nmessages - nframes;
-    }
+    // Stream frames are counted by their messages, the rest one each (by
+    // the writer, once per write).
+    *messages += nmessages - nframes;
     gap
 }
 
