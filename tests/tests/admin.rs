@@ -105,7 +105,7 @@ async fn standalone_admin_listeners_after_traffic() {
                 && moved("chatroom_conn_sign_ins_total")
                 && moved("chatroom_conn_messages_written_total")
                 && moved("chatroom_conn_stream_appended_total"))
-                .then_some(t)
+            .then_some(t)
         }
     })
     .await
