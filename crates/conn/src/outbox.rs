@@ -136,7 +136,9 @@ impl Outbox {
     }
 
     /// Moves up to `max` queued frames into `out`, waiting for one if none
-    /// is queued. False once closed and drained.
+    /// is queued. False once closed and drained. (The writer takes what is
+    /// ready and waits on [`Outbox::readable`] beside the room's stream.)
+    #[cfg(test)]
     pub async fn take(&self, out: &mut Vec<Outbound>, max: usize) -> bool {
         loop {
             self.readable().await;

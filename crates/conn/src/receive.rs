@@ -131,12 +131,19 @@ async fn send(logic: &LogicPool, bundle: &mut [Pending], single_only: &AtomicBoo
     if bundle.len() == 1 || single_only.load(Ordering::Relaxed) {
         return send_each(logic, bundle).await;
     }
-    // Copied into the call so that an older logic gets the same messages
-    // one by one.
+    // Moved into the call and back after it: the answers name their
+    // sender, and an older logic gets the same messages one by one.
     let req = ReceiveManyReq {
-        msgs: bundle.iter().map(|p| p.req.clone()).collect(),
+        msgs: bundle
+            .iter_mut()
+            .map(|p| std::mem::take(&mut p.req))
+            .collect(),
     };
-    match logic.receive_many(&req).await {
+    let sent = logic.receive_many(&req).await;
+    for (p, m) in bundle.iter_mut().zip(req.msgs) {
+        p.req = m;
+    }
+    match sent {
         Ok(reply) if reply.replies.len() == bundle.len() => {
             for (p, r) in bundle.iter().zip(reply.replies) {
                 answer(p, Ok(r));

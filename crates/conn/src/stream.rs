@@ -321,42 +321,18 @@ impl RoomStream {
             return Take::Nothing;
         };
         let from = first_entry.offset;
-        // Consecutive offsets only, within the frame budget.
-        let mut end = start;
-        let mut bytes = 0;
-        let mut important = false;
-        while let Some(e) = st.entries.get(end) {
-            if e.offset != from + (end - start) as u64 {
-                break;
-            }
-            if end > start && bytes + HEAD_LEN + e.data.len() > cfg.max_frame_bytes {
-                break;
-            }
-            bytes += HEAD_LEN + e.data.len();
-            important |= e.level == MsgLevel::Important;
-            end += 1;
-        }
-        let to = from + (end - start) as u64;
+        let n = run_len(cfg, st.entries.range(start..));
+        let to = from + n as u64;
         let more = to < st.next;
         if let Some((_, _, f)) = st.cache.iter().find(|(a, b, _)| *a == from && *b == to) {
             return Take::Frame {
                 frame: f.clone(),
                 next: to,
-                messages: (end - start) as u32,
+                messages: n as u32,
                 more,
             };
         }
-        let mut batch = BytesMut::with_capacity(bytes);
-        for e in st.entries.range(start..end) {
-            batch.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
-            batch.extend_from_slice(&e.data);
-        }
-        let level = if important {
-            MsgLevel::Important
-        } else {
-            MsgLevel::Normal
-        };
-        let frame = frame(&self.room, level, batch.freeze(), to - 1, st.epoch);
+        let frame = merged_frame(&self.room, st.epoch, st.entries.range(start..start + n));
         if st.cache.len() >= CACHE {
             st.cache.pop_front();
         }
@@ -364,7 +340,7 @@ impl RoomStream {
         Take::Frame {
             frame,
             next: to,
-            messages: (end - start) as u32,
+            messages: n as u32,
             more,
         }
     }
@@ -387,40 +363,47 @@ pub fn frame(room: &str, level: MsgLevel, batch: Bytes, last: u64, epoch: u64) -
     .into()
 }
 
-/// Merged frames of `entries` (consecutive offsets), cut to the budget.
+/// How many entries from the start of `run` go in one frame: consecutive
+/// offsets within the frame budget (at least one).
+fn run_len<'a>(cfg: &StreamConfig, run: impl Iterator<Item = &'a Entry>) -> usize {
+    let (mut n, mut bytes, mut prev) = (0, 0, 0);
+    for e in run {
+        let size = HEAD_LEN + e.data.len();
+        if n > 0 && (e.offset != prev + 1 || bytes + size > cfg.max_frame_bytes) {
+            break;
+        }
+        (n, bytes, prev) = (n + 1, bytes + size, e.offset);
+    }
+    n
+}
+
+/// The merged frame of `run` (consecutive offsets, not empty): IMPORTANT
+/// if any message in it is, positioned at its last offset.
+fn merged_frame<'a>(room: &str, epoch: u64, run: impl Iterator<Item = &'a Entry>) -> Bytes {
+    let mut batch = BytesMut::new();
+    let (mut important, mut last) = (false, 0);
+    for e in run {
+        batch.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+        batch.extend_from_slice(&e.data);
+        important |= e.level == MsgLevel::Important;
+        last = e.offset;
+    }
+    let level = if important {
+        MsgLevel::Important
+    } else {
+        MsgLevel::Normal
+    };
+    frame(room, level, batch.freeze(), last, epoch)
+}
+
+/// Merged frames of `entries` (in offset order), cut at gaps and to the budget.
 pub fn frames_of(cfg: &StreamConfig, room: &str, epoch: u64, entries: &[Entry]) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < entries.len() {
-        let mut batch = BytesMut::new();
-        let mut important = false;
-        let mut j = i;
-        while j < entries.len() {
-            let e = &entries[j];
-            let consecutive = j == i || e.offset == entries[j - 1].offset + 1;
-            if j > i
-                && (!consecutive || batch.len() + HEAD_LEN + e.data.len() > cfg.max_frame_bytes)
-            {
-                break;
-            }
-            batch.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
-            batch.extend_from_slice(&e.data);
-            important |= e.level == MsgLevel::Important;
-            j += 1;
-        }
-        let level = if important {
-            MsgLevel::Important
-        } else {
-            MsgLevel::Normal
-        };
-        out.push(frame(
-            room,
-            level,
-            batch.freeze(),
-            entries[j - 1].offset,
-            epoch,
-        ));
-        i = j;
+        let n = run_len(cfg, entries[i..].iter());
+        out.push(merged_frame(room, epoch, entries[i..i + n].iter()));
+        i += n;
     }
     out
 }

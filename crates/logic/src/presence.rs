@@ -317,6 +317,16 @@ impl MemoryPresence {
 
 // ---------------------------------------------------------------- redis
 
+/// How logic talks to Redis (presence and room streams): bounded waits, so
+/// a hung Redis turns into an error for the one request, not a stuck conn
+/// node waiting on us.
+pub(crate) fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(3)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+}
+
 /// Presence in Redis, shared by every logic node.
 #[derive(Clone)]
 pub struct RedisPresence {
@@ -329,13 +339,9 @@ pub struct RedisPresence {
 impl RedisPresence {
     pub async fn connect(cfg: &PresenceConfig) -> Result<Self, PresenceError> {
         let client = redis::Client::open(cfg.url.as_str()).map_err(|_| PresenceError::BadUrl)?;
-        // Bounded waits: a hung Redis must turn into an error for the one
-        // request, not a stuck conn node waiting on us.
-        let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
-        let conn = client.get_connection_manager_with_config(mcfg).await?;
+        let conn = client
+            .get_connection_manager_with_config(manager_config())
+            .await?;
         Ok(RedisPresence {
             conn,
             prefix: cfg.prefix.clone(),

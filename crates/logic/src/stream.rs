@@ -21,12 +21,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::proto::logic::{RoomHistoryEntry, RoomHistoryReply};
 use prost::Message as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::Deserialize;
 
 use crate::config::{PresenceConfig, PresenceKind};
@@ -119,49 +118,6 @@ impl Streams {
     }
 }
 
-/// Builds a history answer from the kept run `kept` (oldest first) that
-/// ends at `last`.
-fn answer(
-    epoch: u64,
-    last: u64,
-    kept: impl ExactSizeIterator<Item = Result<RoomHistoryEntry, StreamError>>,
-    asked_epoch: u64,
-    after: u64,
-    until: u64,
-    limit: u32,
-) -> Result<RoomHistoryReply, StreamError> {
-    let first_kept = last + 1 - kept.len() as u64;
-    let until = if until == 0 { last } else { until.min(last) };
-    let from = (after + 1).max(first_kept);
-    let mut entries = Vec::new();
-    let mut bytes = 0;
-    if asked_epoch == epoch && epoch != 0 {
-        for (i, e) in kept.enumerate() {
-            let off = first_kept + i as u64;
-            if off < from {
-                continue;
-            }
-            if off > until || entries.len() as u32 >= limit {
-                break;
-            }
-            let mut e = e?;
-            bytes += e.data.len();
-            if !entries.is_empty() && bytes > MAX_HISTORY_BYTES {
-                break;
-            }
-            e.offset = off;
-            entries.push(e);
-        }
-    }
-    let complete = asked_epoch == epoch && (after >= until || first_kept <= after + 1);
-    Ok(RoomHistoryReply {
-        epoch,
-        last_offset: last,
-        complete,
-        entries,
-    })
-}
-
 // ---------------------------------------------------------------- memory
 
 struct MemRoom {
@@ -240,16 +196,38 @@ impl MemoryStreams {
         let Some(r) = shard.get(room) else {
             return RoomHistoryReply::default();
         };
-        answer(
-            r.epoch,
-            r.last,
-            r.kept.iter().cloned().map(Ok),
-            epoch,
-            after,
-            until,
-            limit,
-        )
-        .unwrap_or_default()
+        let first_kept = r.last + 1 - r.kept.len() as u64;
+        let until = if until == 0 {
+            r.last
+        } else {
+            until.min(r.last)
+        };
+        let from = (after + 1).max(first_kept);
+        let mut entries = Vec::new();
+        if epoch == r.epoch && epoch != 0 && from <= until {
+            let mut bytes = 0;
+            let skip = (from - first_kept) as usize;
+            for (i, e) in r.kept.iter().enumerate().skip(skip) {
+                let offset = first_kept + i as u64;
+                bytes += e.data.len();
+                if offset > until
+                    || entries.len() as u32 >= limit
+                    || (!entries.is_empty() && bytes > MAX_HISTORY_BYTES)
+                {
+                    break;
+                }
+                entries.push(RoomHistoryEntry {
+                    offset,
+                    ..e.clone()
+                });
+            }
+        }
+        RoomHistoryReply {
+            epoch: r.epoch,
+            last_offset: r.last,
+            complete: epoch == r.epoch && (after >= until || first_kept <= after + 1),
+            entries,
+        }
     }
 }
 
@@ -312,11 +290,9 @@ pub struct RedisStreams {
 impl RedisStreams {
     pub async fn connect(p: &PresenceConfig, s: &StreamConfig) -> Result<Self, StreamError> {
         let client = redis::Client::open(p.url.as_str()).map_err(|_| StreamError::BadUrl)?;
-        let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
-        let conn = client.get_connection_manager_with_config(mcfg).await?;
+        let conn = client
+            .get_connection_manager_with_config(crate::presence::manager_config())
+            .await?;
         Ok(RedisStreams {
             conn,
             prefix: p.prefix.clone(),
