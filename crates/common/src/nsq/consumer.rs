@@ -377,13 +377,15 @@ async fn connection(
         if let Some(w) = &wanted
             && !w.load(Ordering::Relaxed)
         {
-            tracing::info!(addr = %addr, "nsqd no longer listed by nsqlookupd; not reconnecting");
+            tracing::info!(addr = %addr, topic = %shared.cfg.topic,
+                "nsqd no longer listed by nsqlookupd; stopped consuming from it");
             break;
         }
         let started = Instant::now();
         match session(&shared, &addr, &tx).await {
             End::Done => {
-                tracing::info!(addr = %addr, "nsq consumer connection closed");
+                tracing::info!(addr = %addr, topic = %shared.cfg.topic, channel = %shared.cfg.channel,
+                    "nsq consumer stopped consuming (connection closed)");
                 break;
             }
             End::Lost(e) => {
