@@ -87,6 +87,26 @@ export function pack(messages) {
  * @param {ArrayBuffer|ArrayBufferView} data
  * @returns {Uint8Array[]}
  */
+/** Gaps in a stream a client remembers ([from, to) offsets), oldest first. */
+const MAX_GAPS = 64;
+
+function addGap(gaps, from, to) {
+  gaps.push([from, to]);
+  if (gaps.length > MAX_GAPS) gaps.shift();
+}
+
+/** Whether `offset` is in a remembered gap; if so it is taken out of it. */
+function takeGap(gaps, offset) {
+  const i = gaps.findIndex(([from, to]) => offset >= from && offset < to);
+  if (i < 0) return false;
+  const [from, to] = gaps[i];
+  const parts = [];
+  if (offset > from) parts.push([from, offset]);
+  if (offset + 1 < to) parts.push([offset + 1, to]);
+  gaps.splice(i, 1, ...parts);
+  return true;
+}
+
 export function unpack(data) {
   const u8 = bytes(data);
   // byteOffset matters: a Node Buffer (from ws or protobuf.js) is often a
@@ -353,7 +373,7 @@ export class RoomClient {
   /** The last position seen in `room`'s stream, `{epoch, offset}`, or null. */
   position(room) {
     const s = this.streams.get(room);
-    return s ? { ...s } : null;
+    return s ? { epoch: s.epoch, offset: s.offset } : null;
   }
 
   /**
@@ -402,7 +422,7 @@ export class RoomClient {
           reason: answer.epoch ? 'the server could not send the messages missed' : 'the server keeps no history of this room',
           epoch: answer.epoch,
           offset: answer.offset,
-          since: { ...since },
+          since: { epoch: since.epoch, offset: since.offset },
         });
         this.setPosition(room, answer.epoch, answer.offset);
       }
@@ -413,7 +433,7 @@ export class RoomClient {
   }
 
   setPosition(room, epoch, offset) {
-    if (epoch) this.streams.set(room, { epoch, offset });
+    if (epoch) this.streams.set(room, { epoch, offset, gaps: [] });
     else this.streams.delete(room);
   }
 
@@ -585,14 +605,19 @@ export class RoomClient {
       offsets = all.map((_, i) => first + i);
       const seen = this.streams.get(room);
       if (seen && seen.epoch === epoch) {
-        const keep = offsets.map((o) => o > seen.offset);
+        // New past the last offset seen, or filling a gap left earlier (the
+        // server delivers a message late, after giving up waiting for it).
+        const keep = offsets.map((o) => o > seen.offset || takeGap(seen.gaps, o));
         this.duplicates += keep.filter((k) => !k).length;
         messages = all.filter((_, i) => keep[i]);
         offsets = offsets.filter((_, i) => keep[i]);
-        seen.offset = Math.max(seen.offset, last);
+        for (const o of offsets) {
+          if (o > seen.offset + 1) addGap(seen.gaps, seen.offset + 1, o);
+          seen.offset = Math.max(seen.offset, o);
+        }
       } else {
         // A stream not seen before, or a new epoch of it: everything is new.
-        this.streams.set(room, { epoch, offset: last });
+        this.streams.set(room, { epoch, offset: last, gaps: [] });
       }
       if (!messages.length) return;
     }

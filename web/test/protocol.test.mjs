@@ -298,8 +298,9 @@ describe('standalone server', () => {
 
     const N = 50;
     const sent = Array.from({ length: N }, (_, i) => `burst ${i} ${'·'.repeat(i % 7)}`);
-    // No awaiting between sends: the server gets them back to back and its
-    // job merges up to 32 per room within a 10 ms window.
+    // No awaiting between sends: the server gets them back to back; job
+    // merges up to 32 per room within a window, and a writer that is behind
+    // takes everything its session lacks in one frame (up to 64 KiB).
     for (const s of sent) a.c.send(r, MsgLevel.NORMAL, s);
 
     const received = [];
@@ -318,7 +319,6 @@ describe('standalone server', () => {
     const sizes = batches.map((x) => x.messages.length);
     t.diagnostic(`messages per pushed frame: ${sizes.join(' ')}`);
     assert.ok(Math.max(...sizes) > 1, `expected a merged Reply carrying several messages, got frame sizes ${sizes}`);
-    assert.ok(Math.max(...sizes) <= 32, `no batch beyond batch.max_messages = 32, got ${sizes}`);
     for (const m of received) {
       assert.equal(m.batchSize, batches[m.batch - 1].messages.length);
     }

@@ -108,6 +108,15 @@ describe('reconnecting RoomClient', () => {
     assert.deepEqual(await got, [['d', big + 4], ['e', big + 5]]);
     assert.equal(c.duplicates, 2);
 
+    // A gap (f missing), then f late — the server gave up waiting for it
+    // and delivers it after all — then f again: kept once.
+    got = received(c, 2);
+    push(s.ws, 'r1', { epoch: 7, offset: big + 7 }, ['g']);
+    push(s.ws, 'r1', { epoch: 7, offset: big + 6 }, ['f']);
+    push(s.ws, 'r1', { epoch: 7, offset: big + 6 }, ['f']);
+    assert.deepEqual(await got, [['g', big + 7], ['f', big + 6]]);
+    assert.deepEqual(c.position('r1'), { epoch: 7, offset: big + 7 });
+
     // A 410 notice: messages are gone; the position moves to the notice's.
     let lost = next(c, 'unrecovered');
     const err = next(c, 'err');
