@@ -162,12 +162,13 @@ impl PushService {
             &mut stale,
         );
         self.streams.stats.record(&a);
-        if a.duplicates > 0 || a.stale > 0 {
-            debug!(%room, duplicates = a.duplicates, stale = a.stale, "room stream push");
+        if a.duplicates > 0 || a.stale > 0 || a.late > 0 {
+            debug!(%room, duplicates = a.duplicates, stale = a.stale, late = a.late, "room stream push");
         }
         if !stale.is_empty() {
-            // Accepted under an epoch this node has moved past: still
-            // delivered, as its own frames with its own positions.
+            // Accepted under an epoch this node has moved past, or late for
+            // a gap given up on (a redelivery after a job died): still
+            // delivered, as their own frames with their own positions.
             for f in frames_of(&self.streams.cfg, room, epoch, &stale) {
                 self.buckets.push_room(room, &Pushed::Frame(f), level);
             }

@@ -79,6 +79,9 @@ pub struct Appended {
     pub early: u32,
     /// Of an older epoch than the stream's: handed back to the caller.
     pub stale: u32,
+    /// Of a gap given up on, arriving after all (a queue redelivery after
+    /// the reorder wait): handed back to the caller with the stale ones.
+    pub late: u32,
     /// Offsets given up on (the gap before an early message never filled).
     pub skipped: u64,
 }
@@ -120,6 +123,9 @@ struct State {
     gap_since: Option<Instant>,
     /// The largest offset of an IMPORTANT message dropped by the bounds.
     evicted_important: u64,
+    /// Offsets given up on in this epoch, `[from, to)`, oldest first
+    /// (bounded): one that arrives after all is still delivered.
+    skipped: VecDeque<(u64, u64)>,
     /// Recently built frames: (from, to) -> frame.
     cache: VecDeque<(u64, u64, Bytes)>,
 }
@@ -162,6 +168,7 @@ impl RoomStream {
                 early: BTreeMap::new(),
                 gap_since: None,
                 evicted_important: 0,
+                skipped: VecDeque::new(),
                 cache: VecDeque::new(),
             }),
             wake: Notify::new(),
@@ -196,8 +203,10 @@ impl RoomStream {
     }
 
     /// Appends messages of `epoch` (offsets from logic; 0 numbers the
-    /// message here, for an older job or logic). Entries of an older epoch
-    /// are moved to `stale`. Wakes the writers if anything was appended.
+    /// message here, for an older job or logic). Entries of an older epoch,
+    /// and late ones of a gap given up on, are moved to `stale`: the
+    /// caller delivers them as their own frames. Wakes the writers if
+    /// anything was appended.
     pub fn push(
         &self,
         cfg: &StreamConfig,
@@ -225,6 +234,7 @@ impl RoomStream {
                 st.early.clear();
                 st.gap_since = None;
                 st.evicted_important = 0;
+                st.skipped.clear();
                 st.cache.clear();
             }
             for mut e in entries {
@@ -239,7 +249,10 @@ impl RoomStream {
                 if st.next == 0 {
                     st.next = e.offset;
                 }
-                if e.offset < st.next || st.early.contains_key(&e.offset) {
+                if e.offset < st.next && take_skipped(&mut st.skipped, e.offset) {
+                    out.late += 1;
+                    stale.push(e);
+                } else if e.offset < st.next || st.early.contains_key(&e.offset) {
                     out.duplicates += 1;
                 } else if e.offset == st.next {
                     append(&mut st, cfg, e);
@@ -280,6 +293,7 @@ impl RoomStream {
             st.early.clear();
             st.gap_since = None;
             st.evicted_important = 0;
+            st.skipped.clear();
             st.cache.clear();
         }
     }
@@ -438,6 +452,36 @@ fn append(st: &mut State, cfg: &StreamConfig, e: Entry) {
     }
 }
 
+/// Gaps given up on that a stream remembers, to deliver a late arrival.
+const SKIPPED_RANGES: usize = 64;
+
+/// Whether `offset` is in a gap given up on; if so it is taken out of it
+/// (a second arrival is a duplicate).
+fn take_skipped(skipped: &mut VecDeque<(u64, u64)>, offset: u64) -> bool {
+    let Some(i) = skipped
+        .iter()
+        .position(|&(from, to)| (from..to).contains(&offset))
+    else {
+        return false;
+    };
+    let (from, to) = skipped[i];
+    match (offset == from, offset + 1 == to) {
+        (true, true) => {
+            skipped.remove(i);
+        }
+        (true, false) => skipped[i].0 = offset + 1,
+        (false, true) => skipped[i].1 = offset,
+        (false, false) => {
+            skipped[i].1 = offset;
+            skipped.insert(i + 1, (offset + 1, to));
+            if skipped.len() > SKIPPED_RANGES {
+                skipped.pop_front();
+            }
+        }
+    }
+    true
+}
+
 /// Appends the early messages that now follow; returns how many.
 fn drain_early(st: &mut State, cfg: &StreamConfig) -> u32 {
     let mut n = 0;
@@ -465,6 +509,10 @@ fn resolve_gap(st: &mut State, cfg: &StreamConfig, now: Instant) -> (u32, u64) {
             break;
         };
         skipped += first - st.next;
+        if st.skipped.len() == SKIPPED_RANGES {
+            st.skipped.pop_front();
+        }
+        st.skipped.push_back((st.next, first));
         st.next = first;
         appended += drain_early(st, cfg);
         if !st.early.is_empty() {
@@ -487,6 +535,9 @@ pub struct StreamStats {
     pub skipped: AtomicU64,
     /// Messages of an older epoch, pushed to the room's sessions directly.
     pub stale: AtomicU64,
+    /// Messages of a gap given up on that arrived after all, pushed to the
+    /// room's sessions directly (out of order, not lost).
+    pub late: AtomicU64,
     /// NORMAL messages sessions lost by falling behind the stream's reach.
     pub lost_normal: AtomicU64,
     /// Sessions behind past an IMPORTANT message: recovered from logic, or
@@ -503,6 +554,7 @@ impl StreamStats {
             .fetch_add(u64::from(a.duplicates), Ordering::Relaxed);
         self.skipped.fetch_add(a.skipped, Ordering::Relaxed);
         self.stale.fetch_add(u64::from(a.stale), Ordering::Relaxed);
+        self.late.fetch_add(u64::from(a.late), Ordering::Relaxed);
     }
 }
 
@@ -655,6 +707,11 @@ impl metrics::Collector for StreamsCollector {
                 "stream_stale",
                 "Messages of an older epoch, pushed directly",
                 g(&s.stale),
+            ),
+            (
+                "stream_late",
+                "Messages of a gap given up on that arrived after all, pushed directly",
+                g(&s.late),
             ),
             (
                 "stream_lost_normal",
@@ -822,6 +879,35 @@ mod tests {
         let old = joined.created_ms - 60_000;
         let a = push(&joined, &c, old, vec![e(500, "m")], now);
         assert_eq!((a.appended, joined.position()), (1, (old, 501)));
+    }
+
+    /// A job dies with messages in flight; the gap they leave is given up
+    /// on after the reorder wait; NSQ redelivers them seconds later. They
+    /// are handed back for delivery (out of order, not lost), once.
+    #[test]
+    fn a_late_arrival_for_a_gap_given_up_on_is_still_delivered_once() {
+        let c = cfg();
+        let s = RoomStream::new("r".into());
+        let t0 = Instant::now();
+        push(&s, &c, 3, vec![e(1, "a")], t0);
+        push(&s, &c, 3, vec![e(5, "e")], t0);
+        let later = t0 + c.reorder_wait() * 2;
+        let a = s.expire_gaps(&c, later);
+        assert_eq!((a.appended, a.skipped), (1, 3), "2..=4 given up on");
+        let mut stale = vec![];
+        let a = s.push(&c, 3, vec![e(3, "c"), e(1, "a")], later, &mut stale);
+        assert_eq!((a.late, a.duplicates), (1, 1));
+        assert_eq!(stale.iter().map(|e| e.offset).collect::<Vec<_>>(), [3]);
+        let mut stale = vec![];
+        let a = s.push(
+            &c,
+            3,
+            vec![e(3, "c"), e(2, "b"), e(4, "d")],
+            later,
+            &mut stale,
+        );
+        assert_eq!((a.late, a.duplicates), (2, 1), "3 only once");
+        assert_eq!(stale.iter().map(|e| e.offset).collect::<Vec<_>>(), [2, 4]);
     }
 
     #[test]
