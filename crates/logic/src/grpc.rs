@@ -284,11 +284,7 @@ impl LogicService {
                 server: req.server.clone(),
                 room: String::new(),
             };
-            self.app
-                .presence
-                .sign_in(&s)
-                .await
-                .map_err(unavailable)?;
+            self.app.presence.sign_in(&s).await.map_err(unavailable)?;
         }
         Ok(HeartbeatReply {})
     }
