@@ -259,6 +259,9 @@ fn spawn_quiet(name: &str, bin: &std::path::Path, args: &[String]) -> Proc {
     Proc::adopt(name, child, std::env::temp_dir())
 }
 
+/// How one node was started: name, binary, environment.
+type NodeSpec = (String, &'static str, Vec<(String, String)>);
+
 /// Two logic, two conn and two job processes on etcd, Redis, PostgreSQL
 /// and a queue.
 pub struct Cluster {
@@ -268,7 +271,7 @@ pub struct Cluster {
     pub etcd: String,
     /// How each node was started (name, binary, environment), to start it
     /// again the same way.
-    specs: Vec<(String, &'static str, Vec<(String, String)>)>,
+    specs: Vec<NodeSpec>,
     /// HTTP API of every logic node.
     pub https: Vec<String>,
     /// HTTP API of the first logic node.

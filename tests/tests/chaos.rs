@@ -440,6 +440,26 @@ async fn im_route(base: &str, token: &str) -> anyhow::Result<(u16, i64)> {
     Ok((a.status, a.json["code"].as_i64().unwrap_or(-1)))
 }
 
+/// Waits until an IM route on every logic node answers `want` (HTTP
+/// status, JSON `code`).
+async fn im_routes_answer(c: &Cluster, tok: &str, want: (u16, i64)) -> anyhow::Result<()> {
+    for base in &c.https {
+        eventually(
+            T,
+            &format!("{base}: IM route answering {want:?}"),
+            || async move {
+                im_route(base, tok)
+                    .await
+                    .ok()
+                    .filter(|a| *a == want)
+                    .map(|_| ())
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_restart_postgres() {
     let _one = SERIAL.lock().await;
@@ -455,30 +475,12 @@ async fn chaos_restart_postgres() {
     let fault = Instant::now();
     or_dump(&c, pg.down().await);
     // Both logic nodes answer 503 (not 500, not a hang) while it is down.
-    for base in &c.https {
-        or_dump(
-            &c,
-            eventually(T, "IM route answering 503", || {
-                let (b, t) = (base.clone(), tok.clone());
-                async move { matches!(im_route(&b, &t).await, Ok((503, 503))).then_some(()) }
-            })
-            .await,
-        );
-    }
+    or_dump(&c, im_routes_answer(&c, &tok, (503, 503)).await);
     let unavailable_after = fault.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     or_dump(&c, pg.up().await);
     let back = Instant::now();
-    for base in &c.https {
-        or_dump(
-            &c,
-            eventually(T, "IM route answering again", || {
-                let (b, t) = (base.clone(), tok.clone());
-                async move { matches!(im_route(&b, &t).await, Ok((200, 0))).then_some(()) }
-            })
-            .await,
-        );
-    }
+    or_dump(&c, im_routes_answer(&c, &tok, (200, 0)).await);
     let answering = back.elapsed();
     let took = or_dump(&c, recovered(&load, back).await);
     tokio::time::sleep(STEADY).await;
