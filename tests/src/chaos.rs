@@ -215,8 +215,6 @@ pub struct Load {
     /// Asks every IM receiver to sign in again (the "next sign-in").
     resign: Arc<tokio::sync::Notify>,
     tracker: TaskTracker,
-    /// Room receiver ids (0..room_sessions).
-    room_ids: Vec<usize>,
     im_users: Vec<(User, User)>,
     http: Vec<String>,
     community: i64,
@@ -382,7 +380,7 @@ impl Load {
             token: http::token(&base, &format!("poster-{tag}")).await?,
             every: plan.important_every,
             ledger: ledger.clone(),
-            receivers: room_ids.clone(),
+            receivers: room_ids,
         };
         tracker.spawn(poster.run(senders.clone()));
         tracker.close();
@@ -393,7 +391,6 @@ impl Load {
             receivers,
             resign,
             tracker,
-            room_ids,
             im_users,
             http: t.http.clone(),
             community,
@@ -574,11 +571,6 @@ impl Load {
     /// A token of an IM account of the load (for probing IM routes).
     pub fn probe_token(&self) -> &str {
         &self.owner.token
-    }
-
-    /// The room session ids (each is owed every IMPORTANT message).
-    pub fn room_sessions(&self) -> &[usize] {
-        &self.room_ids
     }
 
     /// Of the `c` messages accepted in `[from, to)`: how many, and how many

@@ -211,17 +211,20 @@ async fn chaos_sigkill_logic() {
     let fault = Instant::now();
     c.node_mut("logic-0").kill().await;
     // Right away, on both conn nodes: a fresh sign-in needs at most one
-    // retry (conn fails over to logic-1 on its own).
+    // retry (conn fails over to logic-1 on its own). Several, so that the
+    // dead node's turn in conn's choice comes up.
     let mut retries = vec![];
     for url in [c.ws_a.clone(), c.ws_b.clone()] {
-        retries.push(or_dump(&c, sign_in_retries(&url, &tok).await));
+        for _ in 0..4 {
+            retries.push(or_dump(&c, sign_in_retries(&url, &tok).await));
+        }
     }
     let took = or_dump(&c, recovered(&load, fault).await);
     tokio::time::sleep(STEADY).await;
     let mut r = or_dump(&c, load.finish("SIGKILL logic-0", DRAIN).await);
     r.notes.push(("recovered".into(), secs(took)));
     r.notes.push((
-        "sign-in retries after the kill (conn-a, conn-b)".into(),
+        "sign-in retries after the kill (4 on conn-a, 4 on conn-b)".into(),
         format!("{retries:?}"),
     ));
     publish(&r);
