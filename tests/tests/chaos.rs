@@ -114,6 +114,17 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
+/// A cluster on `opts` with the load of `plan` running steadily (warm,
+/// then `STEADY` more); which broker it uses.
+async fn rig(opts: ClusterOpts, plan: &LoadPlan) -> (Cluster, Load, &'static str) {
+    let q = queue().await;
+    let kind = broker_kind(&q);
+    let c = start_cluster_with(q, opts).await;
+    let load = or_dump(&c, Load::start(&target(&c), plan).await);
+    tokio::time::sleep(STEADY).await;
+    (c, load, kind)
+}
+
 /// Waits until the load carries every class end to end again; how long
 /// that took from `since`.
 async fn recovered(load: &Load, since: Instant) -> anyhow::Result<Duration> {
@@ -129,11 +140,7 @@ async fn recovered(load: &Load, since: Instant) -> anyhow::Result<Duration> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_sigkill_job() {
     let _one = SERIAL.lock().await;
-    let q = queue().await;
-    let kind = broker_kind(&q);
-    let mut c = start_cluster_with(q, ClusterOpts::default()).await;
-    let load = or_dump(&c, Load::start(&target(&c), &LoadPlan::default()).await);
-    tokio::time::sleep(STEADY).await;
+    let (mut c, load, kind) = rig(ClusterOpts::default(), &LoadPlan::default()).await;
     // Freeze job-0 first so that nsqd has handed it messages it will never
     // FIN (they sit in its socket), then kill it: only the message timeout
     // can bring those back.
@@ -204,10 +211,8 @@ async fn sign_in_retries(url: &str, tok: &str) -> anyhow::Result<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_sigkill_logic() {
     let _one = SERIAL.lock().await;
-    let mut c = start_cluster_with(queue().await, ClusterOpts::default()).await;
-    let load = or_dump(&c, Load::start(&target(&c), &LoadPlan::default()).await);
+    let (mut c, load, _) = rig(ClusterOpts::default(), &LoadPlan::default()).await;
     let tok = or_dump(&c, http::token(&c.https[1], "probe-user").await);
-    tokio::time::sleep(STEADY).await;
     let fault = Instant::now();
     c.node_mut("logic-0").kill().await;
     // Right away, on both conn nodes: a fresh sign-in needs at most one
@@ -238,12 +243,10 @@ async fn chaos_sigkill_logic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_sigkill_conn() {
     let _one = SERIAL.lock().await;
-    let mut c = start_cluster_with(queue().await, ClusterOpts::default()).await;
+    let (mut c, load, _) = rig(ClusterOpts::default(), &LoadPlan::default()).await;
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let mut conns = c.watch_conns(&tracker, stop.clone()).await;
-    let load = or_dump(&c, Load::start(&target(&c), &LoadPlan::default()).await);
-    tokio::time::sleep(STEADY).await;
     let fault = Instant::now();
     c.conn_a.kill().await;
     let gone = or_dump(
@@ -279,13 +282,11 @@ async fn chaos_sigkill_conn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_rolling_sigterm() {
     let _one = SERIAL.lock().await;
-    let mut c = start_cluster_with(queue().await, ClusterOpts::default()).await;
     let plan = LoadPlan {
         reconnect: Reconnect::SameNode,
         ..Default::default()
     };
-    let load = or_dump(&c, Load::start(&target(&c), &plan).await);
-    tokio::time::sleep(STEADY).await;
+    let (mut c, load, _) = rig(ClusterOpts::default(), &plan).await;
     let mut took = vec![];
     for name in c.node_names() {
         let at = Instant::now();
@@ -315,11 +316,7 @@ async fn chaos_rolling_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_restart_nsqd() {
     let _one = SERIAL.lock().await;
-    let q = queue().await;
-    let kind = broker_kind(&q);
-    let mut c = start_cluster_with(q, ClusterOpts::default()).await;
-    let load = or_dump(&c, Load::start(&target(&c), &LoadPlan::default()).await);
-    tokio::time::sleep(STEADY).await;
+    let (mut c, load, kind) = rig(ClusterOpts::default(), &LoadPlan::default()).await;
     let fault = Instant::now();
     let restarted = c.queue.restart().await;
     or_dump(&c, restarted);
@@ -367,9 +364,8 @@ async fn chaos_restart_redis() {
         )],
         ..Default::default()
     };
-    let c = start_cluster_with(queue().await, opts).await;
     let plan = LoadPlan::default();
-    let load = or_dump(&c, Load::start(&target(&c), &plan).await);
+    let (c, load, _) = rig(opts, &plan).await;
     let tok = or_dump(&c, http::token(&c.http, "members-probe").await);
     let mut probe = or_dump(
         &c,
@@ -377,7 +373,6 @@ async fn chaos_restart_redis() {
     );
     let want = plan.room_sessions as u64 + 1;
     or_dump(&c, members_reach(&mut probe, want, T).await.map(|_| ()));
-    tokio::time::sleep(STEADY).await;
     let fault = Instant::now();
     or_dump(&c, redis.restart().await);
     let back = Instant::now();
@@ -471,9 +466,7 @@ async fn chaos_restart_postgres() {
         store: Some(pg.database("chaos").await),
         ..Default::default()
     };
-    let c = start_cluster_with(queue().await, opts).await;
-    let load = or_dump(&c, Load::start(&target(&c), &LoadPlan::default()).await);
-    tokio::time::sleep(STEADY).await;
+    let (c, load, _) = rig(opts, &LoadPlan::default()).await;
     let tok = load.probe_token().to_string();
     let fault = Instant::now();
     or_dump(&c, pg.down().await);
@@ -530,9 +523,7 @@ async fn chaos_etcd_unreachable() {
         etcd: Some(etcd.url.clone()),
         ..Default::default()
     };
-    let c = start_cluster_with(queue().await, opts).await;
-    let load = or_dump(&c, Load::start(&target(&c), &LoadPlan::default()).await);
-    tokio::time::sleep(STEADY).await;
+    let (c, load, _) = rig(opts, &LoadPlan::default()).await;
     etcd.freeze().unwrap();
     let frozen = Instant::now();
     // Two lease TTLs with etcd unreachable: the nodes keep serving with the
