@@ -210,16 +210,70 @@ pub enum Queue {
         tcp: SocketAddr,
         http: SocketAddr,
         lookupd_http: SocketAddr,
-        _procs: Vec<Proc>,
+        /// nsqd, then nsqlookupd.
+        procs: Vec<Proc>,
+        /// nsqd's program and arguments, to start it again on the same
+        /// ports and data folder.
+        nsqd_cmd: (PathBuf, Vec<String>),
         _dir: TempDir,
     },
 }
+
+impl Queue {
+    /// Restarts the broker. A real nsqd gets SIGTERM — it writes what it
+    /// holds in memory (queued and in flight) to its data folder before
+    /// exiting — and is started again on the same ports and folder. The
+    /// test broker, which keeps no disk queue, drops every connection and
+    /// keeps its queues: what a restart with a durable queue looks like
+    /// to its clients.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        match self {
+            Queue::Broker(b) => {
+                b.drop_connections();
+                Ok(())
+            }
+            Queue::Real {
+                tcp,
+                procs,
+                nsqd_cmd,
+                ..
+            } => {
+                let st = procs[0].terminate(T).await?;
+                anyhow::ensure!(st.success(), "nsqd exit status {st}");
+                let mut p = spawn_quiet("nsqd", &nsqd_cmd.0, &nsqd_cmd.1);
+                wait_listening(&mut p, *tcp, T).await?;
+                procs[0] = p;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn spawn_quiet(name: &str, bin: &std::path::Path, args: &[String]) -> Proc {
+    let mut c = Command::new(bin);
+    c.args(args)
+        .kill_on_drop(true)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = c.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    Proc::adopt(name, child, std::env::temp_dir())
+}
+
+/// How one node was started: name, binary, environment.
+type NodeSpec = (String, &'static str, Vec<(String, String)>);
 
 /// Two logic, two conn and two job processes on etcd, Redis, PostgreSQL
 /// and a queue.
 pub struct Cluster {
     _work: TempDir,
     pub prefix: String,
+    /// The etcd endpoint the nodes register with.
+    pub etcd: String,
+    /// How each node was started (name, binary, environment), to start it
+    /// again the same way.
+    specs: Vec<NodeSpec>,
+    /// HTTP API of every logic node.
+    pub https: Vec<String>,
     /// HTTP API of the first logic node.
     pub http: String,
     pub ws_a: String,
@@ -255,8 +309,13 @@ impl Drop for TempDir {
 
 /// A fresh PostgreSQL database on the server of `CHATROOM_TEST_PG`; its URL.
 pub async fn fresh_pg_database(tag: &str) -> String {
+    create_pg_database(&required_env("CHATROOM_TEST_PG"), tag).await
+}
+
+/// A fresh database on the server `base` (`postgres://…/<database>`)
+/// points at; its URL.
+pub async fn create_pg_database(base: &str, tag: &str) -> String {
     use sqlx::Connection;
-    let base = required_env("CHATROOM_TEST_PG");
     let name: String = unique(tag)
         .chars()
         .map(|c| {
@@ -267,9 +326,9 @@ pub async fn fresh_pg_database(tag: &str) -> String {
             }
         })
         .collect();
-    let mut conn = sqlx::PgConnection::connect(&base)
+    let mut conn = sqlx::PgConnection::connect(base)
         .await
-        .expect("connecting to CHATROOM_TEST_PG");
+        .unwrap_or_else(|e| panic!("connecting to {base}: {e}"));
     sqlx::query(&format!("CREATE DATABASE \"{name}\""))
         .execute(&mut conn)
         .await
@@ -300,6 +359,11 @@ fn nsqlookupd_bin(nsqd: &std::path::Path) -> PathBuf {
 /// A real nsqlookupd + nsqd from `NSQD_BIN` / `NSQLOOKUPD_BIN`, or `None`
 /// (with a notice) when `NSQD_BIN` is unset.
 pub async fn start_nsqd() -> Option<Queue> {
+    start_nsqd_with(&[]).await
+}
+
+/// [`start_nsqd`] with more nsqd flags (e.g. `--msg-timeout=3s`).
+pub async fn start_nsqd_with(flags: &[&str]) -> Option<Queue> {
     let Some(bin) = std::env::var_os("NSQD_BIN").map(PathBuf::from) else {
         eprintln!(
             "NOTICE: NSQD_BIN is not set; the real-nsqd cluster test did not run (set NSQD_BIN=/path/to/nsqd)"
@@ -310,35 +374,29 @@ pub async fn start_nsqd() -> Option<Queue> {
     let work = TempDir::new("nsqd");
     let lookupd_tcp = free_addr();
     let lookupd_http = free_addr();
-    let mut l = Command::new(&lookupd_bin);
-    l.args([
-        format!("--tcp-address={lookupd_tcp}"),
-        format!("--http-address={lookupd_http}"),
-        "--broadcast-address=127.0.0.1".into(),
-    ])
-    .kill_on_drop(true)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let child = l.spawn().expect("starting nsqlookupd");
-    let mut lookupd = Proc::adopt("nsqlookupd", child, work.0.clone());
+    let mut lookupd = spawn_quiet(
+        "nsqlookupd",
+        &lookupd_bin,
+        &[
+            format!("--tcp-address={lookupd_tcp}"),
+            format!("--http-address={lookupd_http}"),
+            "--broadcast-address=127.0.0.1".into(),
+        ],
+    );
     wait_listening(&mut lookupd, lookupd_http, T)
         .await
         .expect("nsqlookupd listening");
     let tcp = free_addr();
     let http_addr = free_addr();
-    let mut p = Command::new(&bin);
-    p.args([
+    let mut args = vec![
         format!("--tcp-address={tcp}"),
         format!("--http-address={http_addr}"),
         format!("--data-path={}", work.0.display()),
         format!("--lookupd-tcp-address={lookupd_tcp}"),
         "--broadcast-address=127.0.0.1".into(),
-    ])
-    .kill_on_drop(true)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let child = p.spawn().expect("starting nsqd");
-    let mut proc_ = Proc::adopt("nsqd", child, work.0.clone());
+    ];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    let mut proc_ = spawn_quiet("nsqd", &bin, &args);
     wait_listening(&mut proc_, tcp, T)
         .await
         .expect("nsqd listening");
@@ -346,17 +404,47 @@ pub async fn start_nsqd() -> Option<Queue> {
         tcp,
         http: http_addr,
         lookupd_http,
-        _procs: vec![proc_, lookupd],
+        procs: vec![proc_, lookupd],
+        nsqd_cmd: (bin, args),
         _dir: work,
     })
 }
 
+/// What a test may change about the cluster it starts.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOpts {
+    /// etcd endpoint; default `CHATROOM_TEST_ETCD`.
+    pub etcd: Option<String>,
+    /// Redis URL; default `CHATROOM_TEST_REDIS`.
+    pub redis: Option<String>,
+    /// logic's store URL; default a fresh database on `CHATROOM_TEST_PG`.
+    pub store: Option<String>,
+    /// Extra `CHATROOM__*` variables for every node.
+    pub env: Vec<(String, String)>,
+    /// Extra `CHATROOM__*` variables for the conn nodes only.
+    pub conn_env: Vec<(String, String)>,
+}
+
 /// Starts the cluster: logic-0/1, conn-a/b, job-0/1.
 pub async fn start_cluster(queue: Queue) -> Cluster {
-    let etcd = required_env("CHATROOM_TEST_ETCD");
-    let redis = required_env("CHATROOM_TEST_REDIS");
+    start_cluster_with(queue, ClusterOpts::default()).await
+}
+
+/// [`start_cluster`] on the services and settings of `opts`.
+pub async fn start_cluster_with(queue: Queue, opts: ClusterOpts) -> Cluster {
+    let etcd = opts
+        .etcd
+        .clone()
+        .unwrap_or_else(|| required_env("CHATROOM_TEST_ETCD"));
+    let redis = opts
+        .redis
+        .clone()
+        .unwrap_or_else(|| required_env("CHATROOM_TEST_REDIS"));
     let work = TempDir::new("cluster");
-    let store = fresh_pg_database("cluster").await;
+    let store = match opts.store.clone() {
+        Some(s) => s,
+        None => fresh_pg_database("cluster").await,
+    };
     let uploads = work.0.join("uploads");
     let id = unique("c");
     let prefix = format!("/test-{id}");
@@ -371,6 +459,7 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
         ("CHATROOM__SHUTDOWN_GRACE_MS", "3000"),
         ("RUST_LOG", "info"),
     ]);
+    let common: Vec<(String, String)> = common.into_iter().chain(opts.env.clone()).collect();
     let nsqd_tcp = match &queue {
         Queue::Broker(b) => b.tcp_addr().to_string(),
         Queue::Real { tcp, .. } => tcp.to_string(),
@@ -390,7 +479,7 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
         )]),
     };
     let mut admin = vec![];
-
+    let mut specs = vec![];
     let mut others = vec![];
     let mut http_addrs = vec![];
     for i in 0..2 {
@@ -417,6 +506,7 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
             ("CHATROOM__IM__CHAT_BURST", "1000"),
         ]));
         let mut p = Proc::spawn(&format!("logic-{i}"), "chatroom-logic", &work.0, &e).unwrap();
+        specs.push((format!("logic-{i}"), "chatroom-logic", e));
         wait_listening(&mut p, http_addr, T).await.unwrap();
         wait_listening(&mut p, grpc, T).await.unwrap();
         admin.push((format!("logic-{i}"), format!("http://{http_addr}")));
@@ -436,7 +526,9 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
             ("CHATROOM__GRPC__ADDR", &free_addr().to_string()),
             ("CHATROOM__REPORT_ONLINE_MS", "300"),
         ]));
+        e.extend(opts.conn_env.clone());
         let mut p = Proc::spawn(name, "chatroom-conn", &work.0, &e).unwrap();
+        specs.push((name.to_string(), "chatroom-conn", e));
         wait_listening(&mut p, ws_addr, T).await.unwrap();
         admin.push((name.to_string(), format!("http://{admin_addr}")));
         ws.push(format!("ws://{ws_addr}/room"));
@@ -455,6 +547,7 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
             ("CHATROOM__QUEUE__CHANNEL", "job"),
         ]));
         others.push(Proc::spawn(&format!("job-{i}"), "chatroom-job", &work.0, &e).unwrap());
+        specs.push((format!("job-{i}"), "chatroom-job", e));
     }
     // Every node ready (registered, queue connected, store answering),
     // not merely listening.
@@ -474,6 +567,9 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
     Cluster {
         _work: work,
         prefix,
+        etcd,
+        specs,
+        https: http_addrs.iter().map(|a| format!("http://{a}")).collect(),
         http: format!("http://{}", http_addrs[0]),
         ws_a: ws[0].clone(),
         ws_b: ws[1].clone(),
@@ -506,12 +602,55 @@ impl Cluster {
     /// The live conn nodes in etcd, kept current until `stop`.
     pub async fn watch_conns(&self, tracker: &TaskTracker, stop: CancellationToken) -> NodesRx {
         let cfg = DiscoveryConfig::Etcd {
-            endpoints: vec![required_env("CHATROOM_TEST_ETCD")],
+            endpoints: vec![self.etcd.clone()],
             prefix: self.prefix.clone(),
             lease_ttl_secs: LEASE_TTL,
         };
         let d = Discovery::connect(&cfg).await.unwrap();
         d.watch(Service::Conn, tracker, stop).await.unwrap()
+    }
+
+    /// The process of node `name`.
+    pub fn node_mut(&mut self, name: &str) -> &mut Proc {
+        if self.conn_a.name == name {
+            return &mut self.conn_a;
+        }
+        if self.conn_b.name == name {
+            return &mut self.conn_b;
+        }
+        self.others
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Names of every node, logic first, then conn, then job.
+    pub fn node_names(&self) -> Vec<String> {
+        self.specs.iter().map(|s| s.0.clone()).collect()
+    }
+
+    /// Starts node `name` again as it was first started (same ports and
+    /// settings; its log is appended to) and waits for its `/readyz`.
+    pub async fn respawn(&mut self, name: &str) -> anyhow::Result<()> {
+        let (_, bin_name, e) = self
+            .specs
+            .iter()
+            .find(|s| s.0 == name)
+            .cloned()
+            .with_context(|| format!("no node {name}"))?;
+        let old = self.node_mut(name).output();
+        let p = Proc::spawn(&format!("{name}-again"), bin_name, &self._work.0, &e)?;
+        let slot = self.node_mut(name);
+        *slot = p;
+        slot.name = name.to_string();
+        let url = format!("{}/readyz", self.admin_url(name));
+        if let Err(e) = crate::http::wait_ok(&url, T).await {
+            bail!(
+                "{name} restarted: {e:#}\n{old}\n{}",
+                self.node_mut(name).output()
+            );
+        }
+        Ok(())
     }
 
     /// The tail of every process's output, for failure messages.

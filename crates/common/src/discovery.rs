@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -291,12 +292,11 @@ async fn keep_alive(
             },
             Err(e) => warn!(%key, error = %e, "lease keep-alive could not start"),
         }
-        // Re-register with a fresh lease, retrying until stopped.
+        // Re-register with a fresh lease at once — when etcd comes back
+        // after a partition every lease has expired, and the sooner each
+        // node is back the shorter the others' pools are missing it (see
+        // `GONE_GRACE`) — then retrying every second until stopped.
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
             match put_with_lease(&mut client, &key, &uri, ttl).await {
                 Ok(l) => {
                     lease = l;
@@ -304,6 +304,10 @@ async fn keep_alive(
                     break;
                 }
                 Err(e) => warn!(%key, error = %e, "etcd registration failed; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
@@ -336,25 +340,103 @@ fn to_vec(nodes: &BTreeMap<String, String>) -> Vec<Node> {
         .collect()
 }
 
+/// How long a node whose key disappeared stays in the pool in case it
+/// registers again. When etcd returns after being unreachable for longer
+/// than the lease TTL it expires every lease at once, and every node
+/// registers again within moments: without this grace each pool would be
+/// empty in between (conn refusing sign-ins, job pushing to no one). A node
+/// that really died leaves the pool this much after its lease ends.
+pub const GONE_GRACE: Duration = Duration::from_secs(1);
+
+/// etcd's view of one service plus the nodes that left it less than
+/// [`GONE_GRACE`] ago.
+struct View {
+    nodes: BTreeMap<String, String>,
+    gone: BTreeMap<String, (String, Instant)>,
+}
+
+impl View {
+    fn put(&mut self, id: String, uri: String) {
+        self.gone.remove(&id);
+        self.nodes.insert(id, uri);
+    }
+
+    fn delete(&mut self, id: &str, now: Instant) {
+        if let Some(uri) = self.nodes.remove(id) {
+            self.gone.insert(id.to_string(), (uri, now + GONE_GRACE));
+        }
+    }
+
+    /// Replaces etcd's view by a fresh listing (after a watch failure).
+    fn relist(&mut self, fresh: BTreeMap<String, String>, now: Instant) {
+        let old: Vec<String> = self.nodes.keys().cloned().collect();
+        for id in old {
+            if !fresh.contains_key(&id) {
+                self.delete(&id, now);
+            }
+        }
+        for (id, uri) in fresh {
+            self.put(id, uri);
+        }
+    }
+
+    /// Drops the nodes whose grace ended; true if any was dropped.
+    fn expire(&mut self, prefix: &str, now: Instant) -> bool {
+        let before = self.gone.len();
+        self.gone.retain(|id, (_, until)| {
+            let keep = *until > now;
+            if !keep {
+                info!(%prefix, %id, "node gone");
+            }
+            keep
+        });
+        before != self.gone.len()
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        self.gone.values().map(|(_, t)| *t).min()
+    }
+
+    fn publish(&self, tx: &watch::Sender<Vec<Node>>, known: &crate::metrics::Gauge) {
+        let mut all = self.nodes.clone();
+        for (id, (uri, _)) in &self.gone {
+            all.entry(id.clone()).or_insert_with(|| uri.clone());
+        }
+        known.set(all.len() as i64);
+        let _ = tx.send(to_vec(&all));
+    }
+}
+
 /// Follows the prefix; on any watch failure lists again and resumes, so a
 /// flaky etcd never leaves a stale view for long.
 async fn watch_loop(
     mut client: Client,
     prefix: String,
-    mut nodes: BTreeMap<String, String>,
+    nodes: BTreeMap<String, String>,
     mut rev: i64,
     tx: watch::Sender<Vec<Node>>,
     known: crate::metrics::Gauge,
     shutdown: CancellationToken,
 ) {
+    let mut view = View {
+        nodes,
+        gone: BTreeMap::new(),
+    };
     loop {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(rev + 1);
         match client.watch(prefix.as_str(), Some(opts)).await {
             Ok(mut stream) => loop {
+                let expiry = view.next_expiry();
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = sleep_until(expiry) => {
+                        if view.expire(&prefix, Instant::now()) {
+                            view.publish(&tx, &known);
+                        }
+                        continue;
+                    }
                     m = stream.message() => m,
                 };
                 match msg {
@@ -375,16 +457,15 @@ async fn watch_loop(
                                 EventType::Put => {
                                     let uri = kv.value_str().unwrap_or_default().to_string();
                                     info!(%prefix, %id, %uri, "node up");
-                                    nodes.insert(id, uri);
+                                    view.put(id, uri);
                                 }
                                 EventType::Delete => {
-                                    info!(%prefix, %id, "node gone");
-                                    nodes.remove(&id);
+                                    info!(%prefix, %id, grace = ?GONE_GRACE, "node's key deleted");
+                                    view.delete(&id, Instant::now());
                                 }
                             }
                         }
-                        known.set(nodes.len() as i64);
-                        let _ = tx.send(to_vec(&nodes));
+                        view.publish(&tx, &known);
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -403,10 +484,9 @@ async fn watch_loop(
             }
             match list(&mut client, &prefix).await {
                 Ok((n, r)) => {
-                    nodes = n;
+                    view.relist(n, Instant::now());
                     rev = r;
-                    known.set(nodes.len() as i64);
-                    let _ = tx.send(to_vec(&nodes));
+                    view.publish(&tx, &known);
                     break;
                 }
                 Err(e) => warn!(%prefix, error = %e, "etcd list failed; retrying"),
@@ -415,9 +495,41 @@ async fn watch_loop(
     }
 }
 
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_node_stays_for_the_grace_unless_it_returns() {
+        let t0 = Instant::now();
+        let mut v = View {
+            nodes: BTreeMap::from([
+                ("a".into(), "http://a".into()),
+                ("b".into(), "http://b".into()),
+            ]),
+            gone: BTreeMap::new(),
+        };
+        v.delete("a", t0);
+        v.delete("b", t0);
+        // Both still served; "a" registers again, "b" does not.
+        assert_eq!(v.next_expiry(), Some(t0 + GONE_GRACE));
+        v.put("a".into(), "http://a2".into());
+        assert!(!v.expire("p", t0 + GONE_GRACE / 2));
+        assert!(v.expire("p", t0 + GONE_GRACE));
+        assert_eq!(v.nodes.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(v.gone.is_empty());
+        // A relisting that lacks a node starts its grace too.
+        v.relist(BTreeMap::new(), t0);
+        assert_eq!(v.gone.len(), 1);
+    }
 
     #[test]
     fn static_entries() {

@@ -272,9 +272,19 @@ impl LogicService {
             .await
             .map_err(unavailable)?;
         if !known {
-            // Expired (a long pause) or signed in on a node that lost its
-            // state; the connection itself is fine, so do not fail it.
-            debug!(key = %req.key, "heartbeat for an unknown session");
+            // The presence store lost it (Redis restarted, a long pause):
+            // the session is alive on the node that beats for it, so record
+            // it again — otherwise its user counts as offline, and its IM
+            // messages wait for the next sign-in, until then. Only the
+            // server is used for routing; the room is not known here.
+            info!(key = %req.key, "heartbeat for an unknown session; recording it again");
+            let s = crate::presence::Session {
+                uid: req.uid.clone(),
+                key: req.key.clone(),
+                server: req.server.clone(),
+                room: String::new(),
+            };
+            self.app.presence.sign_in(&s).await.map_err(unavailable)?;
         }
         Ok(HeartbeatReply {})
     }

@@ -194,6 +194,9 @@ async fn logic_uses_redis_and_turns_its_failures_into_grpc_errors() {
         Some("conn-1|room-1"),
         "sign-in is recorded in Redis"
     );
+    // Redis lost it (a restart): the session's next heartbeat records it
+    // again, on the server that beats for it.
+    let _: () = r.del(format!("{prefix}user:alice")).await.unwrap();
     c.heartbeat(HeartbeatReq {
         server: "conn-1".into(),
         uid: "alice".into(),
@@ -201,6 +204,15 @@ async fn logic_uses_redis_and_turns_its_failures_into_grpc_errors() {
     })
     .await
     .unwrap();
+    let v: Option<String> = r
+        .hget(format!("{prefix}user:alice"), &ok.key)
+        .await
+        .unwrap();
+    assert_eq!(
+        v.as_deref(),
+        Some("conn-1|"),
+        "a heartbeat records a lost session again"
+    );
     c.sign_out(SignOutReq {
         server: "conn-1".into(),
         uid: "alice".into(),

@@ -39,6 +39,23 @@ pub enum NsqError {
     Lookup(String),
 }
 
+/// Parses `bytes` as a stream of frames from nsqd, exactly as a
+/// connection's reader does: how many whole frames it holds (a partial one
+/// at the end is left waiting, as on a socket), or the error that would
+/// drop the connection. Public so that property tests can check that
+/// nothing a broker sends panics the client.
+pub fn parse_frames(bytes: &[u8]) -> Result<usize, NsqError> {
+    let mut buf = bytes::BytesMut::from(bytes);
+    let mut n = 0;
+    while frame::decode_frame(&mut buf)
+        .map_err(conn::proto)?
+        .is_some()
+    {
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Topic and channel names: 1-64 characters of `[.a-zA-Z0-9_-]`
 /// (a channel may end in `#ephemeral`).
 pub fn valid_name(s: &str) -> bool {
