@@ -14,7 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::config::DiscoveryConfig;
+
+/// Retries of etcd registration and listing after a failure: the first
+/// within a second (as before), then slower while etcd stays away.
+const RETRY_INITIAL: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -292,10 +298,11 @@ async fn keep_alive(
             Err(e) => warn!(%key, error = %e, "lease keep-alive could not start"),
         }
         // Re-register with a fresh lease, retrying until stopped.
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
             match put_with_lease(&mut client, &key, &uri, ttl).await {
                 Ok(l) => {
@@ -396,10 +403,11 @@ async fn watch_loop(
             Err(e) => warn!(%prefix, error = %e, "etcd watch could not start"),
         }
         // Resync from a fresh listing.
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
             match list(&mut client, &prefix).await {
                 Ok((n, r)) => {

@@ -3,6 +3,7 @@
 //! batch codec and the generated wire types.
 
 pub mod admin;
+pub mod backoff;
 pub mod batch;
 pub mod config;
 pub mod discovery;

@@ -21,7 +21,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::conn::{self, Backoff, Conn, Identity};
+use super::conn::{self, Conn, Identity};
+use crate::backoff::Backoff;
 use super::frame::{self, Command, Frame, RawMessage};
 use super::message::{Ack, Message};
 use super::{NsqError, lookup, valid_name};

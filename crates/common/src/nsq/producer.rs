@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{self, Backoff, Conn, FrameReader, Identity};
+use super::conn::{self, Conn, FrameReader, Identity};
+use crate::backoff::Backoff;
 use super::frame::{self, Command, Frame};
 use super::{NsqError, valid_name};
 
