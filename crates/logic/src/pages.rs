@@ -178,10 +178,9 @@ fn relative(path: &str, prefix: &str) -> Option<String> {
     if rel.is_empty() || rel.len() > MAX_PATH_BYTES {
         return None;
     }
-    if rel
-        .chars()
-        .any(|c| c.is_control() || matches!(c, '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%'))
-    {
+    if rel.chars().any(|c| {
+        c.is_control() || matches!(c, '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%')
+    }) {
         return None;
     }
     // Leading '/' (absolute), '//' (empty segment), '.', '..' and hidden files.

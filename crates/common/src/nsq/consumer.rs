@@ -22,10 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{self, Conn, Identity};
-use crate::backoff::Backoff;
 use super::frame::{self, Command, Frame, RawMessage};
 use super::message::{Ack, Message};
 use super::{NsqError, lookup, valid_name};
+use crate::backoff::Backoff;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
