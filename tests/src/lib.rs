@@ -4,3 +4,4 @@ pub mod client;
 pub mod cluster;
 pub mod http;
 pub mod nsq_broker;
+pub mod wait;

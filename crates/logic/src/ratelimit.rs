@@ -51,7 +51,10 @@ impl<C: Clock> RateLimiter<C> {
         let Some(gcra) = &self.gcra else {
             return true;
         };
-        if self.checks.fetch_add(1, Ordering::Relaxed) % CLEANUP_EVERY == 0
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CLEANUP_EVERY)
             && gcra.len() >= CLEANUP_AT
         {
             gcra.retain_recent();
