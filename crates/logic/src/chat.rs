@@ -392,12 +392,10 @@ pub async fn announce_join(app: &App, uid: i64, id: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chatroom_common::config::load_with_env;
+    use chatroom_common::config::Load;
 
     fn im() -> ImConfig {
-        load_with_env::<crate::LogicConfig>(crate::config::DEFAULTS, None, Vec::new())
-            .expect("defaults")
-            .im
+        crate::LogicConfig::from_overrides([]).expect("defaults").im
     }
 
     fn msg(media: i32) -> ChatMsg {

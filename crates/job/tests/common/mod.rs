@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::batch::decode;
-use chatroom_common::config::{DiscoveryConfig, QueueConfig, load_with_env};
+use chatroom_common::config::{DiscoveryConfig, Load, QueueConfig};
 use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
 use chatroom_common::proto::conn::{
     JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushRoomsReply,
@@ -20,7 +20,7 @@ use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::queue_msg::Body;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg};
 use chatroom_common::queue::{MemoryQueue, Publisher};
-use chatroom_job::{DEFAULT_CONFIG, JobConfig, JobError, Metrics, run_with_metrics};
+use chatroom_job::{JobConfig, JobError, Metrics, run_with_metrics};
 use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -272,7 +272,7 @@ pub async fn dead_uri() -> String {
 
 /// Defaults with static discovery of `conn` and test-friendly timings.
 pub fn config(conn: Vec<String>) -> JobConfig {
-    let mut cfg: JobConfig = load_with_env(DEFAULT_CONFIG, None, Vec::new()).unwrap();
+    let mut cfg = JobConfig::from_overrides([]).unwrap();
     cfg.node.id = "job-test".into();
     cfg.discovery = DiscoveryConfig::Static {
         logic: Vec::new(),

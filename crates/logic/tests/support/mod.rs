@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatroom_common::config::load_with_env;
+use chatroom_common::config::Load;
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg, queue_msg};
 use chatroom_common::queue::{MemoryQueue, Subscriber};
@@ -202,8 +202,7 @@ pub fn config(env: &[(&str, &str)]) -> LogicConfig {
         ("CHATROOM__IM__PASSWORD_ITERATIONS".into(), "1".into()),
     ];
     all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    load_with_env::<LogicConfig>(chatroom_logic::config::DEFAULTS, None, all)
-        .expect("test config must be valid")
+    LogicConfig::load_with_env(None, all).expect("test config must be valid")
 }
 
 impl Node {
