@@ -26,8 +26,13 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub enum DiscoveryError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
-    #[error("etcd endpoints unreachable: {0}")]
-    Unreachable(String),
+    /// At start-up: names the configured endpoints.
+    #[error("discovery.endpoints = {endpoints}: etcd unreachable")]
+    Unreachable {
+        endpoints: String,
+        #[source]
+        source: Option<etcd_client::Error>,
+    },
 }
 
 /// The kinds of node that register.
@@ -88,12 +93,19 @@ impl Discovery {
                 let opts = etcd_client::ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(3))
                     .with_timeout(Duration::from_secs(5));
-                let client = Client::connect(endpoints.clone(), Some(opts)).await?;
+                let unreachable = |source| DiscoveryError::Unreachable {
+                    endpoints: endpoints.join(","),
+                    source,
+                };
+                let client = Client::connect(endpoints.clone(), Some(opts))
+                    .await
+                    .map_err(|e| unreachable(Some(e)))?;
                 // Fail at start-up, not at first use, when etcd is down.
                 let mut probe = client.clone();
                 tokio::time::timeout(Duration::from_secs(5), probe.status())
                     .await
-                    .map_err(|_| DiscoveryError::Unreachable(endpoints.join(",")))??;
+                    .map_err(|_| unreachable(None))?
+                    .map_err(|e| unreachable(Some(e)))?;
                 Ok(Discovery::Etcd(Box::new(EtcdDiscovery {
                     client,
                     prefix: prefix.trim_end_matches('/').to_string(),

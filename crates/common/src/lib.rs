@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod nsq;
 pub mod queue;
 pub mod rooms;
+pub mod startup;
 pub mod telemetry;
 pub mod token;
 

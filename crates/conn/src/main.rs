@@ -1,10 +1,16 @@
 //! chatroom-conn: loads config, sets up logging, serves until SIGTERM/ctrl-c.
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    chatroom_common::startup::exit("conn", serve().await)
+}
+
+async fn serve() -> anyhow::Result<()> {
     let file = chatroom_common::config::file_from_args();
     let cfg = chatroom_conn::ConnConfig::load(file.as_deref()).context("loading config")?;
     if chatroom_common::config::check_config_requested() {

@@ -32,6 +32,26 @@ pub enum LogicError {
     Http(#[source] std::io::Error),
     #[error("{0} task panicked")]
     Panicked(&'static str),
+    /// Something opened at start-up failed: names the config key and its
+    /// value (passwords hidden).
+    #[error("{key} = {value}: {source}")]
+    Start {
+        key: &'static str,
+        value: String,
+        source: Box<LogicError>,
+    },
+}
+
+impl LogicError {
+    /// `map_err` for a start-up step that opens what `key = value` names.
+    pub fn at<E: Into<LogicError>>(key: &'static str, value: &str) -> impl FnOnce(E) -> Self {
+        let value = chatroom_common::startup::redact(value);
+        move |e| LogicError::Start {
+            key,
+            value,
+            source: Box::new(e.into()),
+        }
+    }
 }
 
 /// Client `Err` codes used by the gRPC replies (conn forwards them).

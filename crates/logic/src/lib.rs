@@ -99,8 +99,12 @@ pub async fn run(
 
     // Outside services first: a missing Redis/NSQ/etcd stops start-up with a
     // clear error instead of failing every request later.
-    let presence = Presence::connect(&cfg.presence).await?;
-    let streams = stream::Streams::connect(&cfg.presence, &cfg.stream).await?;
+    let presence = Presence::connect(&cfg.presence)
+        .await
+        .map_err(LogicError::at("presence.url", &cfg.presence.url))?;
+    let streams = stream::Streams::connect(&cfg.presence, &cfg.stream)
+        .await
+        .map_err(LogicError::at("presence.url", &cfg.presence.url))?;
     if matches!(
         cfg.discovery,
         chatroom_common::config::DiscoveryConfig::Etcd { .. }
@@ -113,7 +117,9 @@ pub async fn run(
     }
     let publisher = Publisher::connect(&cfg.queue, memory_queue.as_ref()).await?;
     let discovery = Discovery::connect(&cfg.discovery).await?;
-    let store = Store::connect(&cfg.store).await?;
+    let store = Store::connect(&cfg.store)
+        .await
+        .map_err(LogicError::at("store.url", &cfg.store.url))?;
 
     let app = Arc::new(app::App::new(
         &cfg,
