@@ -21,8 +21,9 @@ use tracing::{Span, debug, info, warn};
 
 use crate::app::{App, im_uid};
 use crate::chat;
-use crate::error::{ApiError, code};
+use crate::error::ApiError;
 use crate::presence::{RoomCounts, Session};
+use chatroom_common::proto::protocol::ErrCode;
 
 /// Most messages in one `ReceiveMany` call; conn sends at most 256.
 const MAX_RECEIVE_MANY: usize = 4096;
@@ -177,7 +178,7 @@ impl LogicService {
         let checked = self.app.verify(&req.token).and_then(|uid| {
             // The /chat page names its user too: it must be the token's.
             if !req.uid.is_empty() && req.uid != uid {
-                return Err(ApiError::UidMismatch);
+                return Err(ApiError::SignInUidMismatch);
             }
             // IM sessions (/chat) have no room of their own.
             if !req.room_id.is_empty() {
@@ -231,7 +232,7 @@ impl LogicService {
             .map_err(unavailable)?;
         debug!(key = %session.key, "signed in");
         Ok(SignInReply {
-            code: code::OK,
+            code: ErrCode::Ok as i32,
             msg: "ok".into(),
             uid: session.uid,
             key: session.key,
@@ -344,7 +345,7 @@ impl LogicService {
         for (slot, r) in slots.into_iter().zip(published) {
             replies[slot] = Some(match r {
                 Ok(id) => ReceiveReply {
-                    code: code::OK,
+                    code: ErrCode::Ok as i32,
                     msg: "ok".into(),
                     id,
                 },
@@ -393,7 +394,7 @@ impl LogicService {
         };
         Ok(match result {
             Ok(ack) => ChatReply {
-                code: code::OK,
+                code: ErrCode::Ok as i32,
                 msg: "ok".into(),
                 ack: Some(ack),
             },

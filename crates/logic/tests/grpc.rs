@@ -271,7 +271,7 @@ async fn receive_says_try_again_when_the_queue_is_full() {
         .into_inner();
     assert_eq!(
         (full.code, full.msg.as_str()),
-        (1005, "server busy, try again")
+        (503, "server busy, try again")
     );
     // Once job catches up, messages flow again.
     assert_eq!(node.next_published().await.id, ok.id);
