@@ -351,33 +351,6 @@ pub async fn start_nsqd() -> Option<Queue> {
     })
 }
 
-/// Creates `topic` on a real nsqd and waits until nsqlookupd lists it, so
-/// that job's first nsqlookupd poll finds the nsqd (what an operator does
-/// when deploying: `POST /topic/create`).
-pub async fn create_topic(nsqd_http: SocketAddr, lookupd_http: SocketAddr, topic: &str) {
-    let (s, body) = crate::http::request_text(
-        "POST",
-        &format!("http://{nsqd_http}/topic/create?topic={topic}"),
-    )
-    .await
-    .expect("nsqd /topic/create");
-    assert_eq!(s, 200, "nsqd /topic/create: {body}");
-    let url = format!("http://{lookupd_http}/lookup?topic={topic}");
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        if let Ok((200, body)) = crate::http::get_text(&url).await
-            && body.contains("\"tcp_port\"")
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nsqlookupd never listed topic {topic}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Starts the cluster: logic-0/1, conn-a/b, job-0/1.
 pub async fn start_cluster(queue: Queue) -> Cluster {
     let etcd = required_env("CHATROOM_TEST_ETCD");
@@ -409,15 +382,12 @@ pub async fn start_cluster(queue: Queue) -> Cluster {
             "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES",
             &format!("http://{}", b.http_addr()),
         )]),
-        Queue::Real {
-            http, lookupd_http, ..
-        } => {
-            create_topic(*http, *lookupd_http, topic).await;
-            env(&[(
-                "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES",
-                &format!("http://{lookupd_http}"),
-            )])
-        }
+        // Nobody creates the topic: job subscribes to every nsqd nsqlookupd
+        // lists, and its SUB creates it (issue 13: no first-use delay).
+        Queue::Real { lookupd_http, .. } => env(&[(
+            "CHATROOM__QUEUE__LOOKUPD_HTTP_ADDRESSES",
+            &format!("http://{lookupd_http}"),
+        )]),
     };
     let mut admin = vec![];
 

@@ -1322,7 +1322,7 @@ async fn accept_http(shared: Arc<Shared>, l: TcpListener) {
     }
 }
 
-/// Just enough HTTP/1.1 for nsqlookupd's `/lookup` and `/ping`: one
+/// Just enough HTTP/1.1 for nsqlookupd's `/lookup`, `/nodes` and `/ping`: one
 /// request per connection, answered with `Connection: close`.
 async fn serve_http(shared: &Shared, mut stream: TcpStream) {
     let mut buf = Vec::with_capacity(1024);
@@ -1355,6 +1355,7 @@ async fn serve_http(shared: &Shared, mut stream: TcpStream) {
     let (status, body) = match (method, path) {
         ("GET", "/ping") => (200, "OK".to_string()),
         ("GET", "/lookup") => lookup(shared, query, v1),
+        ("GET", "/nodes") => nodes(shared, v1),
         _ => (404, r#"{"message":"NOT_FOUND"}"#.to_string()),
     };
     let reason = match status {
@@ -1368,6 +1369,35 @@ async fn serve_http(shared: &Shared, mut stream: TcpStream) {
     );
     let _ = stream.write_all(resp.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// This broker as nsqlookupd lists a registered nsqd.
+fn producer(shared: &Shared) -> serde_json::Value {
+    serde_json::json!({
+        "remote_address": shared.tcp.to_string(),
+        "hostname": "test-nsqd",
+        "broadcast_address": shared.tcp.ip().to_string(),
+        "tcp_port": shared.tcp.port(),
+        "http_port": shared.http.port(),
+        "version": "1.3.0-test",
+    })
+}
+
+/// What nsqlookupd answers clients that do not ask for the v1 API.
+fn versioned(data: serde_json::Value, v1: bool) -> String {
+    if v1 {
+        data.to_string()
+    } else {
+        serde_json::json!({ "status_code": 200, "status_txt": "OK", "data": data }).to_string()
+    }
+}
+
+/// `/nodes`: every registered nsqd, whatever topics it carries.
+fn nodes(shared: &Shared, v1: bool) -> (u16, String) {
+    let topics: Vec<String> = shared.lock().topics.keys().cloned().collect();
+    let mut p = producer(shared);
+    p["topics"] = topics.into();
+    (200, versioned(serde_json::json!({ "producers": [p] }), v1))
 }
 
 fn lookup(shared: &Shared, query: &str, v1: bool) -> (u16, String) {
@@ -1392,22 +1422,9 @@ fn lookup(shared: &Shared, query: &str, v1: bool) -> (u16, String) {
     }
     let data = serde_json::json!({
         "channels": channels.unwrap_or_default(),
-        "producers": [{
-            "remote_address": shared.tcp.to_string(),
-            "hostname": "test-nsqd",
-            "broadcast_address": shared.tcp.ip().to_string(),
-            "tcp_port": shared.tcp.port(),
-            "http_port": shared.http.port(),
-            "version": "1.3.0-test",
-        }],
+        "producers": [producer(shared)],
     });
-    let body = if v1 {
-        data
-    } else {
-        // What nsqlookupd answers clients that do not ask for the v1 API.
-        serde_json::json!({ "status_code": 200, "status_txt": "OK", "data": data })
-    };
-    (200, body.to_string())
+    (200, versioned(data, v1))
 }
 
 #[cfg(test)]

@@ -753,7 +753,8 @@ async fn every_message_sent_before_the_close_frame_reaches_logic() {
 mod im {
     use super::*;
     use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushKind, PushUsersReq};
-    use chatroom_common::proto::protocol::Reply;
+    use chatroom_common::proto::protocol::{BroadcastRoomReq, Reply};
+    use chatroom_tests::client::Event;
     use futures_util::{SinkExt, StreamExt};
     use prost::Message as _;
     use tokio_tungstenite::tungstenite::Message;
@@ -1051,6 +1052,95 @@ mod im {
                 Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1008),
                 other => panic!("{query}: expected close, got {other:?}"),
             }
+        }
+    }
+
+    /// Issue 13: a burst is not a slow client. 1,000 IMPORTANT room messages
+    /// and then 1,000 IMPORTANT IM messages pushed at once to 100 sessions
+    /// that read normally: nobody is cut, everything arrives once, in order.
+    /// (A queue bounded by a count of frames — 64 — cut them all.)
+    #[tokio::test]
+    async fn a_burst_of_important_pushes_cuts_nobody() {
+        const SESSIONS: usize = 100;
+        const MSGS: u64 = 1000;
+        let n = start(&[]).await;
+        let mut clients = Vec::new();
+        for i in 0..SESSIONS {
+            clients.push(
+                Client::signed_in(&n.url, &format!("good-b{i}"), "burst")
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut c = conn_client(&n).await;
+        // Room messages: one push per message, all sent before anyone reads.
+        let room_msgs = payloads(1, MSGS);
+        let pushes = room_msgs.iter().enumerate().map(|(i, p)| {
+            let mut c = c.clone();
+            async move {
+                c.push_room(PushRoomReq {
+                    room_id: "burst".into(),
+                    level: MsgLevel::Important as i32,
+                    batch: chatroom_common::batch::encode([&p[..]]),
+                    offsets: vec![1 + i as u64],
+                    epoch: 11,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+            }
+        });
+        futures_util::future::join_all(pushes).await;
+        // IM messages to the same room: each its own frame in the session's
+        // queue, 1,000 of them waiting at once.
+        // In one bundle, as job sends what gathered for a node after a pause.
+        let rooms = (1..=MSGS as i64)
+            .map(|id| PushRoomReq {
+                room_id: "burst".into(),
+                level: MsgLevel::Important as i32,
+                batch: chatroom_common::batch::encode([
+                    &chat(id, &format!("m{id}")).encode_to_vec()[..]
+                ]),
+                kind: PushKind::Chat as i32,
+                ..Default::default()
+            })
+            .collect();
+        c.push_rooms(PushRoomsReq { rooms }).await.unwrap();
+        let want: Vec<u64> = (1..=MSGS).collect();
+        let readers = clients.into_iter().map(|mut cl| {
+            let want = want.clone();
+            tokio::spawn(async move {
+                let (mut offsets, mut ids) = (Vec::new(), Vec::new());
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while offsets.len() < MSGS as usize || ids.len() < MSGS as usize {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let r = match cl.next_event(left).await {
+                        Ok(Event::Reply(r)) => r,
+                        other => panic!(
+                            "after {} room and {} IM messages: {other:?}",
+                            offsets.len(),
+                            ids.len()
+                        ),
+                    };
+                    if r.r#type == PackageType::Message as i32 {
+                        let m = BroadcastRoomReq::decode(r.data).unwrap();
+                        let k = chatroom_common::batch::decode(&m.data).count() as u64;
+                        offsets.extend(m.offset + 1 - k..=m.offset);
+                    } else if r.r#type == PackageType::Chat as i32 {
+                        ids.push(ChatMsg::decode(r.data).unwrap().id);
+                    } else {
+                        panic!("unexpected reply {r:?}");
+                    }
+                }
+                assert_eq!(offsets, want, "room messages once, in order");
+                let want_ids: Vec<i64> = (1..=MSGS as i64).collect();
+                assert_eq!(ids, want_ids, "IM messages once, in order");
+                // Still connected and served.
+                cl.heartbeat().await.unwrap();
+            })
+        });
+        for r in futures_util::future::join_all(readers).await {
+            r.unwrap();
         }
     }
 }

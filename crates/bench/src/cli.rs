@@ -195,6 +195,10 @@ pub struct RunArgs {
     /// Binary to re-execute for worker processes (default: this one).
     #[arg(long)]
     pub worker_exe: Option<PathBuf>,
+    /// Record the latency of one message in N (those whose sequence number is a multiple of N,
+    /// the same messages at every session); loss and duplicates are counted for every message.
+    #[arg(long, default_value_t = 1)]
+    pub latency_every: u32,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -263,6 +267,7 @@ impl RunArgs {
             http_inflight: self.http_inflight,
             worker_exe: self.worker_exe.clone(),
             progress: !self.quiet,
+            latency_every: self.latency_every,
         };
         cfg.validate()?;
         Ok(cfg)

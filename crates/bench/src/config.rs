@@ -117,6 +117,9 @@ pub struct RunConfig {
     pub worker_exe: Option<PathBuf>,
     /// Print a progress line every second to stderr.
     pub progress: bool,
+    /// Latency of one message in this many (by sequence number, the same
+    /// messages at every session); loss and duplicates count every message.
+    pub latency_every: u32,
 }
 
 impl Default for RunConfig {
@@ -150,6 +153,7 @@ impl Default for RunConfig {
             http_inflight: 8,
             worker_exe: None,
             progress: false,
+            latency_every: 1,
         }
     }
 }
@@ -191,6 +195,9 @@ impl RunConfig {
         }
         if self.heartbeat.is_zero() {
             return bad("--heartbeat must be > 0".into());
+        }
+        if !(1..=1000).contains(&self.latency_every) {
+            return bad("--latency-every must be 1..=1000".into());
         }
         if self.target == Target::Nats && self.publish == PublishVia::Http {
             return bad("--publish http is chatroom's POST /msg; NATS publishes over ws".into());

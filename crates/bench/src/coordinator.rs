@@ -743,6 +743,7 @@ async fn run_phases(cfg: RunConfig) -> Result<Report, BenchError> {
             0.0
         },
         latency: latency.summary(),
+        latency_every: cfg.latency_every,
         loss,
         duplicates: total.duplicates,
         stale: total.stale,

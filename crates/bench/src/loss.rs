@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::payload::Stamp;
+use crate::payload::Ids;
 use crate::rooms::RoomMap;
 
 /// Bits of history below the highest sequence.
@@ -94,7 +94,7 @@ impl SessionTracker {
         self.room
     }
 
-    pub fn observe(&mut self, stamp: &Stamp, map: &RoomMap) -> Seen {
+    pub fn observe(&mut self, stamp: Ids, map: &RoomMap) -> Seen {
         match map.publisher_local(stamp.publisher) {
             Some((room, local)) if room == self.room => {
                 match self.windows.get_mut(local as usize) {
@@ -199,17 +199,13 @@ mod tests {
         // Two rooms; publishers 0, 2 in room 0; 1 in room 1.
         let map = RoomMap::new(4, 2, 3, RoomDist::Uniform).unwrap();
         let mut t = SessionTracker::new(0, &map);
-        let st = |publisher, seq| Stamp {
-            sent_ns: 0,
-            publisher,
-            seq,
-        };
-        assert_eq!(t.observe(&st(0, 0), &map), Seen::New);
-        assert_eq!(t.observe(&st(2, 0), &map), Seen::New);
-        assert_eq!(t.observe(&st(0, 0), &map), Seen::Duplicate);
-        assert_eq!(t.observe(&st(1, 0), &map), Seen::Foreign);
-        assert_eq!(t.observe(&st(99, 0), &map), Seen::Foreign);
-        assert_eq!(t.observe(&st(0, 1), &map), Seen::New);
+        let st = |publisher, seq| Ids { publisher, seq };
+        assert_eq!(t.observe(st(0, 0), &map), Seen::New);
+        assert_eq!(t.observe(st(2, 0), &map), Seen::New);
+        assert_eq!(t.observe(st(0, 0), &map), Seen::Duplicate);
+        assert_eq!(t.observe(st(1, 0), &map), Seen::Foreign);
+        assert_eq!(t.observe(st(99, 0), &map), Seen::Foreign);
+        assert_eq!(t.observe(st(0, 1), &map), Seen::New);
         let mut per = vec![0; 3];
         t.add_distinct(&map, &mut per);
         assert_eq!(per, vec![2, 0, 1]);
@@ -251,13 +247,9 @@ mod tests {
                     if s == 1 && p == 1 && seq == 7 {
                         continue;
                     }
-                    let stamp = Stamp {
-                        sent_ns: 0,
-                        publisher: p,
-                        seq,
-                    };
-                    t.observe(&stamp, &map);
-                    if s == 1 && p == 0 && seq == 3 && t.observe(&stamp, &map) == Seen::Duplicate {
+                    let stamp = Ids { publisher: p, seq };
+                    t.observe(stamp, &map);
+                    if s == 1 && p == 0 && seq == 3 && t.observe(stamp, &map) == Seen::Duplicate {
                         dups += 1;
                     }
                 }

@@ -97,6 +97,9 @@ pub struct Report {
     pub deliveries_per_sec: f64,
     /// Messages sent in the window, publish to deliver.
     pub latency: LatencySummary,
+    /// Latency was recorded for one message in this many (`--latency-every`).
+    #[serde(default = "one")]
+    pub latency_every: u32,
     pub loss: LossSummary,
     pub duplicates: u64,
     pub stale: u64,
@@ -104,6 +107,10 @@ pub struct Report {
     pub server_errors: u64,
     /// Things worth knowing about this run (timeouts, unaccounted sessions).
     pub notes: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn ms(us: u64) -> String {
@@ -261,13 +268,18 @@ impl Report {
                 (
                     "latency",
                     format!(
-                        "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})",
+                        "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={}{})",
                         ms(self.latency.p50_us),
                         ms(self.latency.p90_us),
                         ms(self.latency.p99_us),
                         ms(self.latency.p999_us),
                         ms(self.latency.max_us),
-                        self.latency.count
+                        self.latency.count,
+                        if self.latency_every > 1 {
+                            format!(", one message in {}", self.latency_every)
+                        } else {
+                            String::new()
+                        }
                     ),
                 ),
                 (
@@ -315,6 +327,7 @@ mod tests {
             sessions: 10,
             signed_in: 10,
             server_bytes_per_session: Some(10_240.0),
+            latency_every: 1,
             latency: LatencySummary {
                 p99_us: 1500,
                 ..LatencySummary::default()

@@ -116,20 +116,30 @@ pub struct Recorder {
     from_ns: AtomicU64,
     to_ns: AtomicU64,
     hist: Mutex<Histograms>,
+    /// Latency is recorded for messages whose sequence is a multiple of
+    /// this (1: every message); loss and duplicates count every message.
+    latency_every: u32,
 }
 
 impl Default for Recorder {
     fn default() -> Self {
+        Recorder::new(1)
+    }
+}
+
+impl Recorder {
+    /// A recorder that samples latency from one message in `latency_every`
+    /// (by sequence number, so every session samples the same messages).
+    pub fn new(latency_every: u32) -> Self {
         Recorder {
             counters: Counters::default(),
             from_ns: AtomicU64::new(u64::MAX),
             to_ns: AtomicU64::new(0),
             hist: Mutex::new(Histograms::default()),
+            latency_every: latency_every.max(1),
         }
     }
-}
 
-impl Recorder {
     /// Latency counts for messages sent, and throughput for deliveries
     /// received, within `[from_ns, to_ns]`.
     pub fn set_window(&self, from_ns: u64, to_ns: u64) {
@@ -163,24 +173,31 @@ impl Recorder {
         let (mut new, mut in_window, mut dup, mut stale, mut foreign) = (0, 0, 0, 0, 0);
         let mut hist = None;
         for p in payloads {
-            let stamp = match payload::decode(p) {
+            let ids = match payload::decode_ids(p) {
                 Ok(s) => s,
                 Err(_) => {
                     foreign += 1;
                     continue;
                 }
             };
-            match tracker.observe(&stamp, map) {
+            match tracker.observe(ids, map) {
                 Seen::New => {
                     new += 1;
                     if recv_in_window {
                         in_window += 1;
                     }
+                    if ids.seq % self.latency_every != 0 {
+                        continue;
+                    }
+                    let Ok(sent_ns) = payload::sent_ns(p) else {
+                        foreign += 1;
+                        continue;
+                    };
                     let h = hist
                         .get_or_insert_with(|| self.hist.lock().unwrap_or_else(|p| p.into_inner()));
-                    h.interval.record(stamp.sent_ns, recv_ns);
-                    if (from..=to).contains(&stamp.sent_ns) {
-                        h.window.record(stamp.sent_ns, recv_ns);
+                    h.interval.record(sent_ns, recv_ns);
+                    if (from..=to).contains(&sent_ns) {
+                        h.window.record(sent_ns, recv_ns);
                     }
                 }
                 Seen::Duplicate => dup += 1,
@@ -299,6 +316,31 @@ mod tests {
         assert!((4995..=5005).contains(&w.max_us), "{w:?}");
         // The interval histogram restarts with every snapshot.
         assert_eq!(rec.snapshot().interval_count, 0);
+    }
+
+    #[test]
+    fn latency_is_sampled_but_every_message_is_counted() {
+        let map = RoomMap::new(1, 1, 1, RoomDist::Single).unwrap();
+        let rec = Recorder::new(4);
+        let mut t = SessionTracker::new(0, &map);
+        let base = 1_000_000_000_000u64;
+        let msgs: Vec<Vec<u8>> = (0..8)
+            .map(|seq| {
+                encode_vec(
+                    Stamp {
+                        sent_ns: base,
+                        publisher: 0,
+                        seq,
+                    },
+                    40,
+                )
+            })
+            .collect();
+        rec.deliver_at(base + 1000, &mut t, &map, msgs.iter().map(Vec::as_slice));
+        rec.deliver_at(base + 1000, &mut t, &map, [msgs[3].as_slice()]);
+        let s = rec.snapshot();
+        assert_eq!((s.deliveries, s.duplicates), (8, 1));
+        assert_eq!(s.interval_count, 2, "sequences 0 and 4");
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub async fn run(
         Err(e) => return send(fail(e)).await,
     };
     let indices: Vec<u64> = plan.sessions().collect();
-    let recorder = Arc::new(Recorder::default());
+    let recorder = Arc::new(Recorder::new(cfg.latency_every));
     recorder
         .counters
         .planned

@@ -121,10 +121,10 @@ mod tests {
         let c = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__ADDR", "127.0.0.1:1234")])
             .unwrap();
         assert_eq!(c.conn.ws.addr.port(), 1234);
-        let e = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__SEND_QUEUE", "0")])
+        let e = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__SLOW_AFTER_MS", "0")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("conn.ws.send_queue"), "{e}");
+        assert!(e.contains("conn.ws.slow_after_ms"), "{e}");
     }
 
     #[test]

@@ -358,6 +358,10 @@ pub enum QueueConfig {
         lookupd_http_addresses: Vec<String>,
         #[serde(default = "default_max_in_flight")]
         max_in_flight: u32,
+        /// How often job asks nsqlookupd which nsqd nodes exist (a new
+        /// nsqd is consumed from at most this long after it registers).
+        #[serde(default = "default_lookupd_poll_interval_ms")]
+        lookupd_poll_interval_ms: u64,
     },
 }
 
@@ -372,6 +376,9 @@ fn default_channel() -> String {
 }
 fn default_max_in_flight() -> u32 {
     256
+}
+fn default_lookupd_poll_interval_ms() -> u64 {
+    1000
 }
 
 impl Validate for QueueConfig {
@@ -388,7 +395,14 @@ impl Validate for QueueConfig {
                 nsqd_tcp_addresses,
                 lookupd_http_addresses,
                 max_in_flight,
+                lookupd_poll_interval_ms,
             } => {
+                if !(10..=600_000).contains(lookupd_poll_interval_ms) {
+                    return Err(ConfigError::invalid(
+                        "queue.lookupd_poll_interval_ms",
+                        "must be 10..=600000",
+                    ));
+                }
                 if !crate::nsq::valid_name(topic) {
                     return Err(ConfigError::invalid(
                         "queue.topic",

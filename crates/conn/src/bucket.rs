@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use chatroom_common::proto::protocol::MsgLevel;
 
@@ -102,9 +103,10 @@ impl Buckets {
     /// Queues one shared push on the sessions of `uids`.
     pub fn push_users(&self, uids: &[String], out: &Pushed, level: MsgLevel) -> PushStats {
         let mut st = PushStats::default();
+        let now = Instant::now();
         for uid in uids {
             for s in self.sessions_of(uid) {
-                st += s.push(out.outbound(), level);
+                st += s.push(out.outbound(), level, now);
             }
         }
         st
@@ -113,9 +115,10 @@ impl Buckets {
     /// Queues one shared push on every session of the node.
     pub fn push_all(&self, out: &Pushed, level: MsgLevel) -> PushStats {
         let mut st = PushStats::default();
+        let now = Instant::now();
         for b in self.buckets.iter() {
             for s in lock(&b.sessions).values() {
-                st += s.push(out.outbound(), level);
+                st += s.push(out.outbound(), level, now);
             }
         }
         st
@@ -143,9 +146,10 @@ impl Buckets {
     /// Queues one shared push on every session of `room`.
     pub fn push_room(&self, room: &str, out: &Pushed, level: MsgLevel) -> PushStats {
         let mut st = PushStats::default();
+        let now = Instant::now();
         for b in self.buckets.iter() {
             if let Some(r) = b.rooms().get(room) {
-                st += r.push(out, level);
+                st += r.push(out, level, now);
             }
         }
         st
@@ -174,13 +178,17 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Outbox;
+    use crate::outbox::{Limits, Outbox};
     use crate::room::Outbound;
     use bytes::Bytes;
     use tokio_util::sync::CancellationToken;
 
-    fn session(id: u64, cap: usize) -> (Arc<SessionTx>, Arc<Outbox>) {
-        let tx = Arc::new(Outbox::new(cap));
+    /// A session with room for `frames` one-byte frames.
+    fn session(id: u64, frames: usize) -> (Arc<SessionTx>, Arc<Outbox>) {
+        let tx = Arc::new(Outbox::new(Limits::new(
+            frames * 17,
+            std::time::Duration::from_secs(5),
+        )));
         let s = Arc::new(SessionTx::new(
             id,
             tx.clone(),
@@ -253,7 +261,10 @@ mod user_tests {
         let mut rxs = vec![];
         let mut ss = vec![];
         for id in 0..6u64 {
-            let rx = Arc::new(Outbox::new(8));
+            let rx = Arc::new(Outbox::new(crate::outbox::Limits::new(
+                4096,
+                std::time::Duration::from_secs(5),
+            )));
             let s = Arc::new(SessionTx::new(
                 id,
                 rx.clone(),

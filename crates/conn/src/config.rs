@@ -62,10 +62,15 @@ pub struct WsConfig {
     /// Read chunk while a client is sending; an idle session holds no
     /// read buffer at all.
     pub read_buffer_bytes: usize,
-    /// Outbound frames queued per session (answers and IM pushes; room
-    /// messages come from the room's stream); past this NORMAL IM pushes
-    /// are dropped.
-    pub send_queue: usize,
+    /// Bytes of outbound frames queued per session (answers and IM pushes;
+    /// room messages come from the room's stream). A session with this much
+    /// waiting is too slow: NORMAL pushes are dropped, an IMPORTANT one
+    /// disconnects it.
+    pub send_queue_bytes: usize,
+    /// A session whose oldest queued push has waited this long is too slow
+    /// (the same consequences). Judged by time, not by a count of frames: a
+    /// burst that a healthy session drains quickly is not a slow session.
+    pub slow_after_ms: u64,
     /// Room messages one session may have on their way to logic; at the
     /// bound conn stops reading its socket (TCP back-pressure).
     pub max_in_flight: usize,
@@ -82,7 +87,7 @@ pub struct WsConfig {
 impl Validate for ConnConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let w = &self.ws;
-        let checks: [(&str, bool, &str); 9] = [
+        let checks: [(&str, bool, &str); 10] = [
             ("ws.max_connections", w.max_connections > 0, "must be > 0"),
             (
                 "ws.max_frame_bytes",
@@ -95,9 +100,14 @@ impl Validate for ConnConfig {
                 "must be 256..=1048576",
             ),
             (
-                "ws.send_queue",
-                (1..=65_536).contains(&w.send_queue),
-                "must be 1..=65536",
+                "ws.send_queue_bytes",
+                (4096..=1 << 30).contains(&w.send_queue_bytes),
+                "must be 4096..=1073741824",
+            ),
+            (
+                "ws.slow_after_ms",
+                (100..=3_600_000).contains(&w.slow_after_ms),
+                "must be 100..=3600000",
             ),
             (
                 "ws.sign_in_timeout_ms",
@@ -177,18 +187,18 @@ mod tests {
         assert_eq!(c.ws.addr.port(), 8080);
         let c = load(&[
             ("CHATROOM__WS__ADDR", "127.0.0.1:9999"),
-            ("CHATROOM__WS__SEND_QUEUE", "8"),
+            ("CHATROOM__WS__SEND_QUEUE_BYTES", "8192"),
         ])
         .unwrap();
-        assert_eq!((c.ws.addr.port(), c.ws.send_queue), (9999, 8));
+        assert_eq!((c.ws.addr.port(), c.ws.send_queue_bytes), (9999, 8192));
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = load(&[("CHATROOM__WS__SEND_QUEUE", "0")])
+        let e = load(&[("CHATROOM__WS__SEND_QUEUE_BYTES", "0")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("ws.send_queue"), "{e}");
+        assert!(e.contains("ws.send_queue_bytes"), "{e}");
         let e = load(&[("CHATROOM__WS__ADDR", "nonsense")])
             .unwrap_err()
             .to_string();

@@ -198,6 +198,10 @@ impl PushService {
 
     fn done(&self, st: PushStats) -> PushUsersReply {
         self.stats.record_push(st);
+        if st.disconnected > 0 {
+            info!(node = %self.server, sessions = st.disconnected,
+                "sessions cut as too slow for an IMPORTANT push");
+        }
         PushUsersReply {
             delivered: st.delivered,
             dropped: st.dropped + st.disconnected,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
@@ -69,14 +70,15 @@ impl SessionTx {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a pushed frame without waiting: a full queue drops a NORMAL
-    /// frame and disconnects the session for an IMPORTANT one (it is too
-    /// slow to be trusted with messages that must arrive).
-    pub fn push(&self, out: Outbound, level: MsgLevel) -> PushStats {
+    /// Queues a pushed frame without waiting: a session too slow for it
+    /// (too many bytes waiting, or waiting too long: see [`crate::outbox`])
+    /// loses a NORMAL frame and is disconnected for an IMPORTANT one (it
+    /// cannot be trusted with messages that must arrive).
+    pub fn push(&self, out: Outbound, level: MsgLevel, now: Instant) -> PushStats {
         let mut st = PushStats::default();
-        match self.tx.try_push(out) {
+        match self.tx.try_push(out, now) {
             Ok(()) => st.delivered += 1,
-            Err(PushError::Full) => match level {
+            Err(PushError::Full | PushError::Stale) => match level {
                 MsgLevel::Normal => st.dropped += 1,
                 MsgLevel::Important => {
                     st.disconnected += 1;
@@ -94,9 +96,10 @@ impl SessionTx {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PushStats {
     pub delivered: u32,
-    /// NORMAL frames dropped because the session's queue was full.
+    /// NORMAL frames dropped because the session was too slow for them.
     pub dropped: u32,
-    /// Sessions disconnected because an IMPORTANT frame did not fit.
+    /// Sessions disconnected because they were too slow for an IMPORTANT
+    /// frame.
     pub disconnected: u32,
 }
 
@@ -133,10 +136,10 @@ impl Room {
 
     /// Queues `out` on every member without ever waiting (see
     /// [`SessionTx::push`]).
-    pub fn push(&self, out: &Pushed, level: MsgLevel) -> PushStats {
+    pub fn push(&self, out: &Pushed, level: MsgLevel, now: Instant) -> PushStats {
         let mut st = PushStats::default();
         for s in self.members.values() {
-            st += s.push(out.outbound(), level);
+            st += s.push(out.outbound(), level, now);
         }
         st
     }

@@ -54,7 +54,7 @@ impl Default for ConsumerConfig {
             max_in_flight: 256,
             client_id: String::new(),
             heartbeat_interval: Duration::from_secs(30),
-            lookupd_poll_interval: Duration::from_secs(15),
+            lookupd_poll_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             msg_timeout: None,
         }
@@ -271,7 +271,7 @@ async fn supervise(shared: Arc<Shared>, tx: mpsc::Sender<Message>) {
     }
     let http = lookup::http_client();
     loop {
-        let poll = poll_lookupds(&http, &lookupds, &shared.cfg.topic);
+        let poll = poll_lookupds(&http, &lookupds);
         let found = tokio::select! {
             f = poll => f,
             _ = shared.shutdown.cancelled() => return,
@@ -323,15 +323,11 @@ async fn supervise(shared: Arc<Shared>, tx: mpsc::Sender<Message>) {
 
 /// The union of every nsqlookupd's answer, or `None` if none answered
 /// (then nothing is retired on a lookupd outage).
-async fn poll_lookupds(
-    http: &lookup::HttpClient,
-    lookupds: &[String],
-    topic: &str,
-) -> Option<HashSet<String>> {
+async fn poll_lookupds(http: &lookup::HttpClient, lookupds: &[String]) -> Option<HashSet<String>> {
     let mut found = HashSet::new();
     let mut answered = false;
     for l in lookupds {
-        match lookup::lookup(http, l, topic).await {
+        match lookup::nodes(http, l).await {
             Ok(addrs) => {
                 answered = true;
                 found.extend(addrs);
@@ -382,13 +378,15 @@ async fn connection(
         if let Some(w) = &wanted
             && !w.load(Ordering::Relaxed)
         {
-            tracing::info!(addr = %addr, "nsqd no longer listed by nsqlookupd; not reconnecting");
+            tracing::info!(addr = %addr, topic = %shared.cfg.topic,
+                "nsqd no longer listed by nsqlookupd; stopped consuming from it");
             break;
         }
         let started = Instant::now();
         match session(&shared, &addr, &tx).await {
             End::Done => {
-                tracing::info!(addr = %addr, "nsq consumer connection closed");
+                tracing::info!(addr = %addr, topic = %shared.cfg.topic, channel = %shared.cfg.channel,
+                    "nsq consumer stopped consuming (connection closed)");
                 break;
             }
             End::Lost(e) => {

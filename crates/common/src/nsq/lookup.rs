@@ -1,5 +1,10 @@
-//! nsqlookupd discovery: which nsqd nodes carry a topic
-//! (`GET /lookup?topic=`), so consumers find producers as they come and go.
+//! nsqlookupd discovery: every nsqd registered with nsqlookupd
+//! (`GET /nodes`), so consumers find producers as they come and go.
+//!
+//! A consumer subscribes to every listed nsqd, not only to those that
+//! already carry its topic (`/lookup?topic=`): its SUB creates the topic and
+//! channel there, so the first message published after start flows at once
+//! instead of waiting in nsqd until the consumer's next poll.
 
 use std::time::Duration;
 
@@ -21,15 +26,9 @@ pub(crate) fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// The `host:port` TCP addresses of the nsqd nodes nsqlookupd lists for
-/// `topic`. An unknown topic is an empty list, not an error: nobody has
-/// published to it yet.
-pub(crate) async fn lookup(
-    client: &HttpClient,
-    lookupd: &str,
-    topic: &str,
-) -> Result<Vec<String>, NsqError> {
-    let url = lookup_url(lookupd, topic);
+/// The `host:port` TCP addresses of every nsqd registered with `lookupd`.
+pub(crate) async fn nodes(client: &HttpClient, lookupd: &str) -> Result<Vec<String>, NsqError> {
+    let url = nodes_url(lookupd);
     let req = hyper::Request::get(&url)
         // Asks nsqlookupd for the flat (v1) answer; older ones ignore it.
         .header("accept", "application/vnd.nsq; version=1.0")
@@ -51,9 +50,6 @@ pub(crate) async fn lookup(
     let (status, body) = tokio::time::timeout(LOOKUP_TIMEOUT, fetch)
         .await
         .map_err(|_| NsqError::Lookup(format!("{url}: timed out")))??;
-    if status == hyper::StatusCode::NOT_FOUND {
-        return Ok(vec![]);
-    }
     if !status.is_success() {
         return Err(NsqError::Lookup(format!("{url}: HTTP {status}")));
     }
@@ -61,15 +57,13 @@ pub(crate) async fn lookup(
 }
 
 /// Accepts `host:port` or a full `http://host:port` base.
-fn lookup_url(lookupd: &str, topic: &str) -> String {
+fn nodes_url(lookupd: &str) -> String {
     let base = lookupd.trim().trim_end_matches('/');
-    let base = if base.contains("://") {
-        base.to_string()
+    if base.contains("://") {
+        format!("{base}/nodes")
     } else {
-        format!("http://{base}")
-    };
-    // Names are [.a-zA-Z0-9_-] plus an optional "#ephemeral".
-    format!("{base}/lookup?topic={}", topic.replace('#', "%23"))
+        format!("http://{base}/nodes")
+    }
 }
 
 /// Reads both answer shapes: `{"producers":[..]}` (v1) and the older
@@ -129,13 +123,7 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            lookup_url("127.0.0.1:4161", "t"),
-            "http://127.0.0.1:4161/lookup?topic=t"
-        );
-        assert_eq!(
-            lookup_url("http://h:1/", "t#ephemeral"),
-            "http://h:1/lookup?topic=t%23ephemeral"
-        );
+        assert_eq!(nodes_url("127.0.0.1:4161"), "http://127.0.0.1:4161/nodes");
+        assert_eq!(nodes_url("http://h:1/"), "http://h:1/nodes");
     }
 }

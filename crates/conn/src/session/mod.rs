@@ -29,7 +29,7 @@ use tracing::{Instrument, Span, debug, info, info_span};
 
 use crate::Ctx;
 use crate::chat::Encoding;
-use crate::outbox::Outbox;
+use crate::outbox::{Limits, Outbox};
 use crate::room::SessionTx;
 use edge::Edge;
 use handshake::{Endpoint, handshake};
@@ -105,7 +105,10 @@ async fn run_session(
 ) {
     let id = tag.id;
     let tx = Arc::new(Outbox::with_depth(
-        ctx.cfg.ws.send_queue,
+        Limits::new(
+            ctx.cfg.ws.send_queue_bytes,
+            Duration::from_millis(ctx.cfg.ws.slow_after_ms),
+        ),
         ctx.stats.outbox_depth.clone(),
     ));
     let kill = shutdown.child_token();

@@ -257,7 +257,9 @@ pub(super) async fn next_data(stream: &mut ws::Reader, edge: &Edge) -> Incoming 
             Ok(Some(Frame::Text(t))) => return Incoming::Text(t),
             Ok(Some(Frame::Ping(p))) => {
                 // Best effort: a client whose queue is full gets no pong.
-                let _ = edge.tx.try_push(Outbound::Pong(p));
+                let _ = edge
+                    .tx
+                    .try_push(Outbound::Pong(p), std::time::Instant::now());
             }
             // Pongs only prove liveness, which any frame does.
             Ok(Some(Frame::Pong)) => {}
