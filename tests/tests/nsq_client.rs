@@ -537,7 +537,7 @@ async fn consumer_subscribes_before_the_topic_exists() {
         lookupd_poll_interval: Duration::from_secs(600),
         ..cfg(&[], 4)
     });
-    eventually("subscribed before any publish", WAIT, || {
+    until(WAIT, "subscribed before any publish", || {
         subscribers(&b) == 1
     })
     .await;
