@@ -37,11 +37,7 @@ pub struct Listeners {
 impl Listeners {
     /// Binds both; an error names the key and address that failed.
     pub async fn bind(cfg: &StandaloneConfig) -> std::io::Result<Self> {
-        async fn bind(key: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{key} = {addr}: {e}")))
-        }
+        use chatroom_common::startup::bind;
         Ok(Listeners {
             ws: bind("conn.ws.addr", cfg.conn.ws.addr).await?,
             http: bind("logic.http.addr", cfg.logic.http.addr).await?,

@@ -35,6 +35,16 @@ pub fn report(service: &str, e: &anyhow::Error) -> String {
     line
 }
 
+/// Binds `addr` (the value of config key `key`); the error names both.
+pub async fn bind(
+    key: &str,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{key} = {addr}: {e}")))
+}
+
 /// `url` with any password replaced by `***`, fit for an error message.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

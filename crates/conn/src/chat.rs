@@ -175,10 +175,10 @@ struct JsonErr<'a> {
     cid: i64,
 }
 
-pub fn error_json(code: i32, msg: &str, cid: i64) -> Bytes {
+pub fn error_json(code: impl Into<i32>, msg: &str, cid: i64) -> Bytes {
     json_text(&JsonErr {
         cmd: cmd::ERROR,
-        code,
+        code: code.into(),
         msg,
         cid,
     })

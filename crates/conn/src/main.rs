@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use chatroom_common::config::Load;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -18,9 +19,7 @@ async fn serve() -> anyhow::Result<()> {
         return Ok(());
     }
     let _log = chatroom_common::telemetry::init("conn", &cfg.log)?;
-    let listeners = chatroom_conn::Listeners::bind(&cfg)
-        .await
-        .with_context(|| format!("binding {} / {}", cfg.ws.addr, cfg.grpc.addr))?;
+    let listeners = chatroom_conn::Listeners::bind(&cfg).await?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
