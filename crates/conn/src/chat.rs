@@ -3,25 +3,11 @@
 //! in both encodings so every session takes the one it speaks.
 
 use bytes::Bytes;
-use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, PackageType};
+use chatroom_common::proto::protocol::{ChatAck, ChatCmd, ChatMsg, ChatStatus, PackageType};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::frame;
-
-/// `cmd` values of JSON frames. 0, 10 and 11 are the seed's.
-pub mod cmd {
-    pub const HEARTBEAT: i32 = 0;
-    pub const SINGLE: i32 = 10;
-    pub const COMMUNITY: i32 = 11;
-    pub const BROADCAST: i32 = 12;
-    /// Server -> client: the answer to a message this session sent.
-    pub const ACK: i32 = 20;
-    /// Server -> client: an error.
-    pub const ERROR: i32 = 21;
-    /// Server -> client: signed in.
-    pub const WELCOME: i32 = 22;
-}
 
 /// How a session's frames are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +137,7 @@ struct JsonAck<'a> {
 pub fn ack_json(a: &ChatAck) -> Bytes {
     let stored = a.status == ChatStatus::Stored as i32;
     json_text(&JsonAck {
-        cmd: cmd::ACK,
+        cmd: ChatCmd::Ack.into(),
         id: a.id,
         cid: a.client_id,
         dstid: a.dstid,
@@ -177,7 +163,7 @@ struct JsonErr<'a> {
 
 pub fn error_json(code: impl Into<i32>, msg: &str, cid: i64) -> Bytes {
     json_text(&JsonErr {
-        cmd: cmd::ERROR,
+        cmd: ChatCmd::Error.into(),
         code: code.into(),
         msg,
         cid,
@@ -197,7 +183,7 @@ pub fn welcome_json(uid: &str) -> Bytes {
         userid: &'a str,
     }
     json_text(&Welcome {
-        cmd: cmd::WELCOME,
+        cmd: ChatCmd::Welcome.into(),
         code: 0,
         msg: "ok",
         userid: uid,

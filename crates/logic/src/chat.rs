@@ -4,7 +4,7 @@
 //! (operator broadcast). Also the offline inbox (`Pending`/`AckPending`) and
 //! the live room join after a user joins a community.
 
-use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, MsgLevel};
+use chatroom_common::proto::protocol::{ChatAck, ChatCmd, ChatMsg, ChatStatus, Media, MsgLevel};
 use chatroom_common::proto::queue::{BroadcastMsg, JoinMsg, QueueMsg, RoomMsg, UserMsg, queue_msg};
 use chatroom_common::rooms;
 use prost::Message;
@@ -14,26 +14,7 @@ use crate::app::{App, im_uid};
 use crate::config::ImConfig;
 use crate::error::ApiError;
 use crate::id::now_ms;
-use crate::store::{CMD_COMMUNITY, CMD_SINGLE, Store};
-
-/// `cmd` of an operator broadcast (never accepted from a client).
-pub const CMD_BROADCAST: i32 = 12;
-/// `cmd` of the seed's JSON heartbeat (conn answers it; never stored).
-pub const CMD_HEART: i32 = 0;
-
-/// The seed's media types.
-pub mod media {
-    pub const TEXT: i32 = 1;
-    pub const NEWS: i32 = 2;
-    pub const VOICE: i32 = 3;
-    pub const IMAGE: i32 = 4;
-    pub const RED_PACKET: i32 = 5;
-    pub const EMOJI: i32 = 6;
-    pub const LINK: i32 = 7;
-    pub const VIDEO: i32 = 8;
-    pub const CONTACT: i32 = 9;
-    pub const USER_DEFINED: i32 = 100;
-}
+use crate::store::Store;
 
 /// Largest integer JavaScript holds exactly.
 pub const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
@@ -109,18 +90,18 @@ pub fn check_fields(im: &ImConfig, m: &ChatMsg) -> Result<(), ApiError> {
             Err(ApiError::Invalid(format!("media {} needs {what}", m.media)))
         }
     };
-    match m.media {
-        media::TEXT => need(has_content, "content"),
-        media::NEWS => need(has_content && has_url, "content (the title) and url"),
-        media::VOICE => need(has_url && m.amount > 0, "url and amount (seconds) > 0"),
-        media::IMAGE => need(has_url, "url"),
-        media::RED_PACKET => need(m.amount > 0, "amount (cents) > 0"),
-        media::EMOJI => need(has_content, "content"),
-        media::LINK => need(has_url, "url"),
-        media::VIDEO => need(has_url, "url"),
-        media::CONTACT => need(has_content, "content"),
-        media::USER_DEFINED => need(has_content || has_url, "content or url"),
-        other => Err(ApiError::Invalid(format!("unknown media {other}"))),
+    match Media::try_from(m.media) {
+        Ok(Media::Text) => need(has_content, "content"),
+        Ok(Media::News) => need(has_content && has_url, "content (the title) and url"),
+        Ok(Media::Voice) => need(has_url && m.amount > 0, "url and amount (seconds) > 0"),
+        Ok(Media::Image) => need(has_url, "url"),
+        Ok(Media::RedPacket) => need(m.amount > 0, "amount (cents) > 0"),
+        Ok(Media::Emoji) => need(has_content, "content"),
+        Ok(Media::Link) => need(has_url, "url"),
+        Ok(Media::Video) => need(has_url, "url"),
+        Ok(Media::Contact) => need(has_content, "content"),
+        Ok(Media::UserDefined) => need(has_content || has_url, "content or url"),
+        Ok(Media::None) | Err(_) => Err(ApiError::Invalid(format!("unknown media {}", m.media))),
     }
 }
 
@@ -131,14 +112,16 @@ pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiErro
     if !app.chat_limiter.check(uid) {
         return Err(ApiError::RateLimited);
     }
-    match msg.cmd {
-        CMD_SINGLE | CMD_COMMUNITY => {}
-        CMD_BROADCAST => {
+    match ChatCmd::try_from(msg.cmd) {
+        Ok(ChatCmd::Single | ChatCmd::Community) => {}
+        Ok(ChatCmd::Broadcast) => {
             return Err(ApiError::Forbidden(
                 "cmd 12 (broadcast) is for operators only".into(),
             ));
         }
-        other => return Err(ApiError::Invalid(format!("unknown cmd {other}"))),
+        Ok(ChatCmd::Heartbeat | ChatCmd::Ack | ChatCmd::Error | ChatCmd::Welcome) | Err(_) => {
+            return Err(ApiError::Invalid(format!("unknown cmd {}", msg.cmd)));
+        }
     }
     if msg.dstid <= 0 {
         return Err(ApiError::Invalid("dstid must be a positive id".into()));
@@ -151,7 +134,7 @@ pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiErro
         created_ms: 0,
         ..msg
     };
-    let status = if m.cmd == CMD_SINGLE {
+    let status = if m.cmd == ChatCmd::Single as i32 {
         send_single(app, &mut m).await?
     } else {
         send_community(app, &mut m).await?
@@ -350,7 +333,7 @@ pub async fn broadcast(app: &App, msg: ChatMsg) -> Result<ChatMsg, ApiError> {
         id: app.chat_ids.next_id() as i64,
         userid: 0,
         dstid: 0,
-        cmd: CMD_BROADCAST,
+        cmd: ChatCmd::Broadcast.into(),
         created_ms: now_ms() as i64,
         ..msg
     };
@@ -400,7 +383,7 @@ mod tests {
 
     fn msg(media: i32) -> ChatMsg {
         ChatMsg {
-            cmd: CMD_SINGLE,
+            cmd: ChatCmd::Single.into(),
             dstid: 2,
             media,
             ..ChatMsg::default()
@@ -440,25 +423,25 @@ mod tests {
         let im = im();
         let url = "https://a.com/f".to_string();
         let cases: Vec<(ChatMsg, bool)> = vec![
-            (msg(media::TEXT), false),
+            (msg(Media::Text.into()), false),
             (
                 ChatMsg {
                     content: "  ".into(),
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 false,
             ),
             (
                 ChatMsg {
                     content: "hi".into(),
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     content: "t".into(),
-                    ..msg(media::NEWS)
+                    ..msg(Media::News.into())
                 },
                 false,
             ),
@@ -466,14 +449,14 @@ mod tests {
                 ChatMsg {
                     content: "t".into(),
                     url: url.clone(),
-                    ..msg(media::NEWS)
+                    ..msg(Media::News.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::VOICE)
+                    ..msg(Media::Voice.into())
                 },
                 false,
             ),
@@ -481,75 +464,75 @@ mod tests {
                 ChatMsg {
                     url: url.clone(),
                     amount: 3,
-                    ..msg(media::VOICE)
+                    ..msg(Media::Voice.into())
                 },
                 true,
             ),
-            (msg(media::IMAGE), false),
+            (msg(Media::Image.into()), false),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::IMAGE)
+                    ..msg(Media::Image.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::RED_PACKET)
+                    ..msg(Media::RedPacket.into())
                 },
                 false,
             ),
             (
                 ChatMsg {
                     amount: 300,
-                    ..msg(media::RED_PACKET)
+                    ..msg(Media::RedPacket.into())
                 },
                 true,
             ),
-            (msg(media::EMOJI), false),
+            (msg(Media::Emoji.into()), false),
             (
                 ChatMsg {
                     content: "cry".into(),
-                    ..msg(media::EMOJI)
+                    ..msg(Media::Emoji.into())
                 },
                 true,
             ),
-            (msg(media::LINK), false),
+            (msg(Media::Link.into()), false),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::LINK)
+                    ..msg(Media::Link.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     pic: url.clone(),
-                    ..msg(media::VIDEO)
+                    ..msg(Media::Video.into())
                 },
                 false,
             ),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::VIDEO)
+                    ..msg(Media::Video.into())
                 },
                 true,
             ),
-            (msg(media::CONTACT), false),
+            (msg(Media::Contact.into()), false),
             (
                 ChatMsg {
                     content: "10086".into(),
-                    ..msg(media::CONTACT)
+                    ..msg(Media::Contact.into())
                 },
                 true,
             ),
-            (msg(media::USER_DEFINED), false),
+            (msg(Media::UserDefined.into()), false),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::USER_DEFINED)
+                    ..msg(Media::UserDefined.into())
                 },
                 true,
             ),
@@ -564,7 +547,7 @@ mod tests {
                 ChatMsg {
                     content: "x".into(),
                     amount: -1,
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 false,
             ),
@@ -572,7 +555,7 @@ mod tests {
                 ChatMsg {
                     content: "x".into(),
                     pic: "javascript:x".into(),
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 false,
             ),
@@ -590,7 +573,7 @@ mod tests {
             &im,
             &ChatMsg {
                 content: big,
-                ..msg(media::TEXT)
+                ..msg(Media::Text.into())
             },
         )
         .unwrap_err();

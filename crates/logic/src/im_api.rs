@@ -25,7 +25,8 @@ use crate::app::App;
 use crate::chat::{self, check_url};
 use crate::error::{ApiError, ImReply};
 use crate::http::{Params, im_user};
-use crate::store::{CMD_COMMUNITY, CMD_SINGLE, NewCommunity, NewUser, User, conv_key};
+use crate::store::{NewCommunity, NewUser, User, conv_key};
+use chatroom_common::proto::protocol::ChatCmd;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -427,9 +428,9 @@ async fn do_history(
     let p = p?;
     let uid = acting(app, headers, &p)?;
     let dst = required_id(&p, "dstid")?;
-    let cmd = p.int("cmd")?.unwrap_or(i64::from(CMD_SINGLE));
-    let cmd = match i32::try_from(cmd) {
-        Ok(c @ (CMD_SINGLE | CMD_COMMUNITY)) => c,
+    let cmd = p.int("cmd")?.unwrap_or(i64::from(ChatCmd::Single as i32));
+    let cmd = match i32::try_from(cmd).map(ChatCmd::try_from) {
+        Ok(Ok(c @ (ChatCmd::Single | ChatCmd::Community))) => c as i32,
         _ => {
             return Err(ApiError::Invalid(
                 "cmd must be 10 (user) or 11 (community)".into(),
@@ -442,7 +443,7 @@ async fn do_history(
         Some(_) => return Err(ApiError::Invalid("before must be a message id".into())),
     };
     let limit = p.int("limit")?.unwrap_or(20).clamp(1, 100) as u32;
-    if cmd == CMD_COMMUNITY && !app.store.is_member(uid, dst).await? {
+    if cmd == ChatCmd::Community as i32 && !app.store.is_member(uid, dst).await? {
         return Err(ApiError::Forbidden(
             "only members can read a community's history".into(),
         ));

@@ -11,7 +11,7 @@ use super::edge::Edge;
 use crate::Ctx;
 use crate::chat::{self, ChatFrame, Encoding};
 use crate::room::Outbound;
-use chatroom_common::proto::protocol::ErrCode;
+use chatroom_common::proto::protocol::{ChatCmd, ErrCode};
 
 /// Pending messages fetched per call when a user comes online.
 const PENDING_PAGE: u32 = 200;
@@ -20,7 +20,7 @@ const PENDING_PAGE: u32 = 200;
 /// the session gets an ack naming it, or an error naming the client's id.
 pub(super) async fn send_chat(edge: &Edge, ctx: &Ctx, who: &Identity, msg: ChatMsg) -> bool {
     let client_id = msg.id;
-    if msg.cmd == chat::cmd::HEARTBEAT && edge.enc == Encoding::Protobuf {
+    if msg.cmd == ChatCmd::Heartbeat as i32 && edge.enc == Encoding::Protobuf {
         return edge
             .err(ErrCode::BadRequest, "use HEARTBEAT frames", client_id)
             .await

@@ -22,7 +22,7 @@ use crate::heartbeat::Heartbeat;
 use crate::room::Outbound;
 use crate::stats::BadFrame;
 use crate::ws::{self, Frame, WsError};
-use chatroom_common::proto::protocol::ErrCode;
+use chatroom_common::proto::protocol::{ChatCmd, ErrCode};
 
 /// The reader's own state.
 pub(super) struct Reading {
@@ -156,13 +156,14 @@ async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, tex
             return edge.err(ErrCode::BadRequest, e, 0).await.is_ok();
         }
     };
-    match m.cmd {
-        chat::cmd::HEARTBEAT => {
+    match ChatCmd::try_from(m.cmd) {
+        Ok(ChatCmd::Heartbeat) => {
             beat(ctx, who, hb);
             edge.out(Outbound::Text(chat::pong_json())).await.is_ok()
         }
-        chat::cmd::SINGLE | chat::cmd::COMMUNITY => im::send_chat(edge, ctx, who, m.into()).await,
-        other => {
+        Ok(ChatCmd::Single | ChatCmd::Community) => im::send_chat(edge, ctx, who, m.into()).await,
+        _ => {
+            let other = m.cmd;
             ctx.stats.bad_frame(BadFrame::UnknownType);
             warn!(cmd = other, "unknown cmd");
             edge.err(ErrCode::NotFound, format!("unknown cmd {other}"), m.id)
