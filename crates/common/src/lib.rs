@@ -7,6 +7,7 @@ pub mod admin;
 /// depends on nothing of this crate).
 pub use chatroom_nsq::backoff;
 pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod discovery;
 pub mod metrics;

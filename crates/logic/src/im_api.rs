@@ -26,6 +26,7 @@ use crate::chat::{self, check_url};
 use crate::error::{ApiError, ImReply};
 use crate::http::{Params, im_user};
 use crate::store::{NewCommunity, NewUser, User, conv_key};
+use chatroom_common::chat::ChatJson;
 use chatroom_common::proto::protocol::ChatCmd;
 
 pub fn routes() -> Router<Arc<App>> {
@@ -72,40 +73,6 @@ pub struct Login {
     #[serde(flatten)]
     pub user: User,
     pub token: String,
-}
-
-/// A message as JSON: the seed's `Message` fields plus `created_ms`.
-#[derive(Debug, Serialize)]
-pub struct MsgJson {
-    pub id: i64,
-    pub userid: i64,
-    pub dstid: i64,
-    pub cmd: i32,
-    pub media: i32,
-    pub content: String,
-    pub pic: String,
-    pub url: String,
-    pub memo: String,
-    pub amount: i64,
-    pub created_ms: i64,
-}
-
-impl From<ChatMsg> for MsgJson {
-    fn from(m: ChatMsg) -> Self {
-        MsgJson {
-            id: m.id,
-            userid: m.userid,
-            dstid: m.dstid,
-            cmd: m.cmd,
-            media: m.media,
-            content: m.content,
-            pic: m.pic,
-            url: m.url,
-            memo: m.memo,
-            amount: m.amount,
-            created_ms: m.created_ms,
-        }
-    }
 }
 
 fn respond<T: Serialize>(r: Result<ImReply<T>, ApiError>) -> Response {
@@ -424,7 +391,7 @@ async fn do_history(
     app: &App,
     headers: &HeaderMap,
     p: Result<Params, ApiError>,
-) -> Result<ImReply<MsgJson>, ApiError> {
+) -> Result<ImReply<ChatJson>, ApiError> {
     let p = p?;
     let uid = acting(app, headers, &p)?;
     let dst = required_id(&p, "dstid")?;
@@ -475,7 +442,7 @@ async fn do_admin_broadcast(
     app: &App,
     headers: &HeaderMap,
     p: Result<Params, ApiError>,
-) -> Result<ImReply<MsgJson>, ApiError> {
+) -> Result<ImReply<ChatJson>, ApiError> {
     if app.admin_token.is_empty() {
         return Err(ApiError::NotFound);
     }
