@@ -20,8 +20,8 @@ use tonic::{Request, Response, Status};
 use tracing::{Span, debug, info, warn};
 
 use crate::app::{App, im_uid};
-use crate::chat;
 use crate::error::ApiError;
+use crate::im::chat;
 use crate::presence::{RoomCounts, Session};
 use chatroom_common::proto::protocol::ErrCode;
 

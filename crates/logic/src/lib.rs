@@ -15,13 +15,13 @@
 //! ```
 
 pub mod app;
-pub mod chat;
+pub mod body;
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod id;
-pub mod im_api;
+pub mod im;
 pub mod metrics;
 pub mod pages;
 pub mod password;
@@ -29,7 +29,6 @@ pub mod presence;
 pub mod ratelimit;
 pub mod store;
 pub mod stream;
-pub mod upload;
 
 use std::io;
 use std::sync::Arc;

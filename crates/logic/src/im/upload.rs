@@ -25,9 +25,9 @@ use axum::{Json, Router};
 use std::collections::HashMap;
 use tracing::{Span, info};
 
+use super::im_user;
 use crate::app::App;
 use crate::error::{ApiError, ImReply};
-use crate::http::im_user;
 
 /// Families a format belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,7 +42,7 @@ pub fn check_url(im: &ImConfig, field: &str, v: &str) -> Result<(), ApiError> {
         &v[7..]
     } else if im.upload_url.starts_with('/') {
         return match v.strip_prefix(im.upload_url.as_str()) {
-            Some(name) if crate::upload::valid_stored_name(name) => Ok(()),
+            Some(name) if super::upload::valid_stored_name(name) => Ok(()),
             _ => Err(bad()),
         };
     } else {

@@ -21,10 +21,11 @@ use chatroom_common::proto::protocol::ChatMsg;
 use serde::Serialize;
 use tracing::{Span, info};
 
+use super::chat::{self, check_url};
+use super::im_user;
 use crate::app::App;
-use crate::chat::{self, check_url};
+use crate::body::Params;
 use crate::error::{ApiError, ImReply};
-use crate::http::{Params, im_user};
 use crate::store::{NewCommunity, NewUser, User, conv_key};
 use chatroom_common::chat::ChatJson;
 use chatroom_common::proto::protocol::ChatCmd;
