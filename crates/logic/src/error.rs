@@ -381,6 +381,34 @@ impl<T: serde::Serialize> ImReply<T> {
     }
 }
 
+/// What an IM route answers: its reply, or the error. The one place IM
+/// results become responses (an error is logged, inside the request's
+/// span, and shaped the IM way).
+pub type ImResult<T> = Result<ImReply<T>, ImError>;
+
+/// An [`ApiError`] on an IM route (`?` converts).
+#[derive(Debug)]
+pub struct ImError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for ImError {
+    fn from(e: E) -> Self {
+        ImError(e.into())
+    }
+}
+
+impl IntoResponse for ImError {
+    fn into_response(self) -> Response {
+        self.0.log();
+        self.0.into_im_response()
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for ImReply<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self).into_response()
+    }
+}
+
 impl ApiError {
     /// The IM routes' shape of this error (logging is the caller's job).
     pub fn into_im_response(self) -> Response {

@@ -11,12 +11,11 @@
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
 use chatroom_common::proto::protocol::ChatMsg;
 use serde::Serialize;
 use tracing::{Span, info};
@@ -25,7 +24,7 @@ use super::chat::{self, check_url};
 use super::im_user;
 use crate::app::App;
 use crate::body::Params;
-use crate::error::{ApiError, ImReply};
+use crate::error::{ApiError, ImReply, ImResult};
 use crate::store::{NewCommunity, NewUser, User, conv_key};
 use chatroom_common::chat::ChatJson;
 use chatroom_common::proto::protocol::ChatCmd;
@@ -74,16 +73,6 @@ pub struct Login {
     #[serde(flatten)]
     pub user: User,
     pub token: String,
-}
-
-fn respond<T: Serialize>(r: Result<ImReply<T>, ApiError>) -> Response {
-    match r {
-        Ok(reply) => Json(reply).into_response(),
-        Err(e) => {
-            e.log();
-            e.into_im_response()
-        }
-    }
 }
 
 /// The acting user (from the token), within its rate limit.
@@ -141,27 +130,24 @@ fn required_id(p: &Params, key: &str) -> Result<i64, ApiError> {
 // ---------------------------------------------------------------- users
 
 #[tracing::instrument(name = "http.register", skip_all, fields(uid))]
-async fn register(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> Response {
-    respond(do_register(&app, p).await)
-}
-
-async fn do_register(app: &App, p: Result<Params, ApiError>) -> Result<ImReply<User>, ApiError> {
+async fn register(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> ImResult<User> {
+    let app: &App = &app;
     let p = p?;
     let mobile = p.get("mobile").unwrap_or("").trim().to_string();
     if mobile.is_empty()
         || mobile.chars().count() > 32
         || mobile.chars().any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(ApiError::Invalid(
-            "mobile must be 1-32 characters without spaces".into(),
-        ));
+        return Err(
+            ApiError::Invalid("mobile must be 1-32 characters without spaces".into()).into(),
+        );
     }
     if !app.api_limiter.check(&format!("mobile:{mobile}")) {
-        return Err(ApiError::RateLimited);
+        return Err(ApiError::RateLimited.into());
     }
     let passwd = p.get("passwd").unwrap_or("").to_string();
     if !(6..=128).contains(&passwd.chars().count()) {
-        return Err(ApiError::Invalid("passwd must be 6-128 characters".into()));
+        return Err(ApiError::Invalid("passwd must be 6-128 characters".into()).into());
     }
     let mut nickname = short_text(&p, "nickname", 32)?;
     if nickname.is_empty() {
@@ -189,29 +175,26 @@ async fn do_register(app: &App, p: Result<Params, ApiError>) -> Result<ImReply<U
 }
 
 #[tracing::instrument(name = "http.login", skip_all, fields(uid))]
-async fn login(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> Response {
-    respond(do_login(&app, p).await)
-}
-
-async fn do_login(app: &App, p: Result<Params, ApiError>) -> Result<ImReply<Login>, ApiError> {
+async fn login(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> ImResult<Login> {
+    let app: &App = &app;
     let p = p?;
     let mobile = p.get("mobile").unwrap_or("").trim().to_string();
     let passwd = p.get("passwd").unwrap_or("").to_string();
     if mobile.is_empty() || passwd.is_empty() {
-        return Err(ApiError::Invalid("mobile and passwd are required".into()));
+        return Err(ApiError::Invalid("mobile and passwd are required".into()).into());
     }
     if mobile.len() > 128 || passwd.len() > 1024 {
-        return Err(ApiError::BadCredentials);
+        return Err(ApiError::BadCredentials.into());
     }
     // Slows password guessing against one account, whoever guesses.
     if !app.api_limiter.check(&format!("mobile:{mobile}")) {
-        return Err(ApiError::RateLimited);
+        return Err(ApiError::RateLimited.into());
     }
     let Some((user, hash)) = app.store.credentials(&mobile).await? else {
-        return Err(ApiError::BadCredentials);
+        return Err(ApiError::BadCredentials.into());
     };
     if !app.passwords.verify(passwd, hash).await? {
-        return Err(ApiError::BadCredentials);
+        return Err(ApiError::BadCredentials.into());
     }
     let token = app.issue(&user.id.to_string())?;
     Span::current().record("uid", user.id);
@@ -224,15 +207,9 @@ async fn find(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_find(&app, &headers, p).await)
-}
-
-async fn do_find(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<PublicUser>, ApiError> {
+) -> ImResult<PublicUser> {
+    let app: &App = &app;
+    let headers = &headers;
     let p = p?;
     acting(app, headers, &p)?;
     let user = if let Some(id) = p.int("id")?.or(p.int("dstid")?) {
@@ -240,11 +217,11 @@ async fn do_find(
     } else {
         match p.get("mobile").map(str::trim).filter(|m| !m.is_empty()) {
             Some(mobile) => app.store.user_by_mobile(mobile).await?,
-            None => return Err(ApiError::Invalid("give id or mobile".into())),
+            None => return Err(ApiError::Invalid("give id or mobile".into()).into()),
         }
     };
-    user.map(|u| ImReply::data(u.into()))
-        .ok_or_else(|| ApiError::Missing("no such user".into()))
+    let user = user.ok_or_else(|| ApiError::Missing("no such user".into()))?;
+    Ok(ImReply::data(user.into()))
 }
 
 // ---------------------------------------------------------------- contacts
@@ -254,15 +231,9 @@ async fn add_friend(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_add_friend(&app, &headers, p).await)
-}
-
-async fn do_add_friend(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<PublicUser>, ApiError> {
+) -> ImResult<PublicUser> {
+    let app: &App = &app;
+    let headers = &headers;
     let p = p?;
     let uid = acting(app, headers, &p)?;
     let dst = required_id(&p, "dstid")?;
@@ -276,15 +247,9 @@ async fn friends(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_friends(&app, &headers, p).await)
-}
-
-async fn do_friends(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<PublicUser>, ApiError> {
+) -> ImResult<PublicUser> {
+    let app: &App = &app;
+    let headers = &headers;
     let p = p?;
     let uid = acting(app, headers, &p)?;
     let rows = app.store.friends(uid).await?;
@@ -296,26 +261,20 @@ async fn create_community(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_create_community(&app, &headers, p).await)
-}
-
-async fn do_create_community(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<crate::store::Community>, ApiError> {
+) -> ImResult<crate::store::Community> {
+    let app: &App = &app;
+    let headers = &headers;
     let p = p?;
     let uid = acting(app, headers, &p)?;
     let name = short_text(&p, "name", 64)?;
     if name.is_empty() {
-        return Err(ApiError::Invalid("name is required".into()));
+        return Err(ApiError::Invalid("name is required".into()).into());
     }
     let icon = optional_url(app, &p, &["icon", "pic"])?;
     let memo = short_text(&p, "memo", 256)?;
     let kind = p.int("kind")?.or(p.int("cate")?).unwrap_or(0);
     if !(0..=1000).contains(&kind) {
-        return Err(ApiError::Invalid("kind must be 0..=1000".into()));
+        return Err(ApiError::Invalid("kind must be 0..=1000".into()).into());
     }
     let c = app
         .store
@@ -340,15 +299,9 @@ async fn communities(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_communities(&app, &headers, p).await)
-}
-
-async fn do_communities(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<crate::store::Community>, ApiError> {
+) -> ImResult<crate::store::Community> {
+    let app: &App = &app;
+    let headers = &headers;
     let p = p?;
     let uid = acting(app, headers, &p)?;
     Ok(ImReply::rows(app.store.communities_of(uid).await?))
@@ -359,15 +312,9 @@ async fn join_community(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_join_community(&app, &headers, p).await)
-}
-
-async fn do_join_community(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<crate::store::Community>, ApiError> {
+) -> ImResult<crate::store::Community> {
+    let app: &App = &app;
+    let headers = &headers;
     let p = p?;
     let uid = acting(app, headers, &p)?;
     let id = required_id(&p, "dstid")?;
@@ -384,15 +331,9 @@ async fn history(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_history(&app, &headers, p).await)
-}
-
-async fn do_history(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<ChatJson>, ApiError> {
+) -> ImResult<ChatJson> {
+    let app: &App = &app;
+    let headers = &headers;
     let p = p?;
     let uid = acting(app, headers, &p)?;
     let dst = required_id(&p, "dstid")?;
@@ -400,21 +341,19 @@ async fn do_history(
     let cmd = match i32::try_from(cmd).map(ChatCmd::try_from) {
         Ok(Ok(c @ (ChatCmd::Single | ChatCmd::Community))) => c as i32,
         _ => {
-            return Err(ApiError::Invalid(
-                "cmd must be 10 (user) or 11 (community)".into(),
-            ));
+            return Err(ApiError::Invalid("cmd must be 10 (user) or 11 (community)".into()).into());
         }
     };
     let before = match p.int("before")? {
         None | Some(0) => i64::MAX,
         Some(b) if b > 0 => b,
-        Some(_) => return Err(ApiError::Invalid("before must be a message id".into())),
+        Some(_) => return Err(ApiError::Invalid("before must be a message id".into()).into()),
     };
     let limit = p.int("limit")?.unwrap_or(20).clamp(1, 100) as u32;
     if cmd == ChatCmd::Community as i32 && !app.store.is_member(uid, dst).await? {
-        return Err(ApiError::Forbidden(
-            "only members can read a community's history".into(),
-        ));
+        return Err(
+            ApiError::Forbidden("only members can read a community's history".into()).into(),
+        );
     }
     let msgs = app
         .store
@@ -425,27 +364,21 @@ async fn do_history(
 
 // ---------------------------------------------------------------- admin
 
-#[tracing::instrument(name = "http.admin_broadcast", skip_all)]
-async fn admin_broadcast(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_admin_broadcast(&app, &headers, p).await)
-}
-
 /// Compares without leaking where the first difference is.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn do_admin_broadcast(
-    app: &App,
-    headers: &HeaderMap,
+#[tracing::instrument(name = "http.admin_broadcast", skip_all)]
+async fn admin_broadcast(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Result<ImReply<ChatJson>, ApiError> {
+) -> ImResult<ChatJson> {
+    let app: &App = &app;
+    let headers = &headers;
     if app.admin_token.is_empty() {
-        return Err(ApiError::NotFound);
+        return Err(ApiError::NotFound.into());
     }
     let given = headers
         .get(AUTHORIZATION)
@@ -453,7 +386,7 @@ async fn do_admin_broadcast(
         .unwrap_or_default();
     let given = given.strip_prefix(b"Bearer ").unwrap_or(given);
     if !same_secret(given, app.admin_token.as_bytes()) {
-        return Err(ApiError::AdminAuth);
+        return Err(ApiError::AdminAuth.into());
     }
     let p = p?;
     let media = p.int("media")?.unwrap_or(1);

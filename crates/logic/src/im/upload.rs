@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::header::{
@@ -21,13 +22,12 @@ use axum::http::header::{
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use std::collections::HashMap;
 use tracing::{Span, info};
 
 use super::im_user;
 use crate::app::App;
-use crate::error::{ApiError, ImReply};
+use crate::error::{ApiError, ImError, ImReply, ImResult};
 
 /// Families a format belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,14 +257,10 @@ async fn upload(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Response {
-    match do_upload(&app, &query, &headers, multipart).await {
-        Ok(url) => Json(ImReply::data(url)).into_response(),
-        Err(e) => {
-            e.log();
-            e.into_im_response()
-        }
-    }
+) -> ImResult<String> {
+    Ok(ImReply::data(
+        do_upload(&app, &query, &headers, multipart).await?,
+    ))
 }
 
 async fn do_upload(
@@ -362,11 +358,7 @@ async fn do_upload(
 
 #[tracing::instrument(name = "http.file", skip_all)]
 async fn serve(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
-    let not_found = || {
-        let e = ApiError::NotFound;
-        e.log();
-        e.into_im_response()
-    };
+    let not_found = || ImError(ApiError::NotFound).into_response();
     if !valid_stored_name(&name) {
         return not_found();
     }
