@@ -11,12 +11,55 @@ pub mod upload;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::HeaderMap;
+use axum::extract::{FromRequest, Request};
 use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderValue};
 use chatroom_common::token::TokenError;
 
 use crate::app::{App, im_uid};
-use crate::error::ApiError;
+use tracing::Span;
+
+use crate::body::Params;
+use crate::error::{ApiError, ImError};
+
+/// The IM user acting on a request, with the request's fields: the token
+/// (header `Authorization`, else a `token` field) names an IM account, a
+/// `userid` field names the same one, and the user is within the API rate
+/// limit. A route that takes it runs only for such a request; anything
+/// else is refused in the IM shape.
+pub struct Acting {
+    uid: i64,
+    params: Params,
+}
+
+impl Acting {
+    /// The user and the fields, the user recorded in the handler's span
+    /// (extractors run before the span is entered).
+    pub fn in_span(self) -> (i64, Params) {
+        Span::current().record("uid", self.uid);
+        (self.uid, self.params)
+    }
+}
+
+impl FromRequest<Arc<App>> for Acting {
+    type Rejection = ImError;
+
+    async fn from_request(req: Request, app: &Arc<App>) -> Result<Self, ImError> {
+        // The body extractor consumes the request; the header is read first.
+        let auth = req.headers().get(AUTHORIZATION).cloned();
+        let params = Params::from_request(req, app).await?;
+        let uid = user_from(
+            app,
+            auth.as_ref(),
+            params.get("token"),
+            params.get("userid"),
+        )?;
+        if !app.api_limiter.check(&uid.to_string()) {
+            return Err(ApiError::RateLimited.into());
+        }
+        Ok(Acting { uid, params })
+    }
+}
 
 /// Every IM route, with the upload routes' own body limit.
 pub fn router(app: &Arc<App>) -> Router<Arc<App>> {
@@ -32,7 +75,16 @@ pub fn im_user(
     token_field: Option<&str>,
     userid_field: Option<&str>,
 ) -> Result<i64, ApiError> {
-    let header = match headers.get(AUTHORIZATION) {
+    user_from(app, headers.get(AUTHORIZATION), token_field, userid_field)
+}
+
+fn user_from(
+    app: &App,
+    authorization: Option<&HeaderValue>,
+    token_field: Option<&str>,
+    userid_field: Option<&str>,
+) -> Result<i64, ApiError> {
+    let header = match authorization {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| {
             ApiError::LoginNeeded(TokenError::Invalid(

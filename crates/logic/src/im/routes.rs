@@ -20,8 +20,8 @@ use chatroom_common::proto::protocol::ChatMsg;
 use serde::Serialize;
 use tracing::{Span, info};
 
+use super::Acting;
 use super::chat::{self, check_url};
-use super::im_user;
 use crate::app::App;
 use crate::body::Params;
 use crate::error::{ApiError, ImReply, ImResult};
@@ -73,16 +73,6 @@ pub struct Login {
     #[serde(flatten)]
     pub user: User,
     pub token: String,
-}
-
-/// The acting user (from the token), within its rate limit.
-fn acting(app: &App, headers: &HeaderMap, p: &Params) -> Result<i64, ApiError> {
-    let uid = im_user(app, headers, p.get("token"), p.get("userid"))?;
-    Span::current().record("uid", uid);
-    if !app.api_limiter.check(&uid.to_string()) {
-        return Err(ApiError::RateLimited);
-    }
-    Ok(uid)
 }
 
 /// A text field of at most `max` characters, without control characters
@@ -203,15 +193,9 @@ async fn login(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> ImRe
 }
 
 #[tracing::instrument(name = "http.find", skip_all, fields(uid))]
-async fn find(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> ImResult<PublicUser> {
+async fn find(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> {
     let app: &App = &app;
-    let headers = &headers;
-    let p = p?;
-    acting(app, headers, &p)?;
+    let (_, p) = who.in_span();
     let user = if let Some(id) = p.int("id")?.or(p.int("dstid")?) {
         app.store.user(id).await?
     } else {
@@ -227,15 +211,9 @@ async fn find(
 // ---------------------------------------------------------------- contacts
 
 #[tracing::instrument(name = "http.addfriend", skip_all, fields(uid))]
-async fn add_friend(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> ImResult<PublicUser> {
+async fn add_friend(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> {
     let app: &App = &app;
-    let headers = &headers;
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    let (uid, p) = who.in_span();
     let dst = required_id(&p, "dstid")?;
     let friend = app.store.add_friend(uid, dst).await?;
     info!(friend = dst, "friend added");
@@ -243,15 +221,9 @@ async fn add_friend(
 }
 
 #[tracing::instrument(name = "http.friends", skip_all, fields(uid))]
-async fn friends(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> ImResult<PublicUser> {
+async fn friends(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> {
     let app: &App = &app;
-    let headers = &headers;
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    let (uid, _) = who.in_span();
     let rows = app.store.friends(uid).await?;
     Ok(ImReply::rows(rows.into_iter().map(Into::into).collect()))
 }
@@ -259,13 +231,10 @@ async fn friends(
 #[tracing::instrument(name = "http.createcommunity", skip_all, fields(uid))]
 async fn create_community(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
+    who: Acting,
 ) -> ImResult<crate::store::Community> {
     let app: &App = &app;
-    let headers = &headers;
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    let (uid, p) = who.in_span();
     let name = short_text(&p, "name", 64)?;
     if name.is_empty() {
         return Err(ApiError::Invalid("name is required".into()).into());
@@ -297,26 +266,20 @@ async fn create_community(
 #[tracing::instrument(name = "http.communities", skip_all, fields(uid))]
 async fn communities(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
+    who: Acting,
 ) -> ImResult<crate::store::Community> {
     let app: &App = &app;
-    let headers = &headers;
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    let (uid, _) = who.in_span();
     Ok(ImReply::rows(app.store.communities_of(uid).await?))
 }
 
 #[tracing::instrument(name = "http.joincommunity", skip_all, fields(uid))]
 async fn join_community(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
+    who: Acting,
 ) -> ImResult<crate::store::Community> {
     let app: &App = &app;
-    let headers = &headers;
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    let (uid, p) = who.in_span();
     let id = required_id(&p, "dstid")?;
     let c = app.store.join_community(uid, id).await?;
     info!(community = id, "community joined");
@@ -327,15 +290,9 @@ async fn join_community(
 // ---------------------------------------------------------------- history
 
 #[tracing::instrument(name = "http.history", skip_all, fields(uid))]
-async fn history(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> ImResult<ChatJson> {
+async fn history(State(app): State<Arc<App>>, who: Acting) -> ImResult<ChatJson> {
     let app: &App = &app;
-    let headers = &headers;
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    let (uid, p) = who.in_span();
     let dst = required_id(&p, "dstid")?;
     let cmd = p.int("cmd")?.unwrap_or(i64::from(ChatCmd::Single as i32));
     let cmd = match i32::try_from(cmd).map(ChatCmd::try_from) {
