@@ -35,7 +35,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<App>> for JsonOrForm<T> {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        let too_large = || ApiError::BodyTooLarge(app.max_body_bytes);
+        let too_large = || ApiError::BodyTooLarge(app.max_body_bytes());
         if mime == "application/json" || mime.ends_with("+json") {
             let bytes = Bytes::from_request(req, app).await.map_err(|r| {
                 if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -136,7 +136,7 @@ impl FromRequest<Arc<App>> for Params {
             // Nothing but the query (and headers): fine as long as there is no body.
             let bytes = Bytes::from_request(req, app)
                 .await
-                .map_err(|_| ApiError::BodyTooLarge(app.max_body_bytes))?;
+                .map_err(|_| ApiError::BodyTooLarge(app.max_body_bytes()))?;
             if !bytes.is_empty() {
                 return Err(ApiError::UnsupportedContentType(String::new()));
             }

@@ -175,14 +175,14 @@ impl LogicService {
     async fn do_sign_in(&self, req: SignInReq) -> Result<SignInReply, Status> {
         check_server(&req.server)?;
         Span::current().record("server", req.server.as_str());
-        let checked = self.app.verify(&req.token).and_then(|uid| {
+        let checked = self.app.auth.verify(&req.token).and_then(|uid| {
             // The /chat page names its user too: it must be the token's.
             if !req.uid.is_empty() && req.uid != uid {
                 return Err(ApiError::SignInUidMismatch);
             }
             // IM sessions (/chat) have no room of their own.
             if !req.room_id.is_empty() {
-                self.app.check_room(&req.room_id)?;
+                self.app.rooms.check_room(&req.room_id)?;
                 if rooms::is_community(&req.room_id) {
                     return Err(ApiError::ReservedRoom);
                 }
@@ -207,7 +207,8 @@ impl LogicService {
         let rooms = match im_uid(&uid) {
             Ok(id) => self
                 .app
-                .store
+                .im
+                .store()
                 .communities_of(id)
                 .await
                 .map_err(unavailable)?
@@ -226,7 +227,8 @@ impl LogicService {
             room: req.room_id,
         };
         self.app
-            .presence
+            .rooms
+            .presence()
             .sign_in(&session)
             .await
             .map_err(unavailable)?;
@@ -236,7 +238,7 @@ impl LogicService {
             msg: "ok".into(),
             uid: session.uid,
             key: session.key,
-            heartbeat_secs: self.app.heartbeat_secs,
+            heartbeat_secs: self.app.rooms.heartbeat_secs(),
             rooms,
         })
     }
@@ -250,7 +252,8 @@ impl LogicService {
             .record("server", req.server.as_str())
             .record("uid", req.uid.as_str());
         self.app
-            .presence
+            .rooms
+            .presence()
             .sign_out(&req.uid, &req.key)
             .await
             .map_err(unavailable)?;
@@ -268,7 +271,8 @@ impl LogicService {
             .record("uid", req.uid.as_str());
         let known = self
             .app
-            .presence
+            .rooms
+            .presence()
             .heartbeat(&req.uid, &req.key)
             .await
             .map_err(unavailable)?;
@@ -309,7 +313,7 @@ impl LogicService {
             .record("server", req.server.as_str())
             .record("uid", req.uid.as_str());
         if let Some(m) = &req.msg
-            && self.app.check_room(&m.room_id).is_ok()
+            && self.app.rooms.check_room(&m.room_id).is_ok()
         {
             Span::current().record("room", m.room_id.as_str());
         }
@@ -330,6 +334,7 @@ impl LogicService {
                 None => Err(ApiError::MissingMessage),
                 Some(m) => self
                     .app
+                    .rooms
                     .check_room_msg(&req.uid, &m.room_id, m.msg_lv, m.data),
             };
             match checked {
@@ -341,7 +346,7 @@ impl LogicService {
                 Err(e) => replies.push(Some(refused(e))),
             }
         }
-        let published = self.app.publish_room_msgs(accepted).await;
+        let published = self.app.rooms.publish_room_msgs(accepted).await;
         for (slot, r) in slots.into_iter().zip(published) {
             replies[slot] = Some(match r {
                 Ok(id) => ReceiveReply {
@@ -360,12 +365,13 @@ impl LogicService {
 
     #[tracing::instrument(name = "grpc.room_history", skip_all, fields(room = %req.room_id, after = req.after_offset))]
     async fn do_room_history(&self, req: RoomHistoryReq) -> Result<RoomHistoryReply, Status> {
-        self.app.check_room(&req.room_id).map_err(|e| {
+        self.app.rooms.check_room(&req.room_id).map_err(|e| {
             e.log();
             Status::invalid_argument(e.to_string())
         })?;
         self.app
-            .streams
+            .rooms
+            .streams()
             .history(
                 &req.room_id,
                 req.epoch,
@@ -458,14 +464,15 @@ impl LogicService {
         let rooms: RoomCounts = req
             .rooms
             .into_iter()
-            .filter(|(room, _)| self.app.check_room(room).is_ok())
+            .filter(|(room, _)| self.app.rooms.check_room(room).is_ok())
             .collect();
         if rooms.len() != total {
             warn!(skipped = total - rooms.len(), "report had invalid room ids");
         }
         let totals = self
             .app
-            .presence
+            .rooms
+            .presence()
             .report_online(&req.server, &rooms)
             .await
             .map_err(unavailable)?;

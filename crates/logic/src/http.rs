@@ -39,7 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Applies to the Json/Form extractors: past it they reject with 413,
         // which `JsonOrForm` turns into the JSON shape.
-        .layer(DefaultBodyLimit::max(app.max_body_bytes))
+        .layer(DefaultBodyLimit::max(app.max_body_bytes()))
         .with_state(app)
 }
 
@@ -134,14 +134,15 @@ async fn send_msg(
             ))
         })?,
     };
-    let uid = app.verify(token)?;
+    let uid = app.auth.verify(token)?;
     Span::current().record("uid", uid.as_str());
     let JsonOrForm(body) = body?;
     let room = text(body.room_id);
-    app.check_room(&room)?;
+    app.rooms.check_room(&room)?;
     Span::current().record("room", room.as_str());
     let msg = body.msg.ok_or(ApiError::MissingMessage)?.0;
     let id = app
+        .rooms
         .publish(&uid, &room, MsgLevel::Important as i32, Bytes::from(msg))
         .await?;
     debug!(id, "message accepted");
@@ -160,7 +161,7 @@ fn issue_token(
     app: &App,
     body: Result<JsonOrForm<TkBody>, ApiError>,
 ) -> Result<Option<String>, ApiError> {
-    if !app.test_token {
+    if !app.auth.test_tokens() {
         return Err(ApiError::TestTokenDisabled);
     }
     let JsonOrForm(body) = body?;
@@ -172,7 +173,7 @@ fn issue_token(
             "numeric uids are IM accounts: log in with /user/login".into(),
         ));
     }
-    let token = app.issue(&uid)?;
+    let token = app.auth.issue(&uid)?;
     Span::current().record("uid", uid.as_str());
     info!("test token issued");
     Ok(Some(token))

@@ -169,7 +169,7 @@ pub async fn run(
     let mut http_task: JoinHandle<Result<(), LogicError>> =
         tracker.spawn(async move { http.await.map_err(LogicError::Http) });
 
-    if let Presence::Memory(m) = &app.presence {
+    if let Presence::Memory(m) = &app.rooms.presence() {
         let (m, stop) = (m.clone(), shutdown.clone());
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(m.sweep_period());

@@ -109,7 +109,7 @@ pub fn check_fields(im: &ImConfig, m: &ChatMsg) -> Result<(), ApiError> {
 /// its delivery; answers the ack for the sender's session.
 pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiError> {
     let sender = im_uid(uid)?;
-    if !app.chat_limiter.check(uid) {
+    if !app.im.chat_allowed(uid) {
         return Err(ApiError::RateLimited);
     }
     match ChatCmd::try_from(msg.cmd) {
@@ -126,7 +126,7 @@ pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiErro
     if msg.dstid <= 0 {
         return Err(ApiError::Invalid("dstid must be a positive id".into()));
     }
-    check_fields(&app.im, &msg)?;
+    check_fields(app.im.cfg(), &msg)?;
     let client_id = msg.id;
     let mut m = ChatMsg {
         id: 0,
@@ -158,14 +158,15 @@ pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiErro
 
 async fn send_single(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError> {
     let (sender, dst) = (m.userid, m.dstid);
-    if !app.store.is_friend(sender, dst).await? {
+    if !app.im.store().is_friend(sender, dst).await? {
         return Err(ApiError::Forbidden(
             "you can only send messages to your friends".into(),
         ));
     }
     let (s, d) = (sender.to_string(), dst.to_string());
     let mut servers = app
-        .presence
+        .rooms
+        .presence()
         .servers_of_many(&[d.clone(), s.clone()])
         .await?;
     let sender_servers = servers.pop().unwrap_or_default();
@@ -178,7 +179,12 @@ async fn send_single(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError>
         // the look-up and the insert: look again so the message is not left
         // waiting for the next sign-in. At worst it arrives twice, with the
         // same id.
-        dst_servers = app.presence.servers_of(&d).await.unwrap_or_default();
+        dst_servers = app
+            .rooms
+            .presence()
+            .servers_of(&d)
+            .await
+            .unwrap_or_default();
     }
     let (uids, status) = if dst_servers.is_empty() {
         (vec![s], ChatStatus::Stored)
@@ -207,20 +213,21 @@ async fn send_single(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError>
 
 async fn send_community(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError> {
     let (sender, community) = (m.userid, m.dstid);
-    if !app.store.is_member(sender, community).await? {
+    if !app.im.store().is_member(sender, community).await? {
         return Err(ApiError::Forbidden(
             "you can only send messages to communities you have joined".into(),
         ));
     }
     let others: Vec<i64> = app
-        .store
+        .im
+        .store()
         .members(community)
         .await?
         .into_iter()
         .filter(|u| *u != sender)
         .collect();
     let names: Vec<String> = others.iter().map(i64::to_string).collect();
-    let servers = app.presence.servers_of_many(&names).await?;
+    let servers = app.rooms.presence().servers_of_many(&names).await?;
     let offline: Vec<i64> = others
         .iter()
         .zip(&servers)
@@ -255,9 +262,9 @@ async fn send_community(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiErr
 async fn store(app: &App, m: &mut ChatMsg, inbox: &[i64]) -> Result<(), ApiError> {
     let mut attempt = 0;
     loop {
-        m.id = app.chat_ids.next_id() as i64;
+        m.id = app.im.next_chat_id();
         m.created_ms = now_ms() as i64;
-        match app.store.insert_message(m, inbox).await {
+        match app.im.store().insert_message(m, inbox).await {
             Ok(()) => return Ok(()),
             Err(e) if Store::is_duplicate_id(&e) && attempt < 3 => {
                 warn!(
@@ -274,8 +281,8 @@ async fn store(app: &App, m: &mut ChatMsg, inbox: &[i64]) -> Result<(), ApiError
 /// Publishes; if the queue refuses, the stored message is taken back so the
 /// sender can simply retry.
 async fn publish_or_undo(app: &App, id: i64, q: QueueMsg) -> Result<(), ApiError> {
-    if let Err(e) = app.enqueue(q).await {
-        if let Err(undo) = app.store.delete_message(id).await {
+    if let Err(e) = app.rooms.enqueue(q).await {
+        if let Err(undo) = app.im.store().delete_message(id).await {
             warn!(id, error = %undo, "could not take back an undelivered message");
         }
         return Err(e);
@@ -293,7 +300,7 @@ pub async fn pending(app: &App, uid: &str, limit: u32) -> Result<(Vec<ChatMsg>, 
         0 => PENDING_DEFAULT,
         n => n.min(PENDING_MAX),
     };
-    let mut msgs = app.store.pending(uid, limit + 1).await?;
+    let mut msgs = app.im.store().pending(uid, limit + 1).await?;
     let more = msgs.len() > limit as usize;
     msgs.truncate(limit as usize);
     Ok((msgs, more))
@@ -304,7 +311,7 @@ pub async fn ack_pending(app: &App, uid: &str, upto: i64) -> Result<u64, ApiErro
     let Ok(uid) = im_uid(uid) else {
         return Ok(0);
     };
-    Ok(app.store.ack_pending(uid, upto).await?)
+    Ok(app.im.store().ack_pending(uid, upto).await?)
 }
 
 /// Messages a conn node could not hand to `uid` (it has no session for it
@@ -315,7 +322,8 @@ pub async fn undelivered(app: &App, server: &str, uid: &str, ids: &[i64]) -> Res
         return Ok(0);
     };
     let elsewhere = app
-        .presence
+        .rooms
+        .presence()
         .servers_of(uid)
         .await?
         .into_iter()
@@ -323,34 +331,35 @@ pub async fn undelivered(app: &App, server: &str, uid: &str, ids: &[i64]) -> Res
     if elsewhere {
         return Ok(0);
     }
-    Ok(app.store.add_inbox(id, ids).await?)
+    Ok(app.im.store().add_inbox(id, ids).await?)
 }
 
 /// An operator broadcast to every session (not stored: it is not part of
 /// any conversation). Answers the message as sent.
 pub async fn broadcast(app: &App, msg: ChatMsg) -> Result<ChatMsg, ApiError> {
     let m = ChatMsg {
-        id: app.chat_ids.next_id() as i64,
+        id: app.im.next_chat_id(),
         userid: 0,
         dstid: 0,
         cmd: ChatCmd::Broadcast.into(),
         created_ms: now_ms() as i64,
         ..msg
     };
-    check_fields(&app.im, &m)?;
-    app.enqueue(QueueMsg {
-        body: Some(queue_msg::Body::Broadcast(BroadcastMsg {
-            msg: Some(m.clone()),
-        })),
-    })
-    .await?;
+    check_fields(app.im.cfg(), &m)?;
+    app.rooms
+        .enqueue(QueueMsg {
+            body: Some(queue_msg::Body::Broadcast(BroadcastMsg {
+                msg: Some(m.clone()),
+            })),
+        })
+        .await?;
     Ok(m)
 }
 
 /// After a user joined community `id`: its live sessions join the room now.
 /// Best effort (the membership is committed; the next sign-in joins anyway).
 pub async fn announce_join(app: &App, uid: i64, id: i64) {
-    let servers = match app.presence.servers_of(&uid.to_string()).await {
+    let servers = match app.rooms.presence().servers_of(&uid.to_string()).await {
         Ok(s) => s,
         Err(e) => {
             warn!(uid, community = id, error = %e, "presence look-up for a join failed");
@@ -367,7 +376,7 @@ pub async fn announce_join(app: &App, uid: i64, id: i64) {
             servers,
         })),
     };
-    if let Err(e) = app.enqueue(q).await {
+    if let Err(e) = app.rooms.enqueue(q).await {
         warn!(uid, community = id, reason = %e, "join could not be published");
     }
 }

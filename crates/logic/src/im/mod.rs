@@ -54,7 +54,7 @@ impl FromRequest<Arc<App>> for Acting {
             params.get("token"),
             params.get("userid"),
         )?;
-        if !app.api_limiter.check(&uid.to_string()) {
+        if !app.im.api_allowed(&uid.to_string()) {
             return Err(ApiError::RateLimited.into());
         }
         Ok(Acting { uid, params })
@@ -96,7 +96,7 @@ fn user_from(
         .filter(|t| !t.trim().is_empty())
         .or(token_field)
         .ok_or(ApiError::LoginNeeded(TokenError::Empty))?;
-    let uid = im_uid(&app.verify(token)?)?;
+    let uid = im_uid(&app.auth.verify(token)?)?;
     match userid_field.map(str::trim) {
         None | Some("") | Some("0") => Ok(uid),
         Some(given) if given == uid.to_string() => Ok(uid),

@@ -96,13 +96,13 @@ fn optional_url(app: &App, p: &Params, keys: &[&str]) -> Result<String, ApiError
     for key in keys {
         let v = p.get(key).unwrap_or("").trim();
         if !v.is_empty() {
-            if v.len() > app.im.max_url_bytes {
+            if v.len() > app.im.cfg().max_url_bytes {
                 return Err(ApiError::TooLarge(format!(
                     "{key} is larger than {} bytes",
-                    app.im.max_url_bytes
+                    app.im.cfg().max_url_bytes
                 )));
             }
-            check_url(&app.im, key, v)?;
+            check_url(app.im.cfg(), key, v)?;
             return Ok(v.to_string());
         }
     }
@@ -132,7 +132,7 @@ async fn register(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> I
             ApiError::Invalid("mobile must be 1-32 characters without spaces".into()).into(),
         );
     }
-    if !app.api_limiter.check(&format!("mobile:{mobile}")) {
+    if !app.im.api_allowed(&format!("mobile:{mobile}")) {
         return Err(ApiError::RateLimited.into());
     }
     let passwd = p.get("passwd").unwrap_or("").to_string();
@@ -145,12 +145,13 @@ async fn register(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> I
     }
     let avatar = optional_url(app, &p, &["avatar"])?;
     let memo = short_text(&p, "memo", 256)?;
-    if app.store.user_by_mobile(&mobile).await?.is_some() {
+    if app.im.store().user_by_mobile(&mobile).await?.is_some() {
         return Err(crate::store::StoreError::MobileTaken.into());
     }
-    let passwd_hash = app.passwords.hash(passwd).await?;
+    let passwd_hash = app.im.passwords().hash(passwd).await?;
     let user = app
-        .store
+        .im
+        .store()
         .create_user(&NewUser {
             mobile,
             passwd_hash,
@@ -177,16 +178,16 @@ async fn login(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> ImRe
         return Err(ApiError::BadCredentials.into());
     }
     // Slows password guessing against one account, whoever guesses.
-    if !app.api_limiter.check(&format!("mobile:{mobile}")) {
+    if !app.im.api_allowed(&format!("mobile:{mobile}")) {
         return Err(ApiError::RateLimited.into());
     }
-    let Some((user, hash)) = app.store.credentials(&mobile).await? else {
+    let Some((user, hash)) = app.im.store().credentials(&mobile).await? else {
         return Err(ApiError::BadCredentials.into());
     };
-    if !app.passwords.verify(passwd, hash).await? {
+    if !app.im.passwords().verify(passwd, hash).await? {
         return Err(ApiError::BadCredentials.into());
     }
-    let token = app.issue(&user.id.to_string())?;
+    let token = app.auth.issue(&user.id.to_string())?;
     Span::current().record("uid", user.id);
     info!("user logged in");
     Ok(ImReply::data(Login { user, token }))
@@ -197,10 +198,10 @@ async fn find(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> 
     let app: &App = &app;
     let (_, p) = who.in_span();
     let user = if let Some(id) = p.int("id")?.or(p.int("dstid")?) {
-        app.store.user(id).await?
+        app.im.store().user(id).await?
     } else {
         match p.get("mobile").map(str::trim).filter(|m| !m.is_empty()) {
-            Some(mobile) => app.store.user_by_mobile(mobile).await?,
+            Some(mobile) => app.im.store().user_by_mobile(mobile).await?,
             None => return Err(ApiError::Invalid("give id or mobile".into()).into()),
         }
     };
@@ -215,7 +216,7 @@ async fn add_friend(State(app): State<Arc<App>>, who: Acting) -> ImResult<Public
     let app: &App = &app;
     let (uid, p) = who.in_span();
     let dst = required_id(&p, "dstid")?;
-    let friend = app.store.add_friend(uid, dst).await?;
+    let friend = app.im.store().add_friend(uid, dst).await?;
     info!(friend = dst, "friend added");
     Ok(ImReply::data(friend.into()))
 }
@@ -224,7 +225,7 @@ async fn add_friend(State(app): State<Arc<App>>, who: Acting) -> ImResult<Public
 async fn friends(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> {
     let app: &App = &app;
     let (uid, _) = who.in_span();
-    let rows = app.store.friends(uid).await?;
+    let rows = app.im.store().friends(uid).await?;
     Ok(ImReply::rows(rows.into_iter().map(Into::into).collect()))
 }
 
@@ -246,7 +247,8 @@ async fn create_community(
         return Err(ApiError::Invalid("kind must be 0..=1000".into()).into());
     }
     let c = app
-        .store
+        .im
+        .store()
         .create_community(
             &NewCommunity {
                 name,
@@ -255,7 +257,7 @@ async fn create_community(
                 memo,
                 kind,
             },
-            app.im.max_owned_communities,
+            app.im.cfg().max_owned_communities,
         )
         .await?;
     info!(community = c.id, "community created");
@@ -270,7 +272,7 @@ async fn communities(
 ) -> ImResult<crate::store::Community> {
     let app: &App = &app;
     let (uid, _) = who.in_span();
-    Ok(ImReply::rows(app.store.communities_of(uid).await?))
+    Ok(ImReply::rows(app.im.store().communities_of(uid).await?))
 }
 
 #[tracing::instrument(name = "http.joincommunity", skip_all, fields(uid))]
@@ -281,7 +283,7 @@ async fn join_community(
     let app: &App = &app;
     let (uid, p) = who.in_span();
     let id = required_id(&p, "dstid")?;
-    let c = app.store.join_community(uid, id).await?;
+    let c = app.im.store().join_community(uid, id).await?;
     info!(community = id, "community joined");
     chat::announce_join(app, uid, id).await;
     Ok(ImReply::data(c))
@@ -307,13 +309,14 @@ async fn history(State(app): State<Arc<App>>, who: Acting) -> ImResult<ChatJson>
         Some(_) => return Err(ApiError::Invalid("before must be a message id".into()).into()),
     };
     let limit = p.int("limit")?.unwrap_or(20).clamp(1, 100) as u32;
-    if cmd == ChatCmd::Community as i32 && !app.store.is_member(uid, dst).await? {
+    if cmd == ChatCmd::Community as i32 && !app.im.store().is_member(uid, dst).await? {
         return Err(
             ApiError::Forbidden("only members can read a community's history".into()).into(),
         );
     }
     let msgs = app
-        .store
+        .im
+        .store()
         .history(&conv_key(cmd, uid, dst), before, limit)
         .await?;
     Ok(ImReply::rows(msgs.into_iter().map(Into::into).collect()))
@@ -334,7 +337,7 @@ async fn admin_broadcast(
 ) -> ImResult<ChatJson> {
     let app: &App = &app;
     let headers = &headers;
-    if app.admin_token.is_empty() {
+    if app.im.admin_token().is_empty() {
         return Err(ApiError::NotFound.into());
     }
     let given = headers
@@ -342,7 +345,7 @@ async fn admin_broadcast(
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     let given = given.strip_prefix(b"Bearer ").unwrap_or(given);
-    if !same_secret(given, app.admin_token.as_bytes()) {
+    if !same_secret(given, app.im.admin_token().as_bytes()) {
         return Err(ApiError::AdminAuth.into());
     }
     let p = p?;
