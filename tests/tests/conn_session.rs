@@ -1074,24 +1074,22 @@ mod im {
             );
         }
         let mut c = conn_client(&n).await;
-        // Room messages: one push per message, all sent before anyone reads.
+        // Room messages: 1,000 batches of one message in one bundle, as job
+        // sends what gathered for a node after a pause, before anyone reads.
         let room_msgs = payloads(1, MSGS);
-        let pushes = room_msgs.iter().enumerate().map(|(i, p)| {
-            let mut c = c.clone();
-            async move {
-                c.push_room(PushRoomReq {
-                    room_id: "burst".into(),
-                    level: MsgLevel::Important as i32,
-                    batch: chatroom_common::batch::encode([&p[..]]),
-                    offsets: vec![1 + i as u64],
-                    epoch: 11,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-            }
-        });
-        futures_util::future::join_all(pushes).await;
+        let rooms = room_msgs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PushRoomReq {
+                room_id: "burst".into(),
+                level: MsgLevel::Important as i32,
+                batch: chatroom_common::batch::encode([&p[..]]),
+                offsets: vec![1 + i as u64],
+                epoch: 11,
+                ..Default::default()
+            })
+            .collect();
+        c.push_rooms(PushRoomsReq { rooms }).await.unwrap();
         // IM messages to the same room: each its own frame in the session's
         // queue, 1,000 of them waiting at once.
         // In one bundle, as job sends what gathered for a node after a pause.

@@ -242,12 +242,16 @@ async fn accept_loop(
         };
         ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let id = next_id.fetch_add(1, Ordering::Relaxed);
-        let ctx2 = ctx.clone();
-        let stop = sessions.clone();
-        ctx.tracker.spawn(async move {
-            session::serve(stream, peer, ctx2, id, stop).await;
-            drop(permit);
-        });
+        // Spawned as it is: wrapped in another async block, the session's
+        // future would be kept twice (captured, then moved to be awaited).
+        ctx.tracker.spawn(session::serve(
+            stream,
+            peer,
+            ctx.clone(),
+            id,
+            sessions.clone(),
+            permit,
+        ));
     }
 }
 

@@ -1,10 +1,12 @@
 //! gRPC clients for the live logic nodes, kept in step with discovery and
-//! used round-robin; a call that finds a node unreachable tries the next one.
+//! used round-robin; a call that finds a node unreachable tries another one,
+//! and that node is passed over for [`DOWN_FOR`] (a killed logic node stays
+//! in etcd until its lease ends: without this every call would try it first).
 //! Calls in flight are bounded ([`MAX_IN_FLIGHT`]): when thousands of
 //! sessions sign in or out at once (a restart, a network blip) the rest wait
 //! their turn instead of each holding request and HTTP/2 stream buffers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,17 @@ type Client = LogicClient<Channel>;
 
 /// Calls to logic in flight at once from this node.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// How long a node that answered `Unavailable` is passed over while
+/// another is up.
+pub const DOWN_FOR: Duration = Duration::from_secs(2);
+
+/// One logic node's client and until when it is passed over.
+struct Member {
+    node: Node,
+    client: Client,
+    /// ms since the pool started; 0: up.
+    down_until_ms: AtomicU64,
+}
 
 pub struct LogicPool {
     state: Mutex<State>,
@@ -35,11 +48,12 @@ pub struct LogicPool {
     next: AtomicUsize,
     timeout: Duration,
     in_flight: Semaphore,
+    started: Instant,
 }
 
 struct State {
     rx: NodesRx,
-    clients: Vec<(Node, Client)>,
+    clients: Vec<Arc<Member>>,
 }
 
 impl LogicPool {
@@ -53,6 +67,7 @@ impl LogicPool {
             next: AtomicUsize::new(0),
             timeout,
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            started: Instant::now(),
         };
         pool.refresh(true);
         pool
@@ -68,8 +83,8 @@ impl LogicPool {
         let nodes = st.rx.borrow_and_update().clone();
         let mut clients = Vec::with_capacity(nodes.len());
         for node in nodes {
-            if let Some((_, c)) = st.clients.iter().find(|(n, _)| *n == node) {
-                clients.push((node, c.clone()));
+            if let Some(m) = st.clients.iter().find(|m| m.node == node) {
+                clients.push(m.clone());
                 continue;
             }
             match Endpoint::from_shared(node.uri.clone()) {
@@ -80,7 +95,11 @@ impl LogicPool {
                         .tcp_nodelay(true)
                         .connect_lazy();
                     info!(id = %node.id, uri = %node.uri, "logic node added");
-                    clients.push((node, LogicClient::new(ch)));
+                    clients.push(Arc::new(Member {
+                        node,
+                        client: LogicClient::new(ch),
+                        down_until_ms: AtomicU64::new(0),
+                    }));
                 }
                 Err(e) => warn!(id = %node.id, uri = %node.uri, error = %e, "bad logic node uri"),
             }
@@ -88,14 +107,32 @@ impl LogicPool {
         st.clients = clients;
     }
 
-    fn pick(&self, skip: usize) -> Option<(usize, Client)> {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The next node round-robin, passing over `avoid` and nodes recently
+    /// found down while another is up; with how many nodes there are.
+    fn pick(&self, avoid: Option<&Arc<Member>>) -> Option<(usize, Arc<Member>)> {
         self.refresh(false);
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.clients.is_empty() {
+        let n = st.clients.len();
+        if n == 0 {
             return None;
         }
-        let i = (self.next.fetch_add(1, Ordering::Relaxed) + skip) % st.clients.len();
-        Some((st.clients.len(), st.clients[i].1.clone()))
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let candidates = (0..n)
+            .map(|k| &st.clients[(start + k) % n])
+            .filter(|m| !avoid.is_some_and(|a| Arc::ptr_eq(a, m)));
+        let mut fallback = None;
+        for m in candidates {
+            if m.down_until_ms.load(Ordering::Relaxed) <= now {
+                return Some((n, m.clone()));
+            }
+            fallback.get_or_insert(m);
+        }
+        fallback.map(|m| (n, m.clone()))
     }
 
     /// Runs `f` on a logic node (timed and counted as `kind`).
@@ -120,16 +157,22 @@ impl LogicPool {
         let Ok(_slot) = self.in_flight.acquire().await else {
             return Err(Status::unavailable("logic calls are closed"));
         };
-        let Some((n, c)) = self.pick(0) else {
+        let Some((n, m)) = self.pick(None) else {
             return Err(Status::unavailable("no logic node is known"));
         };
-        match f(c).await {
-            Err(s) if s.code() == Code::Unavailable && n > 1 => {
-                warn!(error = %s.message(), "logic node unavailable; trying another");
-                let Some((_, c)) = self.pick(1) else {
+        match f(m.client.clone()).await {
+            Err(s) if s.code() == Code::Unavailable => {
+                m.down_until_ms.store(
+                    self.now_ms() + DOWN_FOR.as_millis() as u64,
+                    Ordering::Relaxed,
+                );
+                let other = if n > 1 { self.pick(Some(&m)) } else { None };
+                let Some((_, o)) = other else {
                     return Err(s);
                 };
-                f(c).await
+                warn!(node = %m.node.id, other = %o.node.id, error = %s.message(),
+                    "logic node unavailable; trying another");
+                f(o.client.clone()).await
             }
             r => r,
         }
@@ -223,5 +266,44 @@ impl LogicPool {
             async move { c.room_history(req).await }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            uri: format!("http://127.0.0.1:1/{id}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_found_down_is_passed_over_and_a_retry_goes_elsewhere() {
+        let (_tx, rx) = tokio::sync::watch::channel(vec![node("a"), node("b")]);
+        let pool = LogicPool::new(rx, Duration::from_secs(1), Arc::new(Stats::default()));
+        let ids = |avoid: Option<&Arc<Member>>| {
+            (0..4)
+                .map(|_| pool.pick(avoid).unwrap().1.node.id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(None), ["a", "b", "a", "b"], "round-robin");
+        let (_, a) = pool.pick(None).unwrap();
+        // The retry after a failure never lands on the node that failed,
+        // whatever the round-robin position (two nodes: k + 2 = k).
+        assert!(ids(Some(&a)).iter().all(|id| *id != a.node.id));
+        a.down_until_ms
+            .store(pool.now_ms() + 60_000, Ordering::Relaxed);
+        assert!(
+            ids(None).iter().all(|id| *id != a.node.id),
+            "a node found down is passed over while another is up"
+        );
+        // With every node down, calls still go somewhere.
+        let (_, b) = pool.pick(Some(&a)).unwrap();
+        b.down_until_ms
+            .store(pool.now_ms() + 60_000, Ordering::Relaxed);
+        assert_eq!(ids(None).len(), 4);
     }
 }

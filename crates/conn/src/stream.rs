@@ -136,6 +136,9 @@ pub struct RoomStream {
     members: AtomicUsize,
     /// When the last member left (ms since the registry started), for linger.
     idle_since_ms: AtomicU64,
+    /// Wall-clock ms when this node made the stream (epochs are logic's
+    /// wall-clock ms of a stream's start: one at or after this began here).
+    created_ms: u64,
 }
 
 impl std::fmt::Debug for RoomStream {
@@ -164,6 +167,9 @@ impl RoomStream {
             wake: Notify::new(),
             members: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }
     }
 
@@ -204,9 +210,16 @@ impl RoomStream {
         {
             let mut st = self.lock();
             if epoch > st.epoch {
-                // A new stream (or the first): start where its messages start.
+                // A new epoch: logic numbers every epoch from 1. Where this
+                // stream has seen the epoch from its start — it followed an
+                // older one, or the epoch began after the stream was made
+                // here — it starts at 1, so that a lower offset arriving
+                // after a higher one (two job nodes) is put in order, not
+                // dropped. Joining an epoch midway, it starts where the
+                // first message to arrive starts.
+                let from_start = st.epoch != 0 || epoch >= self.created_ms;
                 st.epoch = epoch;
-                st.next = 0;
+                st.next = if from_start { 1 } else { 0 };
                 st.entries.clear();
                 st.bytes = 0;
                 st.early.clear();
@@ -782,6 +795,33 @@ mod tests {
         // Frames never span a gap: the writer at 4 gets 6 alone.
         let (msgs, next, f) = take_frame(&s, &c, 1, 4);
         assert_eq!((msgs, next, open(&f).1), (vec!["f".to_string()], 7, 6));
+    }
+
+    /// Two job nodes push one room: the later offsets of a new epoch may
+    /// arrive first. A stream that saw the epoch begin puts the earlier
+    /// ones before them instead of dropping them as already seen.
+    #[test]
+    fn an_epoch_seen_from_its_start_keeps_earlier_offsets_that_arrive_late() {
+        let c = cfg();
+        let now = Instant::now();
+        let s = RoomStream::new("r".into());
+        let fresh = s.created_ms + 5;
+        let a = push(&s, &c, fresh, vec![e(4, "d"), e(5, "e")], now);
+        assert_eq!((a.appended, a.early), (0, 2), "4 and 5 wait for 1..=3");
+        let a = push(&s, &c, fresh, vec![e(2, "b"), e(3, "c"), e(1, "a")], now);
+        assert_eq!((a.appended, a.duplicates), (5, 0));
+        assert_eq!(s.position(), (fresh, 6));
+        // A newer epoch on a stream that followed the older one: from 1 too.
+        let a = push(&s, &c, fresh + 1, vec![e(2, "y")], now);
+        assert_eq!((a.appended, a.early), (0, 1));
+        let a = push(&s, &c, fresh + 1, vec![e(1, "x")], now);
+        assert_eq!((a.appended, a.duplicates), (2, 0));
+        // An epoch older than the stream here was joined midway: it starts
+        // where its first message does (nothing before it is coming).
+        let joined = RoomStream::new("q".into());
+        let old = joined.created_ms - 60_000;
+        let a = push(&joined, &c, old, vec![e(500, "m")], now);
+        assert_eq!((a.appended, joined.position()), (1, (old, 501)));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, info_span};
 
@@ -71,116 +72,131 @@ fn session_span(tag: Tag, who: Option<&Identity>) -> Span {
     }
 }
 
-/// Serves one accepted TCP connection until it ends or `shutdown` fires.
-pub async fn serve(
+/// Serves one accepted TCP connection until it ends or `shutdown` fires;
+/// `slot` (one of `ws.max_connections`) is given back at the end.
+#[allow(clippy::manual_async_fn)] // an async fn would keep its arguments twice (below)
+pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<Ctx>,
     id: u64,
     shutdown: CancellationToken,
-) {
-    let tag = Tag { peer, id };
-    // Futures used once or rarely are boxed: an idle session's task then
-    // only holds the state of its read loop, not of the largest call.
-    let shaken = Box::pin(handshake(stream, &ctx).instrument(session_span(tag, None))).await;
-    let (reader, writer, endpoint) = match shaken {
-        Ok(x) => x,
-        Err(e) => {
-            session_span(tag, None).in_scope(|| debug!(error = %e, "websocket handshake failed"));
-            return;
-        }
-    };
-    ctx.stats.sessions.fetch_add(1, Ordering::Relaxed);
-    run_session(reader, writer, endpoint, ctx.clone(), tag, shutdown).await;
-    ctx.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+    slot: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
+    // Not `async fn` (nor is `run_session`): the arguments of an async fn
+    // are kept twice in its future — as arguments and as the body's locals —
+    // and this future is most of what an idle session costs. An async
+    // block uses what it captured in place.
+    async move {
+        let tag = Tag { peer, id };
+        // Futures used once or rarely are boxed: an idle session's task then
+        // only holds the state of its read loop, not of the largest call.
+        let shaken = Box::pin(handshake(stream, &ctx).instrument(session_span(tag, None))).await;
+        let (reader, writer, endpoint) = match shaken {
+            Ok(x) => x,
+            Err(e) => {
+                session_span(tag, None)
+                    .in_scope(|| debug!(error = %e, "websocket handshake failed"));
+                return;
+            }
+        };
+        ctx.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        run_session(reader, writer, endpoint, ctx.clone(), tag, shutdown).await;
+        ctx.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        drop(slot);
+    }
 }
 
-async fn run_session(
+#[allow(clippy::manual_async_fn)] // not async fn: see `serve`
+fn run_session(
     mut stream: crate::ws::Reader,
     sink: crate::ws::Writer,
     endpoint: Endpoint,
     ctx: Arc<Ctx>,
     tag: Tag,
     shutdown: CancellationToken,
-) {
-    let id = tag.id;
-    let tx = Arc::new(Outbox::with_depth(
-        Limits::new(
-            ctx.cfg.ws.send_queue_bytes,
-            Duration::from_millis(ctx.cfg.ws.slow_after_ms),
-        ),
-        ctx.stats.outbox_depth.clone(),
-    ));
-    let kill = shutdown.child_token();
-    let enc = match endpoint {
-        Endpoint::Room => Encoding::Protobuf,
-        Endpoint::Chat { .. } => Encoding::Json,
-    };
-    // Not instrumented: the writer wakes for every push, and entering a
-    // span on each poll showed in profiles; its rare logs make one.
-    let writer = tokio::spawn(writer::write_loop(writer::Writer {
-        sink,
-        outbox: tx.clone(),
-        enc,
-        kill: kill.clone(),
-        shutdown: shutdown.clone(),
-        ping: Duration::from_secs(ctx.cfg.ws.ping_secs),
-        tag,
-        ctx: ctx.clone(),
-    }));
-    let edge = Edge { tx, enc };
-
-    let signed = match endpoint {
-        Endpoint::Room => {
-            let span = session_span(tag, None);
-            Box::pin(sign_in::sign_in_room(&mut stream, &edge, &ctx, &kill).instrument(span)).await
-        }
-        Endpoint::Chat { id, token } => {
-            let span = session_span(tag, None);
-            Box::pin(sign_in::sign_in_chat(id, token, &edge, &ctx).instrument(span)).await
-        }
-    };
-    if let Some((who, extra_rooms, resume)) = signed {
-        ctx.stats.session_signed_in(edge.enc);
-        let me = Arc::new(SessionTx::new(
-            id,
-            edge.tx.clone(),
-            kill.clone(),
-            who.uid.clone(),
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let id = tag.id;
+        let tx = Arc::new(Outbox::with_depth(
+            Limits::new(
+                ctx.cfg.ws.send_queue_bytes,
+                Duration::from_millis(ctx.cfg.ws.slow_after_ms),
+            ),
+            ctx.stats.outbox_depth.clone(),
         ));
-        ctx.buckets.register(me.clone());
-        for room in who.room.iter().chain(extra_rooms.iter()) {
-            ctx.buckets.join_session(room, &me);
-        }
-        let span = session_span(tag, Some(&who));
-        // The sign-in room's stream: the answer, recovery, then live.
-        let (joined, ready) = match &who.room {
-            Some(room) => {
-                let (s, sent) =
-                    Box::pin(recover::join(&ctx, &edge, room, resume).instrument(span.clone()))
-                        .await;
-                (Some(s), sent)
+        let kill = shutdown.child_token();
+        let enc = match endpoint {
+            Endpoint::Room => Encoding::Protobuf,
+            Endpoint::Chat { .. } => Encoding::Json,
+        };
+        // Not instrumented: the writer wakes for every push, and entering a
+        // span on each poll showed in profiles; its rare logs make one.
+        let writer = tokio::spawn(writer::write_loop(writer::Writer {
+            sink,
+            outbox: tx.clone(),
+            enc,
+            kill: kill.clone(),
+            shutdown: shutdown.clone(),
+            ping: Duration::from_secs(ctx.cfg.ws.ping_secs),
+            tag,
+            ctx: ctx.clone(),
+        }));
+        let edge = Edge { tx, enc };
+
+        let signed = match endpoint {
+            Endpoint::Room => {
+                let span = session_span(tag, None);
+                Box::pin(sign_in::sign_in_room(&mut stream, &edge, &ctx, &kill).instrument(span))
+                    .await
             }
-            None => (None, Ok(())),
+            Endpoint::Chat { id, token } => {
+                let span = session_span(tag, None);
+                Box::pin(sign_in::sign_in_chat(id, token, &edge, &ctx).instrument(span)).await
+            }
         };
-        span.in_scope(|| info!(rooms = me.rooms().len(), "signed in"));
-        let pending = match ready {
-            Ok(()) => Box::pin(im::deliver_pending(&ctx, &who, &edge).instrument(span)).await,
-            Err(()) => Err(()),
-        };
-        if pending.is_ok() {
-            read::read_loop(&mut stream, &edge, &ctx, &who, &kill, &tag).await;
+        if let Some((who, extra_rooms, resume)) = signed {
+            ctx.stats.session_signed_in(edge.enc);
+            let me = Arc::new(SessionTx::new(
+                id,
+                edge.tx.clone(),
+                kill.clone(),
+                who.uid.clone(),
+            ));
+            ctx.buckets.register(me.clone());
+            for room in who.room.iter().chain(extra_rooms.iter()) {
+                ctx.buckets.join_session(room, &me);
+            }
+            let span = session_span(tag, Some(&who));
+            // The sign-in room's stream: the answer, recovery, then live.
+            let (joined, ready) = match &who.room {
+                Some(room) => {
+                    let (s, sent) =
+                        Box::pin(recover::join(&ctx, &edge, room, resume).instrument(span.clone()))
+                            .await;
+                    (Some(s), sent)
+                }
+                None => (None, Ok(())),
+            };
+            span.in_scope(|| info!(rooms = me.rooms().len(), "signed in"));
+            let pending = match ready {
+                Ok(()) => Box::pin(im::deliver_pending(&ctx, &who, &edge).instrument(span)).await,
+                Err(()) => Err(()),
+            };
+            if pending.is_ok() {
+                read::read_loop(&mut stream, &edge, &ctx, &who, &kill, &tag).await;
+            }
+            if let Some(s) = joined {
+                ctx.streams.unsubscribe(&s);
+            }
+            ctx.buckets.unregister(&me);
+            ctx.stats.session_signed_out(edge.enc);
+            read::sign_out(&ctx, who, tag);
         }
-        if let Some(s) = joined {
-            ctx.streams.unsubscribe(&s);
-        }
-        ctx.buckets.unregister(&me);
-        ctx.stats.session_signed_out(edge.enc);
-        read::sign_out(&ctx, who, tag);
+        // Closed, the outbox lets the writer send what is queued (an Err and a
+        // close frame, say) and stop; give it a moment, then force it.
+        edge.tx.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        kill.cancel();
     }
-    // Closed, the outbox lets the writer send what is queued (an Err and a
-    // close frame, say) and stop; give it a moment, then force it.
-    edge.tx.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    kill.cancel();
 }

@@ -32,54 +32,59 @@ pub(super) struct Reading {
     in_flight: Option<Arc<Semaphore>>,
 }
 
-/// Serves a signed-in session's frames until it ends.
-pub(super) async fn read_loop(
-    stream: &mut ws::Reader,
-    edge: &Edge,
-    ctx: &Ctx,
-    who: &Identity,
-    kill: &CancellationToken,
-    tag: &Tag,
-) {
-    let mut st = Reading {
-        hb: Heartbeat::new(
-            Duration::from_secs(ctx.cfg.ws.heartbeat_secs),
-            ctx.cfg.ws.heartbeat_misses,
-        ),
-        session: tag.id,
-        in_flight: None,
-    };
-    loop {
-        let got = tokio::select! {
-            _ = kill.cancelled() => return,
-            r = tokio::time::timeout(st.hb.idle_limit(), next_data(stream, edge)) => r,
+/// Serves a signed-in session's frames until it ends. (An async block, not
+/// an `async fn`, so that the idle session's future holds its arguments
+/// once; see `session::serve`.)
+#[allow(clippy::manual_async_fn)] // see the doc: an async fn keeps its arguments twice
+pub(super) fn read_loop<'a>(
+    stream: &'a mut ws::Reader,
+    edge: &'a Edge,
+    ctx: &'a Ctx,
+    who: &'a Identity,
+    kill: &'a CancellationToken,
+    tag: &'a Tag,
+) -> impl Future<Output = ()> + Send + 'a {
+    async move {
+        let mut st = Reading {
+            hb: Heartbeat::new(
+                Duration::from_secs(ctx.cfg.ws.heartbeat_secs),
+                ctx.cfg.ws.heartbeat_misses,
+            ),
+            session: tag.id,
+            in_flight: None,
         };
-        // The span and each handler live in one box, so the idle state of
-        // this loop holds neither.
-        let span = || session_span(*tag, Some(who));
-        let incoming = match got {
-            Err(_) => {
-                span().in_scope(
-                    || info!(limit = ?st.hb.idle_limit(), "client silent too long; closing"),
-                );
-                let _ = edge.out(Outbound::Close(1000, "heartbeat timeout")).await;
+        loop {
+            let got = tokio::select! {
+                _ = kill.cancelled() => return,
+                r = tokio::time::timeout(st.hb.idle_limit(), next_data(stream, edge)) => r,
+            };
+            // The span and each handler live in one box, so the idle state of
+            // this loop holds neither.
+            let span = || session_span(*tag, Some(who));
+            let incoming = match got {
+                Err(_) => {
+                    span().in_scope(
+                        || info!(limit = ?st.hb.idle_limit(), "client silent too long; closing"),
+                    );
+                    let _ = edge.out(Outbound::Close(1000, "heartbeat timeout")).await;
+                    return;
+                }
+                Ok(i) => i,
+            };
+            let ok = match (edge.enc, incoming) {
+                (Encoding::Protobuf, Incoming::Binary(data)) => {
+                    Box::pin(on_binary(edge, ctx, who, &mut st, data).instrument(span())).await
+                }
+                (Encoding::Json, Incoming::Text(text)) => {
+                    Box::pin(on_json(edge, ctx, who, &mut st.hb, text).instrument(span())).await
+                }
+                (_, other) => {
+                    Box::pin(reject_incoming(edge, ctx, other, false).instrument(span())).await
+                }
+            };
+            if !ok {
                 return;
             }
-            Ok(i) => i,
-        };
-        let ok = match (edge.enc, incoming) {
-            (Encoding::Protobuf, Incoming::Binary(data)) => {
-                Box::pin(on_binary(edge, ctx, who, &mut st, data).instrument(span())).await
-            }
-            (Encoding::Json, Incoming::Text(text)) => {
-                Box::pin(on_json(edge, ctx, who, &mut st.hb, text).instrument(span())).await
-            }
-            (_, other) => {
-                Box::pin(reject_incoming(edge, ctx, other, false).instrument(span())).await
-            }
-        };
-        if !ok {
-            return;
         }
     }
 }

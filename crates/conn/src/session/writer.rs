@@ -43,134 +43,134 @@ pub(super) struct Writer {
 }
 
 /// Sends queued frames and stream messages until the session ends.
-pub(super) async fn write_loop(w: Writer) {
-    let Writer {
-        mut sink,
-        outbox,
-        enc,
-        kill,
-        shutdown,
-        ping,
-        tag,
-        ctx,
-    } = w;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
-    let mut taken: Vec<Outbound> = Vec::new();
-    let mut frames: Vec<(OpCode, Bytes)> = Vec::new();
-    let mut cursor: Option<Cursor> = None;
-    let closing = loop {
-        // Registered before looking, so a push after the look still wakes us.
-        let stream = cursor.as_ref().map(|c| c.stream.clone());
-        let notified = stream.as_deref().map(|s| s.wake.notified());
-        let mut notified = pin!(notified);
-        if let Some(n) = notified.as_mut().as_pin_mut() {
-            n.enable();
-        }
-        let mut close = None;
-        let mut subscribed = false;
-        // Messages beyond one per frame (merged stream frames).
-        let mut merged = 0u64;
-        let mut open = outbox.take_ready(&mut taken, WRITE_BATCH);
-        for o in taken.drain(..) {
-            match o {
-                Outbound::Frame(b) => frames.push((OpCode::Binary, b)),
-                Outbound::Text(t) => frames.push((OpCode::Text, t)),
-                Outbound::Pong(p) => frames.push((OpCode::Pong, p)),
-                Outbound::Ping => frames.push((OpCode::Ping, Bytes::new())),
-                Outbound::Chat(items) => frames.extend(items.iter().map(|f| match enc {
-                    Encoding::Protobuf => (OpCode::Binary, f.proto.clone()),
-                    Encoding::Json => (OpCode::Text, f.json.clone()),
-                })),
-                Outbound::Subscribe(c) => {
-                    cursor = Some(c);
-                    subscribed = true;
-                }
-                Outbound::Close(c, r) => {
-                    close = Some((c, r));
-                    open = false;
-                    break;
+///
+/// Not an `async fn`: its argument would be kept twice in the task (once
+/// as the argument, once moved into the body), and an idle session's task
+/// is the largest thing it owns. The body uses `w`'s fields in place.
+#[allow(clippy::manual_async_fn)] // see the doc: an async fn keeps its arguments twice
+pub(super) fn write_loop(mut w: Writer) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + w.ping, w.ping);
+        let mut taken: Vec<Outbound> = Vec::new();
+        let mut frames: Vec<(OpCode, Bytes)> = Vec::new();
+        let mut cursor: Option<Cursor> = None;
+        let closing = loop {
+            // Registered before looking, so a push after the look still wakes us.
+            let stream = cursor.as_ref().map(|c| c.stream.clone());
+            let notified = stream.as_deref().map(|s| s.wake.notified());
+            let mut notified = pin!(notified);
+            if let Some(n) = notified.as_mut().as_pin_mut() {
+                n.enable();
+            }
+            let mut close = None;
+            let mut subscribed = false;
+            // Messages beyond one per frame (merged stream frames).
+            let mut merged = 0u64;
+            let mut open = w.outbox.take_ready(&mut taken, WRITE_BATCH);
+            for o in taken.drain(..) {
+                match o {
+                    Outbound::Frame(b) => frames.push((OpCode::Binary, b)),
+                    Outbound::Text(t) => frames.push((OpCode::Text, t)),
+                    Outbound::Pong(p) => frames.push((OpCode::Pong, p)),
+                    Outbound::Ping => frames.push((OpCode::Ping, Bytes::new())),
+                    Outbound::Chat(items) => frames.extend(items.iter().map(|f| match w.enc {
+                        Encoding::Protobuf => (OpCode::Binary, f.proto.clone()),
+                        Encoding::Json => (OpCode::Text, f.json.clone()),
+                    })),
+                    Outbound::Subscribe(c) => {
+                        cursor = Some(c);
+                        subscribed = true;
+                    }
+                    Outbound::Close(c, r) => {
+                        close = Some((c, r));
+                        open = false;
+                        break;
+                    }
                 }
             }
-        }
-        taken.clear();
-        if close.is_none()
-            && let Some(c) = cursor.as_mut()
-            && let Some((from, next)) = from_stream(&ctx, c, &mut frames, &mut merged)
-        {
-            // Rare: boxed so the writer's idle state does not hold it.
-            Box::pin(recover_gap(&ctx, c, from, next, &mut frames)).await;
-        }
-        if frames.is_empty() {
+            taken.clear();
+            if close.is_none()
+                && let Some(c) = cursor.as_mut()
+                && let Some((from, next)) = from_stream(&w.ctx, c, &mut frames, &mut merged)
+            {
+                // Rare: boxed so the writer's idle state does not hold it.
+                Box::pin(recover_gap(&w.ctx, c, from, next, &mut frames)).await;
+            }
+            if frames.is_empty() {
+                if let Some(c) = close {
+                    break c;
+                }
+                if !open {
+                    break (1000, "");
+                }
+                if subscribed {
+                    // Wait on the new stream's wake-ups, not the old ones.
+                    continue;
+                }
+                tokio::select! {
+                    biased;
+                    _ = w.kill.cancelled() => break if w.shutdown.is_cancelled() {
+                        (1001, "server going away")
+                    } else {
+                        (1008, "too slow: messages could not be delivered")
+                    },
+                    _ = w.outbox.readable() => {}
+                    _ = async {
+                        match notified.as_mut().as_pin_mut() {
+                            Some(n) => n.await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                    _ = ping.tick() => frames.push((OpCode::Ping, Bytes::new())),
+                }
+                if frames.is_empty() {
+                    continue;
+                }
+            }
+            let sent = (
+                frames.len() as u64,
+                frames.iter().map(|(_, b)| b.len() as u64).sum::<u64>(),
+            );
+            // Boxed: the write's state exists only while a write is under way.
+            let write = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, w.sink.send(&frames)));
+            let wrote = tokio::select! {
+                biased;
+                _ = w.kill.cancelled() => None,
+                r = write => Some(r),
+            };
+            frames.clear();
+            if frames.capacity() > WRITE_BATCH {
+                frames = Vec::new();
+            }
+            match wrote {
+                Some(Ok(Ok(()))) => w.ctx.stats.record_write(sent.0, sent.0 + merged, sent.1),
+                Some(Ok(Err(e))) => {
+                    session_span(w.tag, None)
+                        .in_scope(|| debug!(error = %e, "websocket write failed"));
+                    break (0, "");
+                }
+                Some(Err(_)) => {
+                    session_span(w.tag, None)
+                        .in_scope(|| info!("client not reading for {WRITE_TIMEOUT:?}; closing"));
+                    break (0, "");
+                }
+                // Killed mid-write: the close frame would queue behind it.
+                None => break (0, ""),
+            }
             if let Some(c) = close {
                 break c;
             }
-            if !open {
-                break (1000, "");
-            }
-            if subscribed {
-                // Wait on the new stream's wake-ups, not the old ones.
-                continue;
-            }
-            tokio::select! {
-                biased;
-                _ = kill.cancelled() => break if shutdown.is_cancelled() {
-                    (1001, "server going away")
-                } else {
-                    (1008, "too slow: messages could not be delivered")
-                },
-                _ = outbox.readable() => {}
-                _ = async {
-                    match notified.as_mut().as_pin_mut() {
-                        Some(n) => n.await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
-                _ = ping.tick() => frames.push((OpCode::Ping, Bytes::new())),
-            }
-            if frames.is_empty() {
-                continue;
-            }
-        }
-        let sent = (
-            frames.len() as u64,
-            frames.iter().map(|(_, b)| b.len() as u64).sum::<u64>(),
-        );
-        // Boxed: the write's state exists only while a write is under way.
-        let write = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, sink.send(&frames)));
-        let wrote = tokio::select! {
-            biased;
-            _ = kill.cancelled() => None,
-            r = write => Some(r),
         };
-        frames.clear();
-        if frames.capacity() > WRITE_BATCH {
-            frames = Vec::new();
+        w.outbox.close();
+        if closing.0 != 0 {
+            // Boxed: the close is the largest state of this task and happens once.
+            let close =
+                tokio::time::timeout(Duration::from_secs(1), w.sink.close(closing.0, closing.1));
+            let _ = Box::pin(close).await;
         }
-        match wrote {
-            Some(Ok(Ok(()))) => ctx.stats.record_write(sent.0, sent.0 + merged, sent.1),
-            Some(Ok(Err(e))) => {
-                session_span(tag, None).in_scope(|| debug!(error = %e, "websocket write failed"));
-                break (0, "");
-            }
-            Some(Err(_)) => {
-                session_span(tag, None)
-                    .in_scope(|| info!("client not reading for {WRITE_TIMEOUT:?}; closing"));
-                break (0, "");
-            }
-            // Killed mid-write: the close frame would queue behind it.
-            None => break (0, ""),
-        }
-        if let Some(c) = close {
-            break c;
-        }
-    };
-    outbox.close();
-    if closing.0 != 0 {
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), sink.close(closing.0, closing.1)).await;
+        // Whatever ended the writer ends the reader too.
+        w.kill.cancel();
     }
-    // Whatever ended the writer ends the reader too.
-    kill.cancel();
 }
 
 /// Appends the merged frames the session lacks (up to a write's worth) and
