@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: installs what is missing (apt-get,
-# as root), starts etcd, Redis and PostgreSQL on temporary ports and folders, builds the
+# The whole test suite on a fresh machine: checks formatting and clippy
+# (warnings are errors), installs what is missing (apt-get, as root), starts etcd, Redis and PostgreSQL on temporary ports and folders, builds the
 # binaries the cluster tests spawn, runs `cargo test --workspace`, the Node
 # tests (protobuf.js protocol, IM client) and the browser suite (headless
 # Chromium through playwright-core), then stops everything it started.
@@ -9,6 +9,13 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 
 log() { printf '\n== %s\n' "$*"; }
+
+# Style first: a format or lint slip fails in seconds, not after the suite.
+log "cargo fmt --check, cargo clippy -D warnings"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)

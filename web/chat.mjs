@@ -315,11 +315,6 @@ function scrollToEnd() {
   box.scrollTop = box.scrollHeight;
 }
 
-/** A message as JSON from history or a push: one time field. */
-function normalize(m) {
-  return { ...m, createat: m.createat ?? m.created_ms };
-}
-
 function messageEl(m) {
   const mine = m.userid === me.id;
   return el(document, 'li', { className: `msg${mine ? ' mine' : ''}` },
@@ -351,9 +346,8 @@ function unplace(c, item) {
   item.el.remove();
 }
 
-/** Adds a stored or pushed message unless it is there already. */
-function addMessage(c, raw) {
-  const m = normalize(raw);
+/** Adds a stored or pushed message (one JSON shape) unless it is there already. */
+function addMessage(c, m) {
   if (c.byId.has(m.id)) return false;
   place(c, { id: m.id, msg: m, el: messageEl(m) });
   return true;

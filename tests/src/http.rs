@@ -78,16 +78,16 @@ pub async fn get_text(url: &str) -> anyhow::Result<(u16, String)> {
 /// Polls `GET url` until it answers 200 or `within` passes (a readiness
 /// endpoint); the last answer is in the error.
 pub async fn wait_ok(url: &str, within: std::time::Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let last = match get_text(url).await {
-            Ok((200, _)) => return Ok(()),
+    let last = std::cell::RefCell::new(String::new());
+    let last = &last;
+    crate::wait::eventually(within, url, || async move {
+        *last.borrow_mut() = match get_text(url).await {
+            Ok((200, _)) => return Some(()),
             Ok((s, body)) => format!("HTTP {s}: {body}"),
             Err(e) => format!("{e:#}"),
         };
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("{url} not ready after {within:?}: {last}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        None
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("{url} not ready after {within:?}: {}", last.borrow()))
 }

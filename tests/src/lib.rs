@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod http;
 pub mod nsq_broker;
 pub mod services;
+pub mod wait;

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use chatroom_common::config::Load;
 use chatroom_common::metrics::sample;
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_tests::client::Client;
@@ -247,16 +248,11 @@ async fn conn_answers_grpc_health_once_registered() {
 async fn job_without_its_queue_is_alive_but_not_ready() {
     // nsqd on a port nobody listens on.
     let dead = free_addr().to_string();
-    let cfg: chatroom_job::JobConfig = chatroom_common::config::load_with_env(
-        chatroom_job::DEFAULT_CONFIG,
-        None,
-        [
-            ("CHATROOM__LOG__DIR", ""),
-            ("CHATROOM__QUEUE__KIND", "nsq"),
-            ("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", dead.as_str()),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string())),
-    )
+    let cfg = chatroom_job::JobConfig::from_overrides([
+        ("CHATROOM__LOG__DIR", ""),
+        ("CHATROOM__QUEUE__KIND", "nsq"),
+        ("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", dead.as_str()),
+    ])
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = listener.local_addr().unwrap();

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatroom_common::config::Load;
 use chatroom_common::proto::conn::conn_client::ConnClient;
 use chatroom_common::proto::conn::{PushRoomReq, PushRoomsReq};
 use chatroom_common::proto::logic::logic_server::{Logic, LogicServer};

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use chatroom_common::config::Load;
 use chatroom_common::proto::protocol::{BroadcastRoomReq, ChatMsg, MsgLevel, Req, SignIn};
 use chatroom_tests::client::Client;
 use chatroom_tests::cluster::TempDir;

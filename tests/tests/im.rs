@@ -4,6 +4,7 @@
 //! a community of three on two nodes, offline delivery, acks, history
 //! paging, uploads and the refusals.
 
+use chatroom_common::config::Load;
 use std::time::Duration;
 
 use chatroom_tests::chat::{ChatClient, call, call_raw, get, register, text, upload};

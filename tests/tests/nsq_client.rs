@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatroom_common::nsq::{Consumer, ConsumerConfig, Message, NsqError, Producer};
 use chatroom_tests::nsq_broker::{TestNsqd, TestNsqdConfig};
+use chatroom_tests::wait::until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -16,15 +17,6 @@ use tokio_util::task::TaskTracker;
 
 const WAIT: Duration = Duration::from_secs(10);
 const TOPIC: &str = "chat";
-
-/// Polls `cond` until it holds, failing the test after `deadline`.
-async fn eventually(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 async fn recv(c: &mut Consumer) -> Message {
     tokio::time::timeout(WAIT, c.next())
@@ -121,7 +113,7 @@ async fn publish_and_multi_publish_then_consume() {
         m.finish();
     }
     assert_eq!(got, BTreeSet::from(["a".into(), "b".into(), "c".into()]));
-    eventually("3 FINs", WAIT, || b.finished() == 3 && b.in_flight() == 0).await;
+    until(WAIT, "3 FINs", || b.finished() == 3 && b.in_flight() == 0).await;
     assert_eq!(b.depth(TOPIC, "job"), 0);
 
     let info = b
@@ -171,7 +163,7 @@ async fn concurrent_publishes_share_one_pipelined_connection() {
         m.finish();
     }
     assert_eq!(seen.len(), 1000);
-    eventually("1000 FINs", WAIT, || b.finished() == 1000).await;
+    until(WAIT, "1000 FINs", || b.finished() == 1000).await;
     r.stop().await;
 }
 
@@ -246,7 +238,7 @@ async fn producer_reconnects_fails_fast_in_an_outage_and_fails_over() {
         "a live producer connection is counted"
     );
     a.drop_connections();
-    eventually("the drop", WAIT, || {
+    until(WAIT, "the drop", || {
         a.connections() == 0 || a.accepted() >= 2
     })
     .await;
@@ -334,7 +326,7 @@ async fn rdy_caps_messages_in_flight() {
         recv(&mut r.consumer).await.finish();
         done += 1;
     }
-    eventually("50 FINs", WAIT, || b.finished() == 50).await;
+    until(WAIT, "50 FINs", || b.finished() == 50).await;
     assert_eq!(
         b.max_in_flight_seen(TOPIC, "job"),
         5,
@@ -373,7 +365,7 @@ async fn max_in_flight_is_split_across_nsqds() {
         recv(&mut r.consumer).await.finish();
     }
     // Once settled, each connection has half.
-    eventually("RDY 2 on each", WAIT, || {
+    until(WAIT, "RDY 2 on each", || {
         [&a, &b].iter().all(|x| {
             x.clients()
                 .iter()
@@ -381,7 +373,7 @@ async fn max_in_flight_is_split_across_nsqds() {
         })
     })
     .await;
-    eventually("20 FINs", WAIT, || a.finished() + b.finished() == 20).await;
+    until(WAIT, "20 FINs", || a.finished() + b.finished() == 20).await;
     r.stop().await;
 }
 
@@ -396,14 +388,14 @@ async fn fin_req_touch_and_attempts() {
     assert_eq!(m.attempts, 1);
     let id = m.id;
     m.touch();
-    eventually("TOUCH", WAIT, || b.touched() == 1).await;
+    until(WAIT, "TOUCH", || b.touched() == 1).await;
     m.requeue(Duration::ZERO);
 
     let m = recv(&mut r.consumer).await;
     assert_eq!((m.id, m.attempts), (id, 2));
     let t = Instant::now();
     m.requeue(Duration::from_millis(300));
-    eventually("the REQ", WAIT, || b.requeued() == 2).await;
+    until(WAIT, "the REQ", || b.requeued() == 2).await;
 
     let m = recv(&mut r.consumer).await;
     assert!(
@@ -413,7 +405,7 @@ async fn fin_req_touch_and_attempts() {
     );
     assert_eq!((m.id, m.attempts), (id, 3));
     m.finish();
-    eventually("the FIN", WAIT, || b.finished() == 1 && b.in_flight() == 0).await;
+    until(WAIT, "the FIN", || b.finished() == 1 && b.in_flight() == 0).await;
     assert_eq!(b.depth(TOPIC, "job") + b.deferred(TOPIC, "job"), 0);
     assert_nothing_for(&mut r.consumer, Duration::from_millis(100)).await;
     assert!(b.errors().is_empty(), "broker errors: {:?}", b.errors());
@@ -427,11 +419,11 @@ async fn a_dropped_message_is_requeued() {
     p.publish(TOPIC, Bytes::from_static(b"x")).await.unwrap();
     let mut r = consume(cfg(&[&b], 4));
     drop(recv(&mut r.consumer).await);
-    eventually("the automatic REQ", WAIT, || b.requeued() == 1).await;
+    until(WAIT, "the automatic REQ", || b.requeued() == 1).await;
     let m = recv(&mut r.consumer).await;
     assert_eq!(m.attempts, 2);
     m.finish();
-    eventually("the FIN", WAIT, || b.finished() == 1).await;
+    until(WAIT, "the FIN", || b.finished() == 1).await;
     r.stop().await;
 }
 
@@ -452,9 +444,9 @@ async fn timed_out_messages_come_back_and_a_failed_fin_is_not_fatal() {
     // Same id, same connection: as in nsqd, the first FIN wins and the
     // second gets E_FIN_FAILED, which must not cost the connection.
     stale.finish();
-    eventually("the FIN", WAIT, || b.finished() == 1).await;
+    until(WAIT, "the FIN", || b.finished() == 1).await;
     again.finish();
-    eventually("E_FIN_FAILED", WAIT, || {
+    until(WAIT, "E_FIN_FAILED", || {
         b.errors().iter().any(|e| e.starts_with("E_FIN_FAILED"))
     })
     .await;
@@ -462,7 +454,7 @@ async fn timed_out_messages_come_back_and_a_failed_fin_is_not_fatal() {
     let m = recv(&mut r.consumer).await;
     assert_eq!((body(&m), m.attempts), ("next".to_string(), 1));
     m.finish();
-    eventually("the second FIN", WAIT, || b.finished() == 2).await;
+    until(WAIT, "the second FIN", || b.finished() == 2).await;
     assert_eq!(b.accepted(), 2, "producer + consumer, no reconnect");
     r.stop().await;
 }
@@ -478,7 +470,7 @@ async fn consumer_reconnects_after_the_connection_drops() {
     let m = recv(&mut r.consumer).await;
     assert_eq!(body(&m), "before");
     m.finish();
-    eventually("the FIN", WAIT, || b.finished() == 1).await;
+    until(WAIT, "the FIN", || b.finished() == 1).await;
 
     let nsq = &*chatroom_common::metrics::NSQ;
     let reconnects = nsq.consumer_reconnects.get();
@@ -487,11 +479,11 @@ async fn consumer_reconnects_after_the_connection_drops() {
     assert!(nsq.received.get() >= 1);
     let before = b.accepted();
     b.drop_connections();
-    eventually("a resubscribed consumer", WAIT, || {
+    until(WAIT, "a resubscribed consumer", || {
         b.accepted() > before && subscribers(&b) == 1
     })
     .await;
-    eventually("the consumer reconnect counted", WAIT, || {
+    until(WAIT, "the consumer reconnect counted", || {
         nsq.consumer_reconnects.get() > reconnects
     })
     .await;
@@ -499,7 +491,7 @@ async fn consumer_reconnects_after_the_connection_drops() {
     let m = recv(&mut r.consumer).await;
     assert_eq!(body(&m), "after");
     m.finish();
-    eventually("the FIN", WAIT, || b.finished() == 2).await;
+    until(WAIT, "the FIN", || b.finished() == 2).await;
     r.stop().await;
 }
 
@@ -519,10 +511,10 @@ async fn consumer_finds_nsqd_through_lookupd() {
     let m = recv(&mut r.consumer).await;
     assert_eq!(body(&m), "found");
     m.finish();
-    eventually("the FIN", WAIT, || b.finished() == 1).await;
+    until(WAIT, "the FIN", || b.finished() == 1).await;
     // Polling again must not open a second connection to the same nsqd.
     let polls_later = Instant::now() + Duration::from_millis(400);
-    eventually("a few more polls", WAIT, || Instant::now() > polls_later).await;
+    until(WAIT, "a few more polls", || Instant::now() > polls_later).await;
     assert_eq!(subscribers(&b), 1);
     r.stop().await;
 }
@@ -545,7 +537,7 @@ async fn consumer_subscribes_before_the_topic_exists() {
         lookupd_poll_interval: Duration::from_secs(600),
         ..cfg(&[], 4)
     });
-    eventually("subscribed before any publish", WAIT, || {
+    until(WAIT, "subscribed before any publish", || {
         subscribers(&b) == 1
     })
     .await;
@@ -566,7 +558,7 @@ async fn shutdown_drains_in_flight_messages() {
     let bodies: Vec<Bytes> = (0..3).map(|i| Bytes::from(format!("{i}"))).collect();
     p.multi_publish(TOPIC, &bodies).await.unwrap();
     p.close().await;
-    eventually("the producer gone", WAIT, || b.connections() == 0).await;
+    until(WAIT, "the producer gone", || b.connections() == 0).await;
 
     let Running {
         mut consumer,
@@ -574,9 +566,9 @@ async fn shutdown_drains_in_flight_messages() {
         tracker,
     } = consume(cfg(&[&b], 3));
     let first = recv(&mut consumer).await;
-    eventually("all 3 in flight", WAIT, || b.in_flight() == 3).await;
+    until(WAIT, "all 3 in flight", || b.in_flight() == 3).await;
     stop.cancel();
-    eventually("RDY 0 + CLS", WAIT, || {
+    until(WAIT, "RDY 0 + CLS", || {
         b.clients().iter().any(|c| c.closing && c.rdy == 0)
     })
     .await;
@@ -585,7 +577,7 @@ async fn shutdown_drains_in_flight_messages() {
     first.finish();
     let second = recv(&mut consumer).await;
     let third = recv(&mut consumer).await;
-    eventually("the first FIN", WAIT, || b.finished() == 1).await;
+    until(WAIT, "the first FIN", || b.finished() == 1).await;
     assert_eq!(b.connections(), 1, "open while messages are in flight");
     second.finish();
     third.requeue(Duration::ZERO);
@@ -593,8 +585,8 @@ async fn shutdown_drains_in_flight_messages() {
         .await
         .expect("next() returns");
     assert!(end.is_none());
-    eventually("FIN + REQ", WAIT, || (b.finished(), b.requeued()) == (2, 1)).await;
-    eventually("the connection closed", WAIT, || b.connections() == 0).await;
+    until(WAIT, "FIN + REQ", || (b.finished(), b.requeued()) == (2, 1)).await;
+    until(WAIT, "the connection closed", || b.connections() == 0).await;
     tracker.close();
     tokio::time::timeout(WAIT, tracker.wait())
         .await
@@ -639,7 +631,7 @@ async fn heartbeats_are_answered() {
         heartbeat_interval: Duration::from_millis(100),
         ..cfg(&[&b], 4)
     });
-    eventually("subscribed", WAIT, || subscribers(&b) == 1).await;
+    until(WAIT, "subscribed", || subscribers(&b) == 1).await;
     let hb = b.clients()[0].heartbeat_interval;
     assert_eq!(
         hb,
@@ -648,7 +640,7 @@ async fn heartbeats_are_answered() {
     );
     // The broker drops a client after two unanswered heartbeats, so
     // surviving eight intervals means they were answered.
-    eventually("8 heartbeats", WAIT, || b.heartbeats_sent() >= 8).await;
+    until(WAIT, "8 heartbeats", || b.heartbeats_sent() >= 8).await;
     assert!(b.nops() >= 6, "nops: {}", b.nops());
     assert_eq!(b.accepted(), 1, "no reconnect");
     let p = producer(&b).await;
@@ -684,7 +676,7 @@ async fn garbage_from_the_broker_causes_a_reconnect_not_a_panic() {
     let b = TestNsqd::start().await;
     let p = producer(&b).await;
     let mut r = consume(cfg(&[&b], 4));
-    eventually("subscribed", WAIT, || subscribers(&b) == 1).await;
+    until(WAIT, "subscribed", || subscribers(&b) == 1).await;
     let garbage: [&[u8]; 6] = [
         &[0xff, 0xff, 0xff, 0xff],                         // absurd size
         &[0, 0, 0, 2, 0, 0],                               // size below the type field
@@ -696,7 +688,7 @@ async fn garbage_from_the_broker_causes_a_reconnect_not_a_panic() {
     for (i, g) in garbage.iter().enumerate() {
         let before = b.accepted();
         b.send_raw(g);
-        eventually(&format!("reconnect after garbage #{i}"), WAIT, || {
+        until(WAIT, &format!("reconnect after garbage #{i}"), || {
             b.accepted() > before && subscribers(&b) == 1
         })
         .await;

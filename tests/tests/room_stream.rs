@@ -3,6 +3,7 @@
 //! with consecutive offsets, nothing a client sent before closing is lost,
 //! and a client that reconnects with its offset gets what it missed, once.
 
+use chatroom_common::config::Load;
 use std::time::Duration;
 
 use chatroom_common::proto::protocol::{BroadcastRoomReq, MsgLevel, PackageType, Req};

@@ -3,6 +3,7 @@
 //! in single-process mode: a few hundred sessions for a few seconds, every
 //! message delivered exactly once, latency recorded.
 
+use chatroom_common::config::Load;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

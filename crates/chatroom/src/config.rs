@@ -3,7 +3,7 @@
 //! defaults, plus one `log` section for the process. Environment overrides
 //! name the section first: `CHATROOM__CONN__WS__ADDR=0.0.0.0:8080`.
 
-use chatroom_common::config::{ConfigError, LogConfig, Validate};
+use chatroom_common::config::{ConfigError, Load, LogConfig, Validate};
 use chatroom_conn::ConnConfig;
 use chatroom_job::JobConfig;
 use chatroom_logic::LogicConfig;
@@ -40,7 +40,7 @@ pub fn defaults() -> String {
     for (name, text) in [
         ("conn", chatroom_conn::config::DEFAULTS),
         ("logic", chatroom_logic::config::DEFAULTS),
-        ("job", chatroom_job::config::DEFAULT_CONFIG),
+        ("job", chatroom_job::config::DEFAULTS),
     ] {
         let t: toml::Table = toml::from_str(text).expect("service defaults are valid TOML");
         root.insert(name.into(), toml::Value::Table(t));
@@ -48,21 +48,64 @@ pub fn defaults() -> String {
     toml::to_string(&root).expect("defaults serialize")
 }
 
-impl StandaloneConfig {
-    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
-        chatroom_common::config::load(&defaults(), file)
+/// Keys of the three service sections that one process does not use,
+/// with what to set instead. A key under one of these is refused, naming
+/// it, rather than silently ignored.
+const IGNORED: &[(&str, &str)] = &[
+    ("conn.log", "the process has one log: set log.*"),
+    ("logic.log", "the process has one log: set log.*"),
+    ("job.log", "the process has one log: set log.*"),
+    ("conn.discovery", "the services find each other in-process"),
+    ("logic.discovery", "the services find each other in-process"),
+    ("job.discovery", "the services find each other in-process"),
+    (
+        "conn.grpc.addr",
+        "internal gRPC listens on an ephemeral loopback port",
+    ),
+    (
+        "logic.grpc.addr",
+        "internal gRPC listens on an ephemeral loopback port",
+    ),
+    (
+        "logic.queue.kind",
+        "the queue is in-process; logic.queue.capacity sizes it",
+    ),
+    (
+        "job.queue",
+        "job reads logic's in-process queue: set logic.queue.capacity",
+    ),
+];
+
+/// The first key set that the standalone process would ignore.
+fn refuse_ignored(keys: &[String]) -> Result<(), ConfigError> {
+    for key in keys {
+        for (prefix, instead) in IGNORED {
+            let under = key
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+            if under {
+                return Err(ConfigError::invalid(
+                    key.clone(),
+                    format!("not used by the standalone process ({instead})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Load for StandaloneConfig {
+    fn defaults() -> std::borrow::Cow<'static, str> {
+        defaults().into()
     }
 
-    pub fn from_overrides<'a>(
-        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
+    fn load_with_env(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        chatroom_common::config::load_with_env(
-            &defaults(),
-            None,
-            overrides
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        refuse_ignored(&chatroom_common::config::keys_set(file, env.clone())?)?;
+        chatroom_common::config::load_with_env(&defaults(), file, env)
     }
 }
 
@@ -82,5 +125,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("conn.ws.slow_after_ms"), "{e}");
+    }
+
+    #[test]
+    fn keys_the_process_would_ignore_are_refused_by_name() {
+        for (var, key) in [
+            ("CHATROOM__CONN__LOG__DIR", "conn.log.dir"),
+            ("CHATROOM__LOGIC__LOG__LEVEL", "logic.log.level"),
+            ("CHATROOM__JOB__LOG__DIR", "job.log.dir"),
+            ("CHATROOM__JOB__QUEUE__KIND", "job.queue.kind"),
+            ("CHATROOM__LOGIC__QUEUE__KIND", "logic.queue.kind"),
+            ("CHATROOM__CONN__DISCOVERY__KIND", "conn.discovery.kind"),
+            ("CHATROOM__LOGIC__GRPC__ADDR", "logic.grpc.addr"),
+        ] {
+            let e = StandaloneConfig::from_overrides([(var, "x")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains("not used"), "{var}: {e}");
+        }
+        // What the process does use still loads.
+        let c = StandaloneConfig::from_overrides([
+            ("CHATROOM__LOG__DIR", ""),
+            ("CHATROOM__LOGIC__QUEUE__CAPACITY", "10"),
+            ("CHATROOM__LOGIC__LOGIN__X", "1"),
+        ]);
+        assert!(c.is_err(), "unknown keys are still refused");
+        let c = StandaloneConfig::from_overrides([
+            ("CHATROOM__LOG__DIR", ""),
+            ("CHATROOM__LOGIC__QUEUE__CAPACITY", "10"),
+        ])
+        .unwrap();
+        assert!(c.log.dir.as_os_str().is_empty());
+    }
+
+    #[test]
+    fn a_file_setting_an_ignored_key_is_refused() {
+        let dir = std::env::temp_dir().join(format!("chatroom-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("standalone.toml");
+        std::fs::write(&path, "[job.log]\ndir = \"elsewhere\"\n").unwrap();
+        let e = StandaloneConfig::load_with_env(Some(&path), Vec::new())
+            .unwrap_err()
+            .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains("job.log.dir"), "{e}");
     }
 }

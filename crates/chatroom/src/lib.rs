@@ -35,10 +35,12 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// Binds both; an error names the key and address that failed.
     pub async fn bind(cfg: &StandaloneConfig) -> std::io::Result<Self> {
+        use chatroom_common::startup::bind;
         Ok(Listeners {
-            ws: TcpListener::bind(cfg.conn.ws.addr).await?,
-            http: TcpListener::bind(cfg.logic.http.addr).await?,
+            ws: bind("conn.ws.addr", cfg.conn.ws.addr).await?,
+            http: bind("logic.http.addr", cfg.logic.http.addr).await?,
         })
     }
 }

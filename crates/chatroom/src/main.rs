@@ -1,10 +1,17 @@
 //! chatroom: the standalone server (`cargo run --release`).
 
+use chatroom_common::config::Load;
+use std::process::ExitCode;
+
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    chatroom_common::startup::exit("chatroom", serve().await)
+}
+
+async fn serve() -> anyhow::Result<()> {
     let file = chatroom_common::config::file_from_args();
     let cfg = chatroom::StandaloneConfig::load(file.as_deref()).context("loading config")?;
     if chatroom_common::config::check_config_requested() {
@@ -12,9 +19,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let _log = chatroom_common::telemetry::init("chatroom", &cfg.log)?;
-    let listeners = chatroom::Listeners::bind(&cfg)
-        .await
-        .with_context(|| format!("binding {} / {}", cfg.conn.ws.addr, cfg.logic.http.addr))?;
+    let listeners = chatroom::Listeners::bind(&cfg).await?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {

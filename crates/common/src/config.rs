@@ -40,6 +40,39 @@ pub trait Validate {
     fn validate(&self) -> Result<(), ConfigError>;
 }
 
+/// The one way a service's config is loaded: its built-in defaults, the
+/// optional file, then the environment. A service names its defaults; the
+/// rest is shared.
+pub trait Load: DeserializeOwned + Validate {
+    /// The built-in defaults (TOML), compiled into the binary.
+    fn defaults() -> std::borrow::Cow<'static, str>;
+
+    /// Defaults, then the optional file, then the process environment.
+    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`Load::load`], with the environment given explicitly.
+    fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        load_with_env(&Self::defaults(), file, env)
+    }
+
+    /// Defaults plus explicit `CHATROOM__...` overrides only (tests, embedding).
+    fn from_overrides<'a>(
+        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        Self::load_with_env(
+            None,
+            overrides
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+}
+
 /// Loads `T` from built-in `defaults`, an optional file and the environment.
 pub fn load<T: DeserializeOwned + Validate>(
     defaults: &str,
@@ -54,8 +87,52 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let mut builder = config::Config::builder()
-        .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
+    let cfg: T = layers(Some(defaults), file, env)
+        .build()?
+        .try_deserialize()?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The dotted keys the file and the environment set (the defaults left
+/// out), e.g. `conn.log.dir`: for a binary that must refuse keys it would
+/// ignore.
+pub fn keys_set(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, ConfigError> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let tree: serde_json::Value = layers(None, file, env).build()?.try_deserialize()?;
+    let mut out = Vec::new();
+    walk("", &tree, &mut out);
+    out.retain(|k| !k.is_empty());
+    Ok(out)
+}
+
+/// The sources, lowest first: defaults, the file, then the environment.
+fn layers(
+    defaults: Option<&str>,
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> config::ConfigBuilder<config::builder::DefaultState> {
+    let mut builder = config::Config::builder();
+    if let Some(defaults) = defaults {
+        builder = builder.add_source(config::File::from_str(defaults, config::FileFormat::Toml));
+    }
     if let Some(file) = file {
         builder = builder.add_source(
             config::File::from(file)
@@ -78,9 +155,7 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
             .try_parsing(true)
             .source(Some(env)),
     );
-    let cfg: T = builder.build()?.try_deserialize()?;
-    cfg.validate()?;
-    Ok(cfg)
+    builder
 }
 
 /// The config file named by `--config PATH` or `CHATROOM_CONFIG`, if any.

@@ -15,14 +15,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::config::DiscoveryConfig;
+
+/// Retries of etcd registration and listing after a failure: the first
+/// within a second (as before), then slower while etcd stays away.
+const RETRY_INITIAL: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
-    #[error("etcd endpoints unreachable: {0}")]
-    Unreachable(String),
+    /// At start-up: names the configured endpoints.
+    #[error("discovery.endpoints = {endpoints}: etcd unreachable")]
+    Unreachable {
+        endpoints: String,
+        #[source]
+        source: Option<etcd_client::Error>,
+    },
 }
 
 /// The kinds of node that register.
@@ -83,12 +94,19 @@ impl Discovery {
                 let opts = etcd_client::ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(3))
                     .with_timeout(Duration::from_secs(5));
-                let client = Client::connect(endpoints.clone(), Some(opts)).await?;
+                let unreachable = |source| DiscoveryError::Unreachable {
+                    endpoints: endpoints.join(","),
+                    source,
+                };
+                let client = Client::connect(endpoints.clone(), Some(opts))
+                    .await
+                    .map_err(|e| unreachable(Some(e)))?;
                 // Fail at start-up, not at first use, when etcd is down.
                 let mut probe = client.clone();
                 tokio::time::timeout(Duration::from_secs(5), probe.status())
                     .await
-                    .map_err(|_| DiscoveryError::Unreachable(endpoints.join(",")))??;
+                    .map_err(|_| unreachable(None))?
+                    .map_err(|e| unreachable(Some(e)))?;
                 Ok(Discovery::Etcd(Box::new(EtcdDiscovery {
                     client,
                     prefix: prefix.trim_end_matches('/').to_string(),
@@ -295,7 +313,8 @@ async fn keep_alive(
         // Re-register with a fresh lease at once — when etcd comes back
         // after a partition every lease has expired, and the sooner each
         // node is back the shorter the others' pools are missing it (see
-        // `GONE_GRACE`) — then retrying every second until stopped.
+        // `GONE_GRACE`) — then retrying with backoff until stopped.
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         loop {
             match put_with_lease(&mut client, &key, &uri, ttl).await {
                 Ok(l) => {
@@ -307,7 +326,7 @@ async fn keep_alive(
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }
@@ -477,10 +496,11 @@ async fn watch_loop(
             Err(e) => warn!(%prefix, error = %e, "etcd watch could not start"),
         }
         // Resync from a fresh listing.
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
             match list(&mut client, &prefix).await {
                 Ok((n, r)) => {

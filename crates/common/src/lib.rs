@@ -3,13 +3,18 @@
 //! batch codec and the generated wire types.
 
 pub mod admin;
+/// The retry policy (it lives with the NSQ client, its first user, which
+/// depends on nothing of this crate).
+pub use chatroom_nsq::backoff;
 pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod discovery;
 pub mod metrics;
-pub mod nsq;
+pub use chatroom_nsq as nsq;
 pub mod queue;
 pub mod rooms;
+pub mod startup;
 pub mod telemetry;
 pub mod token;
 

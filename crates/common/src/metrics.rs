@@ -25,6 +25,9 @@ pub use prometheus_client::metrics::family::Family;
 pub use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 pub use prometheus_client::registry::Registry;
 
+/// The NSQ client's families, registered here by [`init`].
+pub use chatroom_nsq::metrics::{NSQ, NsqMetrics};
+
 use prometheus_client::encoding::NoLabelSet;
 use prometheus_client::metrics::TypedMetric;
 
@@ -67,7 +70,8 @@ pub fn render(instance: &[&Registry]) -> String {
 /// Registers every process-wide family now (they are otherwise created on
 /// first use).
 pub fn init() {
-    LazyLock::force(&NSQ);
+    static NSQ_REGISTERED: std::sync::Once = std::sync::Once::new();
+    NSQ_REGISTERED.call_once(|| with_global(|r| NSQ.register(r.sub_registry_with_prefix("nsq"))));
     LazyLock::force(&DISCOVERY);
     LazyLock::force(&QUEUE);
 }
@@ -273,94 +277,6 @@ pub fn encode_histogram(
 ) -> Result<(), std::fmt::Error> {
     h.encode(enc.encode_descriptor(name, help, None, MetricType::Histogram)?)
 }
-
-/// The NSQ client's families (all connections of the process).
-#[derive(Debug)]
-pub struct NsqMetrics {
-    /// Live nsqd connections, by role (`producer`, `consumer`).
-    pub connections: Family<Labels, Gauge>,
-    /// Connection attempts after a lost or failed connection, by role.
-    pub reconnects: Family<Labels, Counter>,
-    /// RDY last sent, summed over consumer connections.
-    pub rdy: Gauge,
-    /// Messages received and not yet FINed/REQed, over consumer connections.
-    pub in_flight: Gauge,
-    /// Messages received from nsqd.
-    pub received: Counter,
-    /// 1 when the last nsqlookupd poll got an answer.
-    pub lookupd_up: Gauge,
-    /// nsqd nodes the last nsqlookupd poll listed for the topic.
-    pub lookupd_nsqds: Gauge,
-    /// nsqlookupd polls that no nsqlookupd answered.
-    pub lookupd_errors: Counter,
-    pub producer_connections: Gauge,
-    pub consumer_connections: Gauge,
-    pub producer_reconnects: Counter,
-    pub consumer_reconnects: Counter,
-}
-
-pub static NSQ: LazyLock<NsqMetrics> = LazyLock::new(|| {
-    let connections = Family::<Labels, Gauge>::default();
-    let reconnects = Family::<Labels, Counter>::default();
-    let m = NsqMetrics {
-        producer_connections: connections.get_or_create_owned(&vec![("role", "producer")]),
-        consumer_connections: connections.get_or_create_owned(&vec![("role", "consumer")]),
-        producer_reconnects: reconnects.get_or_create_owned(&vec![("role", "producer")]),
-        consumer_reconnects: reconnects.get_or_create_owned(&vec![("role", "consumer")]),
-        connections,
-        reconnects,
-        rdy: Gauge::default(),
-        in_flight: Gauge::default(),
-        received: Counter::default(),
-        lookupd_up: Gauge::default(),
-        lookupd_nsqds: Gauge::default(),
-        lookupd_errors: Counter::default(),
-    };
-    with_global(|r| {
-        let r = r.sub_registry_with_prefix("nsq");
-        r.register(
-            "connections",
-            "Live nsqd connections by role",
-            m.connections.clone(),
-        );
-        r.register(
-            "reconnects",
-            "nsqd connection attempts after a lost or failed connection, by role",
-            m.reconnects.clone(),
-        );
-        r.register(
-            "rdy",
-            "RDY last sent, summed over consumer connections",
-            m.rdy.clone(),
-        );
-        r.register(
-            "in_flight",
-            "Messages received from nsqd and not yet FINed or REQed",
-            m.in_flight.clone(),
-        );
-        r.register(
-            "messages_received",
-            "Messages received from nsqd",
-            m.received.clone(),
-        );
-        r.register(
-            "lookupd_up",
-            "1 when the last nsqlookupd poll was answered",
-            m.lookupd_up.clone(),
-        );
-        r.register(
-            "lookupd_nsqds",
-            "nsqd nodes nsqlookupd listed for the topic at the last poll",
-            m.lookupd_nsqds.clone(),
-        );
-        r.register(
-            "lookupd_errors",
-            "nsqlookupd polls that no nsqlookupd answered",
-            m.lookupd_errors.clone(),
-        );
-    });
-    m
-});
 
 /// Service discovery's families.
 #[derive(Debug)]

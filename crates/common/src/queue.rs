@@ -22,6 +22,13 @@ pub enum QueueError {
     Closed,
     #[error("nsq: {0}")]
     Nsq(#[from] nsq::NsqError),
+    /// At start-up: names the configured addresses.
+    #[error("queue.nsqd_tcp_addresses = {addresses}: cannot connect")]
+    Connect {
+        addresses: String,
+        #[source]
+        source: nsq::NsqError,
+    },
     #[error("a memory queue needs the shared in-process queue (standalone only)")]
     NoMemoryQueue,
 }
@@ -73,7 +80,13 @@ impl Publisher {
                 nsqd_tcp_addresses,
                 ..
             } => {
-                let producer = nsq::Producer::connect(nsqd_tcp_addresses).await?;
+                let producer =
+                    nsq::Producer::connect(nsqd_tcp_addresses)
+                        .await
+                        .map_err(|source| QueueError::Connect {
+                            addresses: nsqd_tcp_addresses.join(","),
+                            source,
+                        })?;
                 Ok(Publisher::Nsq {
                     producer,
                     topic: topic.clone(),

@@ -3,25 +3,12 @@
 //! in both encodings so every session takes the one it speaks.
 
 use bytes::Bytes;
-use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, PackageType};
+use chatroom_common::chat::{ChatJson, is_zero};
+use chatroom_common::proto::protocol::{ChatAck, ChatCmd, ChatMsg, ChatStatus, PackageType};
 use prost::Message as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::frame;
-
-/// `cmd` values of JSON frames. 0, 10 and 11 are the seed's.
-pub mod cmd {
-    pub const HEARTBEAT: i32 = 0;
-    pub const SINGLE: i32 = 10;
-    pub const COMMUNITY: i32 = 11;
-    pub const BROADCAST: i32 = 12;
-    /// Server -> client: the answer to a message this session sent.
-    pub const ACK: i32 = 20;
-    /// Server -> client: an error.
-    pub const ERROR: i32 = 21;
-    /// Server -> client: signed in.
-    pub const WELCOME: i32 = 22;
-}
 
 /// How a session's frames are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,84 +19,13 @@ pub enum Encoding {
     Json,
 }
 
-/// The seed's JSON message (`{id, userid, dstid, cmd, media, content, pic,
-/// url, memo, amount}`); `createat` is added on the way out.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct JsonMsg {
-    #[serde(skip_serializing_if = "is_zero")]
-    pub id: i64,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub userid: i64,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub dstid: i64,
-    pub cmd: i32,
-    #[serde(skip_serializing_if = "is_zero32")]
-    pub media: i32,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub content: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub pic: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub url: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub memo: String,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub amount: i64,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub createat: i64,
-}
-
-fn is_zero(v: &i64) -> bool {
-    *v == 0
-}
-fn is_zero32(v: &i32) -> bool {
-    *v == 0
-}
-
-impl From<JsonMsg> for ChatMsg {
-    fn from(m: JsonMsg) -> Self {
-        ChatMsg {
-            id: m.id,
-            userid: m.userid,
-            dstid: m.dstid,
-            cmd: m.cmd,
-            media: m.media,
-            content: m.content,
-            pic: m.pic,
-            url: m.url,
-            memo: m.memo,
-            amount: m.amount,
-            created_ms: 0,
-        }
-    }
-}
-
-impl From<&ChatMsg> for JsonMsg {
-    fn from(m: &ChatMsg) -> Self {
-        JsonMsg {
-            id: m.id,
-            userid: m.userid,
-            dstid: m.dstid,
-            cmd: m.cmd,
-            media: m.media,
-            content: m.content.clone(),
-            pic: m.pic.clone(),
-            url: m.url.clone(),
-            memo: m.memo.clone(),
-            amount: m.amount,
-            createat: m.created_ms,
-        }
-    }
-}
-
 /// Parses a client's JSON text frame.
-pub fn parse_json(text: &str) -> Result<JsonMsg, String> {
+pub fn parse_json(text: &str) -> Result<ChatJson, String> {
     // serde would also take a JSON array for a struct; a message is an object.
     if !text.trim_start().starts_with('{') {
         return Err("malformed message JSON: expected an object".into());
     }
-    serde_json::from_str::<JsonMsg>(text).map_err(|e| format!("malformed message JSON: {e}"))
+    serde_json::from_str::<ChatJson>(text).map_err(|e| format!("malformed message JSON: {e}"))
 }
 
 /// One pushed IM message, encoded once per encoding.
@@ -125,7 +41,7 @@ impl ChatFrame {
     pub fn new(m: &ChatMsg) -> Self {
         ChatFrame {
             proto: frame::reply(PackageType::Chat, m.encode_to_vec()),
-            json: json_text(&JsonMsg::from(m)),
+            json: json_text(&ChatJson::from(m)),
         }
     }
 }
@@ -151,7 +67,7 @@ struct JsonAck<'a> {
 pub fn ack_json(a: &ChatAck) -> Bytes {
     let stored = a.status == ChatStatus::Stored as i32;
     json_text(&JsonAck {
-        cmd: cmd::ACK,
+        cmd: ChatCmd::Ack.into(),
         id: a.id,
         cid: a.client_id,
         dstid: a.dstid,
@@ -175,10 +91,10 @@ struct JsonErr<'a> {
     cid: i64,
 }
 
-pub fn error_json(code: i32, msg: &str, cid: i64) -> Bytes {
+pub fn error_json(code: impl Into<i32>, msg: &str, cid: i64) -> Bytes {
     json_text(&JsonErr {
-        cmd: cmd::ERROR,
-        code,
+        cmd: ChatCmd::Error.into(),
+        code: code.into(),
         msg,
         cid,
     })
@@ -197,7 +113,7 @@ pub fn welcome_json(uid: &str) -> Bytes {
         userid: &'a str,
     }
     json_text(&Welcome {
-        cmd: cmd::WELCOME,
+        cmd: ChatCmd::Welcome.into(),
         code: 0,
         msg: "ok",
         userid: uid,
@@ -217,7 +133,7 @@ mod tests {
             (c.id, c.dstid, c.cmd, c.media, c.content.as_str()),
             (1, 3, 10, 1, "hello")
         );
-        let back: JsonMsg = (&c).into();
+        let back: ChatJson = (&c).into();
         assert_eq!(back, m);
         let f = ChatFrame::new(&ChatMsg { created_ms: 9, ..c });
         let v: serde_json::Value = serde_json::from_slice(&f.json).unwrap();

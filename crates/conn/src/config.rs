@@ -10,23 +10,9 @@ use serde::Deserialize;
 /// Every key with its default; the base layer of every conn config.
 pub const DEFAULTS: &str = include_str!("default.toml");
 
-impl ConnConfig {
-    /// Defaults, then the optional file, then the process environment.
-    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
-        chatroom_common::config::load(DEFAULTS, file)
-    }
-
-    /// Defaults plus explicit `CHATROOM__...` overrides only (tests, embedding).
-    pub fn from_overrides<'a>(
-        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, ConfigError> {
-        chatroom_common::config::load_with_env(
-            DEFAULTS,
-            None,
-            overrides
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+impl chatroom_common::config::Load for ConnConfig {
+    fn defaults() -> std::borrow::Cow<'static, str> {
+        DEFAULTS.into()
     }
 }
 
@@ -176,6 +162,7 @@ impl Validate for ConnConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatroom_common::config::Load;
 
     fn load(env: &[(&str, &str)]) -> Result<ConnConfig, ConfigError> {
         ConnConfig::from_overrides(env.iter().copied())

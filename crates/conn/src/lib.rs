@@ -59,10 +59,12 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// Binds all three; an error names the key and address that failed.
     pub async fn bind(cfg: &ConnConfig) -> std::io::Result<Self> {
+        use chatroom_common::startup::bind;
         Ok(Listeners {
-            ws: TcpListener::bind(cfg.ws.addr).await?,
-            grpc: TcpListener::bind(cfg.grpc.addr).await?,
+            ws: bind("ws.addr", cfg.ws.addr).await?,
+            grpc: bind("grpc.addr", cfg.grpc.addr).await?,
             admin: chatroom_common::admin::bind_config(&cfg.admin)?,
         })
     }

@@ -12,7 +12,7 @@ use chatroom_common::proto::conn::{
     PushRoomsReq, PushUsersReply, PushUsersReq,
 };
 use chatroom_common::proto::logic::UndeliveredReq;
-use chatroom_common::proto::protocol::{ChatMsg, MsgLevel};
+use chatroom_common::proto::protocol::{ChatCmd, ChatMsg, MsgLevel};
 use prost::Message as _;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::bucket::Buckets;
-use crate::chat::{self, ChatFrame};
+use crate::chat::ChatFrame;
 use crate::logic_pool::LogicPool;
 use crate::room::{PushStats, Pushed};
 use crate::stats::Stats;
@@ -245,7 +245,7 @@ impl Conn for PushService {
             .msg
             .ok_or_else(|| Status::invalid_argument("msg is missing"))?;
         let (id, recipient) = (msg.id, msg.dstid.to_string());
-        let one_to_one = msg.cmd == chat::cmd::SINGLE;
+        let one_to_one = msg.cmd == ChatCmd::Single as i32;
         let pushed = chat_frames(std::iter::once(msg));
         let st = self
             .buckets

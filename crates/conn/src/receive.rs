@@ -33,6 +33,7 @@ use crate::frame;
 use crate::logic_pool::LogicPool;
 use crate::outbox::Outbox;
 use crate::room::Outbound;
+use chatroom_common::proto::protocol::ErrCode;
 
 /// Most messages in one `ReceiveMany` call.
 pub const MAX_BUNDLE: usize = 256;
@@ -183,7 +184,7 @@ async fn send_each(logic: &LogicPool, bundle: &mut [Pending]) {
 
 fn answer(p: &Pending, r: Result<ReceiveReply, Status>) {
     let refusal = match r {
-        Ok(r) if r.code == frame::code::OK => return,
+        Ok(r) if r.code == ErrCode::Ok as i32 => return,
         Ok(r) => {
             info!(uid = %p.req.uid, code = r.code, msg = %r.msg, "message refused by logic");
             frame::err(r.code, r.msg)
@@ -191,7 +192,7 @@ fn answer(p: &Pending, r: Result<ReceiveReply, Status>) {
         Err(e) => {
             warn!(uid = %p.req.uid, error = %e.message(), "logic receive call failed");
             frame::err(
-                frame::code::UNAVAILABLE,
+                ErrCode::Unavailable,
                 "message service unavailable, try again",
             )
         }

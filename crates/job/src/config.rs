@@ -13,7 +13,7 @@ use chatroom_common::config::{
 use serde::Deserialize;
 
 /// The built-in defaults (standalone: memory queue, no conn nodes).
-pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+pub const DEFAULTS: &str = include_str!("default.toml");
 
 /// gRPC servers refuse messages over 4 MiB by default; keep a batch (plus the
 /// request envelope) under that so a full batch is never rejected by conn.
@@ -99,6 +99,12 @@ impl PushConfig {
     }
 }
 
+impl chatroom_common::config::Load for JobConfig {
+    fn defaults() -> std::borrow::Cow<'static, str> {
+        DEFAULTS.into()
+    }
+}
+
 impl Validate for JobConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.discovery.validate()?;
@@ -181,13 +187,12 @@ impl Validate for PushConfig {
 mod tests {
     use std::path::Path;
 
-    use chatroom_common::config::load_with_env;
+    use chatroom_common::config::Load;
 
     use super::*;
 
     fn load(file: Option<&Path>, env: &[(&str, &str)]) -> Result<JobConfig, ConfigError> {
-        load_with_env(
-            DEFAULT_CONFIG,
+        JobConfig::load_with_env(
             file,
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )

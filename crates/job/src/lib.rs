@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 use crate::ack::{Batch, Target};
 use crate::batcher::{Batcher, Seq};
 use crate::config::BatchConfig;
-pub use crate::config::{DEFAULT_CONFIG, JobConfig};
+pub use crate::config::{DEFAULTS, JobConfig};
 pub use crate::error::JobError;
 pub use crate::metrics::Metrics;
 use crate::pool::Pool;

@@ -23,6 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chatroom_common::backoff::Backoff;
 use chatroom_common::discovery::Node;
 use chatroom_common::proto::conn::conn_client::ConnClient;
 use chatroom_common::proto::conn::{PushKind, PushRoomReply, PushRoomReq, PushRoomsReq};
@@ -260,7 +261,7 @@ impl Worker {
         warn!(node = %self.node.id, room = %batch.room_id, code = ?first.code(), error = %first.message(),
             "push of IMPORTANT batch failed; retrying");
         let give_up = Instant::now() + self.important_retry;
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, self.max_backoff);
         let mut attempts = 1u32;
         let mut last = first;
         loop {
@@ -275,9 +276,8 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Err(Stopped),
-                _ = tokio::time::sleep_until((now + backoff).min(give_up)) => {}
+                _ = tokio::time::sleep_until((now + backoff.next_delay()).min(give_up)) => {}
             }
-            backoff = (backoff * 2).min(self.max_backoff);
             if batch.handed_back() {
                 continue;
             }

@@ -74,7 +74,7 @@ async fn pushes_to_registered_nodes_and_stops_when_one_leaves() {
     let job = Job::start(cfg).await;
 
     job.publish("r", N, "both").await;
-    wait_until("both nodes got the first message", SECS5, || {
+    until(SECS5, "both nodes got the first message", || {
         a.msgs() == ["both"] && b.msgs() == ["both"]
     })
     .await;
@@ -90,7 +90,7 @@ async fn pushes_to_registered_nodes_and_stops_when_one_leaves() {
         );
         let probe = format!("probe{i}");
         job.publish("r", N, &probe).await;
-        wait_until("A got the probe", SECS5, || a.msgs().contains(&probe)).await;
+        until(SECS5, "A got the probe", || a.msgs().contains(&probe)).await;
         if !b.msgs().contains(&probe) {
             break;
         }
@@ -102,7 +102,7 @@ async fn pushes_to_registered_nodes_and_stops_when_one_leaves() {
     for m in &after {
         job.publish("r", N, m).await;
     }
-    wait_until("A got the later messages", SECS5, || {
+    until(SECS5, "A got the later messages", || {
         a.msgs().ends_with(&after)
     })
     .await;
@@ -136,7 +136,7 @@ async fn pushes_to_registered_nodes_and_stops_when_one_leaves() {
         );
         let probe = format!("join{k}");
         job.publish("r", N, &probe).await;
-        wait_until("A got the join probe", SECS5, || a.msgs().contains(&probe)).await;
+        until(SECS5, "A got the join probe", || a.msgs().contains(&probe)).await;
         k += 1;
     }
     assert!(c.msgs().iter().all(|m| m.starts_with("join")));

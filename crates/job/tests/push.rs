@@ -47,7 +47,7 @@ async fn merges_per_room_and_pushes_every_batch_to_every_node() {
         got("c", N, &["c2"]),
     ];
     for node in [&a, &b] {
-        wait_until("both nodes got six batches", SECS5, || {
+        until(SECS5, "both nodes got six batches", || {
             node.got().len() >= 6
         })
         .await;
@@ -91,7 +91,7 @@ async fn failing_stuck_and_dead_nodes_do_not_hold_back_the_healthy_one() {
     for m in &sent {
         job.publish("r", N, m).await;
     }
-    wait_until("healthy node got all 20", SECS5, || {
+    until(SECS5, "healthy node got all 20", || {
         healthy.msgs().len() == 20
     })
     .await;
@@ -103,7 +103,7 @@ async fn failing_stuck_and_dead_nodes_do_not_hold_back_the_healthy_one() {
     );
     assert_eq!(healthy.msgs(), sent, "order kept");
     // NORMAL batches are tried once per node, never retried.
-    wait_until("failing node saw every batch once", SECS5, || {
+    until(SECS5, "failing node saw every batch once", || {
         failing.tried() == 20
     })
     .await;
@@ -136,15 +136,15 @@ async fn important_is_retried_until_the_node_recovers_normal_is_not() {
     let job = Job::start(cfg).await;
 
     job.publish("r", N, "n1").await;
-    wait_until(
-        "n1 at the healthy node, one failed call at the flaky one",
+    until(
         SECS5,
+        "n1 at the healthy node, one failed call at the flaky one",
         || healthy.msgs() == ["n1"] && flaky.calls() == 1,
     )
     .await;
 
     job.publish("r", I, "i1").await;
-    wait_until("flaky node got i1 after retries", SECS5, || {
+    until(SECS5, "flaky node got i1 after retries", || {
         !flaky.got().is_empty()
     })
     .await;
@@ -154,11 +154,11 @@ async fn important_is_retried_until_the_node_recovers_normal_is_not() {
         "n1 was never retried"
     );
     assert_eq!(flaky.calls(), 4, "n1 once, i1 failed twice then succeeded");
-    wait_until("healthy got both", SECS5, || healthy.msgs() == ["n1", "i1"]).await;
+    until(SECS5, "healthy got both", || healthy.msgs() == ["n1", "i1"]).await;
 
     // Later batches still flow to both, in order.
     job.publish("r", N, "n2").await;
-    wait_until("n2 everywhere", SECS5, || {
+    until(SECS5, "n2 everywhere", || {
         healthy.msgs().len() == 3 && flaky.msgs() == ["i1", "n2"]
     })
     .await;
@@ -182,7 +182,7 @@ async fn important_that_no_node_took_goes_back_to_the_queue_and_arrives_once() {
     let job = Job::start(cfg).await;
 
     job.publish("r", I, "i1").await;
-    wait_until("i1 delivered", SECS5, || !only.got().is_empty()).await;
+    until(SECS5, "i1 delivered", || !only.got().is_empty()).await;
 
     let metrics = job.metrics.clone();
     job.stop(SECS5).await;
@@ -266,7 +266,7 @@ async fn shutdown_requeues_what_could_not_be_pushed_within_the_grace() {
         job.publish(room, level, m).await;
     }
     // q flushed at once (IMPORTANT) and is stuck in a push.
-    wait_until("the stuck node was called", SECS5, || stuck.calls() == 1).await;
+    until(SECS5, "the stuck node was called", || stuck.calls() == 1).await;
     let metrics = job.metrics.clone();
     let started = Instant::now();
     let q = job.stop(SECS5).await;
@@ -277,7 +277,7 @@ async fn shutdown_requeues_what_could_not_be_pushed_within_the_grace() {
     assert_eq!(metrics.snapshot().requeued, 4);
 
     // Nothing lost: every message is back on the queue, marked redelivered.
-    wait_until("all four requeued", SECS5, || q.depth() == 4).await;
+    until(SECS5, "all four requeued", || q.depth() == 4).await;
     let stop = CancellationToken::new();
     let mut sub = Subscriber::start(
         &QueueConfig::Memory { capacity: 16 },
@@ -314,7 +314,7 @@ async fn poison_messages_are_finished_and_do_not_stop_the_flow() {
         .unwrap();
     job.publish("", N, "no room").await;
     job.publish("r", N, "ok").await;
-    wait_until("the good message arrives", SECS5, || a.msgs() == ["ok"]).await;
+    until(SECS5, "the good message arrives", || a.msgs() == ["ok"]).await;
 
     let metrics = job.metrics.clone();
     let q = job.stop(SECS5).await;
@@ -334,7 +334,7 @@ async fn with_no_conn_nodes_messages_are_finished() {
     let job = Job::start(cfg).await;
     job.publish("r", I, "nobody listens").await;
     let metrics = job.metrics.clone();
-    wait_until("settled", SECS5, || metrics.snapshot().finished == 1).await;
+    until(SECS5, "settled", || metrics.snapshot().finished == 1).await;
     let q = job.stop(SECS5).await;
     let m = metrics.snapshot();
     assert_eq!((m.no_nodes, m.requeued), (1, 0));
@@ -355,11 +355,11 @@ async fn a_full_node_queue_costs_only_that_node() {
 
     job.publish("r", N, "m0").await;
     // The stuck node now holds m0 in a push; its queue has room for one.
-    wait_until("stuck node busy", SECS5, || stuck.calls() == 1).await;
+    until(SECS5, "stuck node busy", || stuck.calls() == 1).await;
     // One at a time, so the healthy node's own queue of one never fills.
     for (level, m) in [(N, "m1"), (N, "m2"), (N, "m3"), (N, "m4"), (I, "i5")] {
         job.publish("r", level, m).await;
-        wait_until("healthy got it", SECS5, || {
+        until(SECS5, "healthy got it", || {
             healthy.msgs().last().map(String::as_str) == Some(m)
         })
         .await;
@@ -391,7 +391,7 @@ async fn important_retries_end_after_the_window_and_a_broken_node_is_not_waited_
 
     let started = Instant::now();
     job.publish("r", I, "i1").await;
-    wait_until("broken node gave up on i1", SECS5, || {
+    until(SECS5, "broken node gave up on i1", || {
         metrics.snapshot().dropped_important == 1
     })
     .await;
@@ -404,7 +404,7 @@ async fn important_retries_end_after_the_window_and_a_broken_node_is_not_waited_
 
     // The window is spent: the next IMPORTANT batch gets one attempt there.
     job.publish("r", I, "i2").await;
-    wait_until("i2 dropped for the broken node", SECS5, || {
+    until(SECS5, "i2 dropped for the broken node", || {
         metrics.snapshot().dropped_important == 2
     })
     .await;
@@ -464,11 +464,11 @@ async fn user_messages_go_only_to_their_nodes_broadcasts_and_joins_as_asked() {
     // A community room carries chat messages only: a plain one is poison.
     job.publish("c:1", I, "not a chat message").await;
 
-    wait_until("b got user, broadcast and join", SECS5, || {
+    until(SECS5, "b got user, broadcast and join", || {
         b.got().len() >= 3
     })
     .await;
-    wait_until("a got broadcast and join", SECS5, || a.got().len() >= 2).await;
+    until(SECS5, "a got broadcast and join", || a.got().len() >= 2).await;
     let rooms = |n: &FakeConn| n.got().into_iter().map(|g| g.room).collect::<Vec<_>>();
     assert_eq!(rooms(&b), ["users:7", "all", "join:7"]);
     assert_eq!(
@@ -493,7 +493,7 @@ async fn pile_up_behind_a_held_call(
     levels: &[MsgLevel],
 ) -> Vec<String> {
     job.publish("r0", N, "m0").await;
-    wait_until("the held node took m0", SECS5, || held.calls() == 1).await;
+    until(SECS5, "the held node took m0", || held.calls() == 1).await;
     let mut sent = vec!["m0".to_string()];
     for i in 1..=20 {
         let m = format!("m{i}");
@@ -502,7 +502,7 @@ async fn pile_up_behind_a_held_call(
         sent.push(m);
     }
     let metrics = job.metrics.clone();
-    wait_until("21 batches flushed", SECS5, || {
+    until(SECS5, "21 batches flushed", || {
         metrics.snapshot().batches == 21
     })
     .await;
@@ -519,7 +519,7 @@ async fn batches_queued_for_a_node_go_out_in_one_call_in_order() {
 
     let sent = pile_up_behind_a_held_call(&job, &node, &[N, I]).await;
     node.release();
-    wait_until("all 21 pushed", SECS5, || node.msgs().len() == 21).await;
+    until(SECS5, "all 21 pushed", || node.msgs().len() == 21).await;
     assert_eq!(node.msgs(), sent, "queue order kept across the bundle");
     // m0 alone, then what piled up in (nearly always) one bundle.
     assert!(
@@ -549,7 +549,7 @@ async fn a_failed_bundle_drops_its_normal_batches_and_retries_its_important_ones
 
     let sent = pile_up_behind_a_held_call(&job, &flaky, &[N, I]).await;
     // Once the healthy node has m20, every batch is in the flaky node's queue.
-    wait_until("the healthy node got everything", SECS5, || {
+    until(SECS5, "the healthy node got everything", || {
         healthy.msgs() == sent
     })
     .await;
@@ -558,7 +558,7 @@ async fn a_failed_bundle_drops_its_normal_batches_and_retries_its_important_ones
         .filter(|i| i % 2 == 1)
         .map(|i| format!("m{i}"))
         .collect();
-    wait_until("the flaky node got every IMPORTANT batch", SECS5, || {
+    until(SECS5, "the flaky node got every IMPORTANT batch", || {
         flaky.msgs() == important
     })
     .await;
@@ -590,7 +590,7 @@ async fn a_node_without_push_rooms_gets_one_batch_per_call() {
 
     let sent = pile_up_behind_a_held_call(&job, &old, &[N]).await;
     old.release();
-    wait_until("all 21 pushed", SECS5, || old.msgs().len() == 21).await;
+    until(SECS5, "all 21 pushed", || old.msgs().len() == 21).await;
     assert_eq!(old.msgs(), sent, "order kept");
     assert_eq!(old.bundles(), 0);
     // One refused bundle at most; after it, never another.

@@ -1,7 +1,8 @@
-//! The business rules shared by the gRPC service and the HTTP API: who a
-//! token belongs to, what a valid room message is, and handing accepted
-//! messages to the queue — numbered in their room's stream first, and
-//! published in that order.
+//! The business rules shared by the gRPC service and the HTTP API, as three
+//! services with private state: [`Auth`] (who a token belongs to),
+//! [`Rooms`] (what a valid room message is, and handing accepted messages to
+//! the queue — numbered in their room's stream first, and published in that
+//! order) and [`Im`] (the IM layer's store, settings and limits).
 
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
@@ -20,29 +21,16 @@ use crate::ratelimit::RateLimiter;
 use crate::store::Store;
 use crate::stream::{Entry, Streams};
 
-/// Everything a request needs; one per node, shared behind an `Arc`.
+/// Everything a request needs, one service per concern; one per node,
+/// shared behind an `Arc`. Each service keeps its state private.
 pub struct App {
-    pub node_id: String,
-    pub tokens: Tokens,
-    pub presence: Presence,
-    /// Numbers and keeps every room's messages.
-    pub streams: Streams,
-    pub publisher: Publisher,
-    pub ids: IdGen,
-    /// 53-bit ids of IM messages.
-    pub chat_ids: IdGen,
-    pub limits: LimitsConfig,
-    pub heartbeat_secs: u32,
-    pub test_token: bool,
-    pub max_body_bytes: usize,
-    pub admin_token: String,
-    pub store: Store,
-    pub im: ImConfig,
-    pub passwords: Passwords,
-    /// Chat messages per user.
-    pub chat_limiter: RateLimiter,
-    /// IM HTTP requests per user.
-    pub api_limiter: RateLimiter,
+    /// Who a token belongs to.
+    pub auth: Auth,
+    /// Room messages: checks, numbering, publishing; presence.
+    pub rooms: Rooms,
+    /// The IM layer's state: store, settings, passwords, ids, limits.
+    pub im: Im,
+    max_body_bytes: usize,
 }
 
 impl App {
@@ -56,27 +44,50 @@ impl App {
     ) -> Self {
         let im = &cfg.im;
         App {
-            ids: IdGen::new(cfg.id_node(&node_id)),
-            chat_ids: IdGen::chat(cfg.id_node(&node_id)),
-            admin_token: cfg.http.admin_token.clone(),
-            store,
-            passwords: Passwords::new(im.password_memory_kib, im.password_iterations),
-            chat_limiter: RateLimiter::new(im.chat_rate_per_sec, im.chat_burst),
-            api_limiter: RateLimiter::new(im.api_rate_per_sec, im.api_burst),
-            im: im.clone(),
-            node_id,
-            tokens: Tokens::new(
-                cfg.token.secret.as_bytes(),
-                std::time::Duration::from_secs(cfg.token.ttl_secs),
-            ),
-            presence,
-            streams,
-            publisher,
-            limits: cfg.limits.clone(),
-            heartbeat_secs: cfg.heartbeat_secs,
-            test_token: cfg.http.test_token,
+            auth: Auth {
+                tokens: Tokens::new(
+                    cfg.token.secret.as_bytes(),
+                    std::time::Duration::from_secs(cfg.token.ttl_secs),
+                ),
+                test_tokens: cfg.http.test_token,
+            },
+            rooms: Rooms {
+                ids: IdGen::new(cfg.id_node(&node_id)),
+                presence,
+                streams,
+                publisher,
+                limits: cfg.limits.clone(),
+                heartbeat_secs: cfg.heartbeat_secs,
+            },
+            im: Im {
+                chat_ids: IdGen::chat(cfg.id_node(&node_id)),
+                admin_token: cfg.http.admin_token.clone(),
+                store,
+                passwords: Passwords::new(im.password_memory_kib, im.password_iterations),
+                chat_limiter: RateLimiter::new(im.chat_rate_per_sec, im.chat_burst),
+                api_limiter: RateLimiter::new(im.api_rate_per_sec, im.api_burst),
+                cfg: im.clone(),
+            },
             max_body_bytes: cfg.http.max_body_bytes,
         }
+    }
+
+    /// HTTP bodies larger than this are refused.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+}
+
+/// Sign-in tokens: verifying and issuing them.
+pub struct Auth {
+    tokens: Tokens,
+    test_tokens: bool,
+}
+
+impl Auth {
+    /// Whether `POST /tk` hands out test tokens.
+    pub fn test_tokens(&self) -> bool {
+        self.test_tokens
     }
 
     /// The uid of a valid token (`Bearer ` prefix accepted, in any case).
@@ -102,6 +113,32 @@ impl App {
             TokenError::BadUid => ApiError::BadUid,
             other => ApiError::Issue(other),
         })
+    }
+}
+
+/// Room messages on their way to the queue, and who is online where.
+pub struct Rooms {
+    ids: IdGen,
+    presence: Presence,
+    /// Numbers and keeps every room's messages.
+    streams: Streams,
+    publisher: Publisher,
+    limits: LimitsConfig,
+    heartbeat_secs: u32,
+}
+
+impl Rooms {
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
+    pub fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
+    /// The heartbeat period conn sessions are told to keep.
+    pub fn heartbeat_secs(&self) -> u32 {
+        self.heartbeat_secs
     }
 
     /// Non-empty and not too long. Room ids end up in Redis keys, log lines
@@ -263,6 +300,54 @@ impl App {
                     .collect()
             }
         }
+    }
+}
+
+/// The IM layer's state.
+pub struct Im {
+    store: Store,
+    cfg: ImConfig,
+    passwords: Passwords,
+    /// 53-bit ids of IM messages.
+    chat_ids: IdGen,
+    /// Chat messages per user.
+    chat_limiter: RateLimiter,
+    /// IM HTTP requests per user.
+    api_limiter: RateLimiter,
+    admin_token: String,
+}
+
+impl Im {
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn cfg(&self) -> &ImConfig {
+        &self.cfg
+    }
+
+    pub fn passwords(&self) -> &Passwords {
+        &self.passwords
+    }
+
+    /// A fresh id for an IM message.
+    pub fn next_chat_id(&self) -> i64 {
+        self.chat_ids.next_id() as i64
+    }
+
+    /// Takes one of `uid`'s chat-message tokens; `false` when it has none.
+    pub fn chat_allowed(&self, uid: &str) -> bool {
+        self.chat_limiter.check(uid)
+    }
+
+    /// Takes one of `key`'s IM API tokens; `false` when it has none.
+    pub fn api_allowed(&self, key: &str) -> bool {
+        self.api_limiter.check(key)
+    }
+
+    /// The operator token of `/admin/broadcast`; empty: the route is off.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
     }
 }
 

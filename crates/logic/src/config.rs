@@ -238,6 +238,12 @@ impl LogicConfig {
     }
 }
 
+impl chatroom_common::config::Load for LogicConfig {
+    fn defaults() -> std::borrow::Cow<'static, str> {
+        DEFAULTS.into()
+    }
+}
+
 impl Validate for LogicConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let h = &self.http;
@@ -347,14 +353,10 @@ impl Validate for LogicConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chatroom_common::config::load_with_env;
+    use chatroom_common::config::{Load, load_with_env};
 
     fn load(env: &[(&str, &str)]) -> Result<LogicConfig, ConfigError> {
-        load_with_env::<LogicConfig>(
-            DEFAULTS,
-            None,
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+        LogicConfig::from_overrides(env.iter().copied())
     }
 
     fn bad_key(env: &[(&str, &str)]) -> String {
@@ -409,7 +411,7 @@ mod tests {
     #[test]
     fn the_deploy_file_loads() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/logic.toml");
-        let cfg = load_with_env::<LogicConfig>(DEFAULTS, Some(&path), Vec::new())
+        let cfg = LogicConfig::load_with_env(Some(&path), Vec::new())
             .expect("deploy/logic.toml must be valid");
         assert_eq!(cfg.presence.kind, PresenceKind::Redis);
         assert!(matches!(cfg.queue, QueueConfig::Nsq { .. }));

@@ -5,6 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chatroom_common::discovery::DiscoveryError;
+use chatroom_common::proto::protocol::ErrCode;
 use chatroom_common::queue::QueueError;
 use chatroom_common::token::TokenError;
 
@@ -32,58 +33,76 @@ pub enum LogicError {
     Http(#[source] std::io::Error),
     #[error("{0} task panicked")]
     Panicked(&'static str),
+    /// Something opened at start-up failed: names the config key and its
+    /// value (passwords hidden).
+    #[error("{key} = {value}: {source}")]
+    Start {
+        key: &'static str,
+        value: String,
+        source: Box<LogicError>,
+    },
 }
 
-/// Client `Err` codes used by the gRPC replies (conn forwards them).
-pub mod code {
-    pub const OK: i32 = 0;
-    /// The seed's "login needed".
-    pub const LOGIN_NEEDED: i32 = 100;
-    pub const BAD_ROOM: i32 = 1002;
-    pub const MESSAGE_TOO_LARGE: i32 = 1003;
-    pub const BAD_MESSAGE: i32 = 1004;
-    pub const TRY_AGAIN: i32 = 1005;
-    pub const BAD_REQUEST: i32 = 1006;
-    /// IM: a malformed ChatMsg (unknown cmd or media, missing field).
-    pub const INVALID: i32 = 400;
-    /// IM: not allowed (not a friend, not a member, reserved room).
-    pub const FORBIDDEN: i32 = 403;
-    pub const NOT_FOUND: i32 = 404;
-    /// IM: a field over its size limit.
-    pub const TOO_LARGE: i32 = 413;
-    /// IM: too many messages; slow down.
-    pub const RATE_LIMITED: i32 = 429;
+impl LogicError {
+    /// `map_err` for a start-up step that opens what `key = value` names.
+    pub fn at<E: Into<LogicError>>(key: &'static str, value: &str) -> impl FnOnce(E) -> Self {
+        let value = chatroom_common::startup::redact(value);
+        move |e| LogicError::Start {
+            key,
+            value,
+            source: Box::new(e.into()),
+        }
+    }
 }
 
-/// `code` values of the IM HTTP routes (the IM seed's convention: 0 ok, any
-/// other value an error explained by `msg`). They mirror HTTP statuses.
-pub mod im_code {
-    pub const OK: i32 = 0;
-    /// No valid token, or a token that is not an IM account's.
-    pub const LOGIN_NEEDED: i32 = 100;
-    pub const INVALID: i32 = 400;
-    /// Wrong mobile number or password.
-    pub const BAD_CREDENTIALS: i32 = 401;
-    pub const FORBIDDEN: i32 = 403;
-    pub const NOT_FOUND: i32 = 404;
-    /// Already exists (mobile taken, already friends).
-    pub const CONFLICT: i32 = 409;
-    pub const TOO_LARGE: i32 = 413;
-    pub const UNSUPPORTED_TYPE: i32 = 415;
-    pub const RATE_LIMITED: i32 = 429;
-    pub const INTERNAL: i32 = 500;
-    pub const TRY_AGAIN: i32 = 503;
+/// The IM routes' `code` (the IM seed's convention: 0 ok, any other value
+/// an error explained by `msg`): the one table's number, with logic's
+/// room-message checks folded into the HTTP-style codes an IM client knows.
+pub fn im_code(c: ErrCode) -> i32 {
+    match c {
+        ErrCode::BadRoom | ErrCode::BadMessage => ErrCode::BadRequest as i32,
+        ErrCode::MessageTooLarge => ErrCode::TooLarge as i32,
+        ErrCode::Ok
+        | ErrCode::LoginNeeded
+        | ErrCode::BadRequest
+        | ErrCode::BadCredentials
+        | ErrCode::Forbidden
+        | ErrCode::NotFound
+        | ErrCode::MethodNotAllowed
+        | ErrCode::Conflict
+        | ErrCode::Gone
+        | ErrCode::TooLarge
+        | ErrCode::UnsupportedType
+        | ErrCode::RateLimited
+        | ErrCode::Internal
+        | ErrCode::Unavailable => c as i32,
+    }
 }
 
-/// `code` values of the HTTP API (the seed's).
-pub mod http_code {
-    pub const ERROR: i32 = 0;
-    pub const OK: i32 = 1;
-    pub const LOGIN_NEEDED: i32 = 1001;
-    /// No such route (an error under either convention).
-    pub const NO_ROUTE: i32 = 404;
-    /// The route exists, not with this method.
-    pub const NO_METHOD: i32 = 405;
+/// `/msg`'s and `/tk`'s `code` (the cluster seed's convention): 1 ok, 1001
+/// login needed, 0 any other error — except unknown routes and methods,
+/// 404 and 405, which no client can take for success whichever convention
+/// it follows (`/msg`'s ok is 1, the IM routes' ok is 0).
+pub fn msg_code(c: ErrCode) -> i32 {
+    match c {
+        ErrCode::Ok => 1,
+        ErrCode::LoginNeeded => 1001,
+        ErrCode::NotFound => ErrCode::NotFound as i32,
+        ErrCode::MethodNotAllowed => ErrCode::MethodNotAllowed as i32,
+        ErrCode::BadRequest
+        | ErrCode::BadCredentials
+        | ErrCode::Forbidden
+        | ErrCode::Conflict
+        | ErrCode::Gone
+        | ErrCode::TooLarge
+        | ErrCode::UnsupportedType
+        | ErrCode::RateLimited
+        | ErrCode::Internal
+        | ErrCode::Unavailable
+        | ErrCode::BadRoom
+        | ErrCode::MessageTooLarge
+        | ErrCode::BadMessage => 0,
+    }
 }
 
 /// Why one request failed. `Display` is what the client is told.
@@ -132,8 +151,12 @@ pub enum ApiError {
     // ---- IM
     #[error("log in with an IM account first (/user/login)")]
     NotImUser,
+    /// An IM request acting for a user other than the token's.
     #[error("id does not match token")]
     UidMismatch,
+    /// A sign-in naming a user other than the token's: sign in again.
+    #[error("id does not match token")]
+    SignInUidMismatch,
     #[error("room ids starting with \"c:\" are reserved for communities")]
     ReservedRoom,
     /// A field is missing or malformed; the text says which.
@@ -201,77 +224,62 @@ impl From<PresenceError> for ApiError {
 }
 
 impl ApiError {
-    /// The `Err` code a gRPC reply carries to the client.
-    pub fn client_code(&self) -> i32 {
+    /// What went wrong, in the one table; also the `Err.code` a gRPC reply
+    /// carries to the client.
+    pub fn code(&self) -> ErrCode {
         match self {
-            ApiError::LoginNeeded(_) => code::LOGIN_NEEDED,
-            ApiError::EmptyRoom | ApiError::RoomTooLong(_) | ApiError::BadRoomChars => {
-                code::BAD_ROOM
+            ApiError::LoginNeeded(_) | ApiError::NotImUser | ApiError::SignInUidMismatch => {
+                ErrCode::LoginNeeded
             }
-            ApiError::MessageTooLarge(_) => code::MESSAGE_TOO_LARGE,
-            ApiError::MissingMessage | ApiError::BadLevel(_) => code::BAD_MESSAGE,
+            ApiError::EmptyRoom | ApiError::RoomTooLong(_) | ApiError::BadRoomChars => {
+                ErrCode::BadRoom
+            }
+            ApiError::MessageTooLarge(_) => ErrCode::MessageTooLarge,
+            ApiError::MissingMessage | ApiError::BadLevel(_) => ErrCode::BadMessage,
+            ApiError::BadUid | ApiError::BadBody(_) | ApiError::Invalid(_) => ErrCode::BadRequest,
+            ApiError::UnsupportedContentType(_) | ApiError::UnsupportedType(_) => {
+                ErrCode::UnsupportedType
+            }
+            ApiError::BodyTooLarge(_) | ApiError::TooLarge(_) => ErrCode::TooLarge,
             ApiError::Busy
             | ApiError::QueueUnavailable(_)
             | ApiError::PresenceUnavailable(_)
             | ApiError::StreamUnavailable(_)
-            | ApiError::StoreUnavailable(_)
-            | ApiError::Internal(_) => code::TRY_AGAIN,
-            ApiError::NotImUser | ApiError::UidMismatch => code::LOGIN_NEEDED,
-            ApiError::Invalid(_) => code::INVALID,
-            ApiError::ReservedRoom | ApiError::Forbidden(_) => code::FORBIDDEN,
-            ApiError::Missing(_) => code::NOT_FOUND,
-            ApiError::TooLarge(_) => code::TOO_LARGE,
-            ApiError::RateLimited => code::RATE_LIMITED,
-            _ => code::BAD_REQUEST,
+            | ApiError::StoreUnavailable(_) => ErrCode::Unavailable,
+            ApiError::Issue(_) | ApiError::Internal(_) => ErrCode::Internal,
+            ApiError::NotFound | ApiError::Missing(_) => ErrCode::NotFound,
+            ApiError::MethodNotAllowed => ErrCode::MethodNotAllowed,
+            // This node hands out no test tokens: refused, not missing.
+            ApiError::TestTokenDisabled
+            | ApiError::UidMismatch
+            | ApiError::ReservedRoom
+            | ApiError::Forbidden(_) => ErrCode::Forbidden,
+            ApiError::Conflict(_) => ErrCode::Conflict,
+            ApiError::BadCredentials | ApiError::AdminAuth => ErrCode::BadCredentials,
+            ApiError::RateLimited => ErrCode::RateLimited,
         }
+    }
+
+    /// The `Err` code a gRPC reply carries to the client.
+    pub fn client_code(&self) -> i32 {
+        self.code() as i32
     }
 
     /// The `code` of the IM HTTP routes (0 is success, never an error).
     pub fn im_code(&self) -> i32 {
-        match self {
-            ApiError::LoginNeeded(_) | ApiError::NotImUser => im_code::LOGIN_NEEDED,
-            ApiError::BadCredentials | ApiError::AdminAuth => im_code::BAD_CREDENTIALS,
-            ApiError::UidMismatch | ApiError::ReservedRoom | ApiError::Forbidden(_) => {
-                im_code::FORBIDDEN
-            }
-            ApiError::Missing(_) | ApiError::NotFound | ApiError::TestTokenDisabled => {
-                im_code::NOT_FOUND
-            }
-            ApiError::Conflict(_) => im_code::CONFLICT,
-            ApiError::TooLarge(_) | ApiError::MessageTooLarge(_) | ApiError::BodyTooLarge(_) => {
-                im_code::TOO_LARGE
-            }
-            ApiError::UnsupportedType(_) | ApiError::UnsupportedContentType(_) => {
-                im_code::UNSUPPORTED_TYPE
-            }
-            ApiError::RateLimited => im_code::RATE_LIMITED,
-            ApiError::Busy
-            | ApiError::QueueUnavailable(_)
-            | ApiError::PresenceUnavailable(_)
-            | ApiError::StreamUnavailable(_)
-            | ApiError::StoreUnavailable(_) => im_code::TRY_AGAIN,
-            ApiError::Issue(_) | ApiError::Internal(_) => im_code::INTERNAL,
-            _ => im_code::INVALID,
-        }
+        im_code(self.code())
     }
 
-    /// The HTTP API's `code`: 1001 when a (valid) token is needed, else 0.
-    /// Unknown routes and methods answer 404 and 405, which no client can
-    /// take for success whichever convention it follows (`/msg`'s ok is 1,
-    /// the IM routes' ok is 0).
+    /// The `code` of `/msg` and `/tk`.
     pub fn http_code(&self) -> i32 {
-        match self {
-            ApiError::LoginNeeded(_) => http_code::LOGIN_NEEDED,
-            ApiError::NotFound => http_code::NO_ROUTE,
-            ApiError::MethodNotAllowed => http_code::NO_METHOD,
-            _ => http_code::ERROR,
-        }
+        msg_code(self.code())
     }
 
     pub fn http_status(&self) -> StatusCode {
         match self {
             ApiError::LoginNeeded(_)
             | ApiError::NotImUser
+            | ApiError::SignInUidMismatch
             | ApiError::BadCredentials
             | ApiError::AdminAuth => StatusCode::UNAUTHORIZED,
             ApiError::BodyTooLarge(_) | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -330,7 +338,7 @@ pub struct Reply<T: serde::Serialize> {
 impl<T: serde::Serialize> Reply<T> {
     pub fn ok(data: Option<T>) -> Self {
         Reply {
-            code: http_code::OK,
+            code: msg_code(ErrCode::Ok),
             msg: "ok".into(),
             data,
         }
@@ -354,7 +362,7 @@ pub struct ImReply<T: serde::Serialize> {
 impl<T: serde::Serialize> ImReply<T> {
     pub fn data(data: T) -> Self {
         ImReply {
-            code: im_code::OK,
+            code: im_code(ErrCode::Ok),
             msg: "ok".into(),
             data: Some(data),
             rows: None,
@@ -364,12 +372,40 @@ impl<T: serde::Serialize> ImReply<T> {
 
     pub fn rows(rows: Vec<T>) -> Self {
         ImReply {
-            code: im_code::OK,
+            code: im_code(ErrCode::Ok),
             msg: "ok".into(),
             data: None,
             total: Some(rows.len()),
             rows: Some(rows),
         }
+    }
+}
+
+/// What an IM route answers: its reply, or the error. The one place IM
+/// results become responses (an error is logged, inside the request's
+/// span, and shaped the IM way).
+pub type ImResult<T> = Result<ImReply<T>, ImError>;
+
+/// An [`ApiError`] on an IM route (`?` converts).
+#[derive(Debug)]
+pub struct ImError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for ImError {
+    fn from(e: E) -> Self {
+        ImError(e.into())
+    }
+}
+
+impl IntoResponse for ImError {
+    fn into_response(self) -> Response {
+        self.0.log();
+        self.0.into_im_response()
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for ImReply<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self).into_response()
     }
 }
 
@@ -412,7 +448,7 @@ mod tests {
         assert_eq!(e.to_string(), "message queue unavailable, try again");
         assert!(e.cause().is_some_and(|c| c.contains("secret detail")));
         assert_eq!(e.http_status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(e.client_code(), code::TRY_AGAIN);
+        assert_eq!(e.code(), ErrCode::Unavailable);
     }
 
     #[test]

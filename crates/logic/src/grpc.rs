@@ -20,9 +20,10 @@ use tonic::{Request, Response, Status};
 use tracing::{Span, debug, info, warn};
 
 use crate::app::{App, im_uid};
-use crate::chat;
-use crate::error::{ApiError, code};
+use crate::error::ApiError;
+use crate::im::chat;
 use crate::presence::{RoomCounts, Session};
+use chatroom_common::proto::protocol::ErrCode;
 
 /// Most messages in one `ReceiveMany` call; conn sends at most 256.
 const MAX_RECEIVE_MANY: usize = 4096;
@@ -174,14 +175,14 @@ impl LogicService {
     async fn do_sign_in(&self, req: SignInReq) -> Result<SignInReply, Status> {
         check_server(&req.server)?;
         Span::current().record("server", req.server.as_str());
-        let checked = self.app.verify(&req.token).and_then(|uid| {
+        let checked = self.app.auth.verify(&req.token).and_then(|uid| {
             // The /chat page names its user too: it must be the token's.
             if !req.uid.is_empty() && req.uid != uid {
-                return Err(ApiError::UidMismatch);
+                return Err(ApiError::SignInUidMismatch);
             }
             // IM sessions (/chat) have no room of their own.
             if !req.room_id.is_empty() {
-                self.app.check_room(&req.room_id)?;
+                self.app.rooms.check_room(&req.room_id)?;
                 if rooms::is_community(&req.room_id) {
                     return Err(ApiError::ReservedRoom);
                 }
@@ -206,7 +207,8 @@ impl LogicService {
         let rooms = match im_uid(&uid) {
             Ok(id) => self
                 .app
-                .store
+                .im
+                .store()
                 .communities_of(id)
                 .await
                 .map_err(unavailable)?
@@ -225,17 +227,18 @@ impl LogicService {
             room: req.room_id,
         };
         self.app
-            .presence
+            .rooms
+            .presence()
             .sign_in(&session)
             .await
             .map_err(unavailable)?;
         debug!(key = %session.key, "signed in");
         Ok(SignInReply {
-            code: code::OK,
+            code: ErrCode::Ok as i32,
             msg: "ok".into(),
             uid: session.uid,
             key: session.key,
-            heartbeat_secs: self.app.heartbeat_secs,
+            heartbeat_secs: self.app.rooms.heartbeat_secs(),
             rooms,
         })
     }
@@ -249,7 +252,8 @@ impl LogicService {
             .record("server", req.server.as_str())
             .record("uid", req.uid.as_str());
         self.app
-            .presence
+            .rooms
+            .presence()
             .sign_out(&req.uid, &req.key)
             .await
             .map_err(unavailable)?;
@@ -267,7 +271,8 @@ impl LogicService {
             .record("uid", req.uid.as_str());
         let known = self
             .app
-            .presence
+            .rooms
+            .presence()
             .heartbeat(&req.uid, &req.key)
             .await
             .map_err(unavailable)?;
@@ -284,7 +289,12 @@ impl LogicService {
                 server: req.server.clone(),
                 room: String::new(),
             };
-            self.app.presence.sign_in(&s).await.map_err(unavailable)?;
+            self.app
+                .rooms
+                .presence()
+                .sign_in(&s)
+                .await
+                .map_err(unavailable)?;
         }
         Ok(HeartbeatReply {})
     }
@@ -318,7 +328,7 @@ impl LogicService {
             .record("server", req.server.as_str())
             .record("uid", req.uid.as_str());
         if let Some(m) = &req.msg
-            && self.app.check_room(&m.room_id).is_ok()
+            && self.app.rooms.check_room(&m.room_id).is_ok()
         {
             Span::current().record("room", m.room_id.as_str());
         }
@@ -339,6 +349,7 @@ impl LogicService {
                 None => Err(ApiError::MissingMessage),
                 Some(m) => self
                     .app
+                    .rooms
                     .check_room_msg(&req.uid, &m.room_id, m.msg_lv, m.data),
             };
             match checked {
@@ -350,11 +361,11 @@ impl LogicService {
                 Err(e) => replies.push(Some(refused(e))),
             }
         }
-        let published = self.app.publish_room_msgs(accepted).await;
+        let published = self.app.rooms.publish_room_msgs(accepted).await;
         for (slot, r) in slots.into_iter().zip(published) {
             replies[slot] = Some(match r {
                 Ok(id) => ReceiveReply {
-                    code: code::OK,
+                    code: ErrCode::Ok as i32,
                     msg: "ok".into(),
                     id,
                 },
@@ -369,12 +380,13 @@ impl LogicService {
 
     #[tracing::instrument(name = "grpc.room_history", skip_all, fields(room = %req.room_id, after = req.after_offset))]
     async fn do_room_history(&self, req: RoomHistoryReq) -> Result<RoomHistoryReply, Status> {
-        self.app.check_room(&req.room_id).map_err(|e| {
+        self.app.rooms.check_room(&req.room_id).map_err(|e| {
             e.log();
             Status::invalid_argument(e.to_string())
         })?;
         self.app
-            .streams
+            .rooms
+            .streams()
             .history(
                 &req.room_id,
                 req.epoch,
@@ -403,7 +415,7 @@ impl LogicService {
         };
         Ok(match result {
             Ok(ack) => ChatReply {
-                code: code::OK,
+                code: ErrCode::Ok as i32,
                 msg: "ok".into(),
                 ack: Some(ack),
             },
@@ -467,14 +479,15 @@ impl LogicService {
         let rooms: RoomCounts = req
             .rooms
             .into_iter()
-            .filter(|(room, _)| self.app.check_room(room).is_ok())
+            .filter(|(room, _)| self.app.rooms.check_room(room).is_ok())
             .collect();
         if rooms.len() != total {
             warn!(skipped = total - rooms.len(), "report had invalid room ids");
         }
         let totals = self
             .app
-            .presence
+            .rooms
+            .presence()
             .report_online(&req.server, &rooms)
             .await
             .map_err(unavailable)?;

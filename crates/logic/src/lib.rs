@@ -15,13 +15,13 @@
 //! ```
 
 pub mod app;
-pub mod chat;
+pub mod body;
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod id;
-pub mod im_api;
+pub mod im;
 pub mod metrics;
 pub mod pages;
 pub mod password;
@@ -29,7 +29,6 @@ pub mod presence;
 pub mod ratelimit;
 pub mod store;
 pub mod stream;
-pub mod upload;
 
 use std::io;
 use std::sync::Arc;
@@ -99,8 +98,12 @@ pub async fn run(
 
     // Outside services first: a missing Redis/NSQ/etcd stops start-up with a
     // clear error instead of failing every request later.
-    let presence = Presence::connect(&cfg.presence).await?;
-    let streams = stream::Streams::connect(&cfg.presence, &cfg.stream).await?;
+    let presence = Presence::connect(&cfg.presence)
+        .await
+        .map_err(LogicError::at("presence.url", &cfg.presence.url))?;
+    let streams = stream::Streams::connect(&cfg.presence, &cfg.stream)
+        .await
+        .map_err(LogicError::at("presence.url", &cfg.presence.url))?;
     if matches!(
         cfg.discovery,
         chatroom_common::config::DiscoveryConfig::Etcd { .. }
@@ -113,7 +116,9 @@ pub async fn run(
     }
     let publisher = Publisher::connect(&cfg.queue, memory_queue.as_ref()).await?;
     let discovery = Discovery::connect(&cfg.discovery).await?;
-    let store = Store::connect(&cfg.store).await?;
+    let store = Store::connect(&cfg.store)
+        .await
+        .map_err(LogicError::at("store.url", &cfg.store.url))?;
 
     let app = Arc::new(app::App::new(
         &cfg,
@@ -164,7 +169,7 @@ pub async fn run(
     let mut http_task: JoinHandle<Result<(), LogicError>> =
         tracker.spawn(async move { http.await.map_err(LogicError::Http) });
 
-    if let Presence::Memory(m) = &app.presence {
+    if let Presence::Memory(m) = &app.rooms.presence() {
         let (m, stop) = (m.clone(), shutdown.clone());
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(m.sweep_period());

@@ -1,17 +1,22 @@
 //! The `chatroom-logic` binary: load config, set up logging, bind, run until
 //! SIGTERM or ctrl-c. Everything else lives in the library.
 
+use std::process::ExitCode;
+
 use anyhow::Context;
-use chatroom_common::config::{self, QueueConfig};
+use chatroom_common::config::{self, Load, QueueConfig};
 use chatroom_common::queue::MemoryQueue;
 use chatroom_logic::{Listeners, LogicConfig};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    chatroom_common::startup::exit("logic", serve().await)
+}
+
+async fn serve() -> anyhow::Result<()> {
     let file = config::file_from_args();
-    let cfg: LogicConfig = config::load(include_str!("default.toml"), file.as_deref())
-        .context("loading logic config")?;
+    let cfg = LogicConfig::load(file.as_deref()).context("loading logic config")?;
     if config::check_config_requested() {
         config::print_checked("logic", file.as_deref(), &cfg);
         return Ok(());

@@ -330,8 +330,8 @@ mod tests {
     fn every_api_route_is_pre_registered() {
         let sources = [
             include_str!("http.rs"),
-            include_str!("im_api.rs"),
-            include_str!("upload.rs"),
+            include_str!("im/routes.rs"),
+            include_str!("im/upload.rs"),
         ];
         let mut found = 0;
         for src in sources {

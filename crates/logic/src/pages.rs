@@ -169,14 +169,18 @@ async fn api_file(State(p): State<Arc<Pages>>, uri: Uri) -> Response {
 /// would ever serve.
 fn relative(path: &str, prefix: &str) -> Option<String> {
     let raw = path.strip_prefix(prefix)?;
-    let rel = percent_decode(raw)?;
+    // `%XX` only: paths have no `+` rule. A bad escape stays a literal '%',
+    // refused below with the other characters no page name has.
+    let rel = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
     if rel.is_empty() || rel.len() > MAX_PATH_BYTES {
         return None;
     }
-    if rel
-        .chars()
-        .any(|c| c.is_control() || matches!(c, '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|'))
-    {
+    if rel.chars().any(|c| {
+        c.is_control() || matches!(c, '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%')
+    }) {
         return None;
     }
     // Leading '/' (absolute), '//' (empty segment), '.', '..' and hidden files.
@@ -189,25 +193,6 @@ fn relative(path: &str, prefix: &str) -> Option<String> {
     let ext = rel.rsplit_once('.')?.1;
     web_type(ext)?;
     Some(rel)
-}
-
-/// `%XX` decoding of a path (no `+` rule in paths); `None` for a bad escape
-/// or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Reads `root/rel` (already checked by [`relative`]) if it is a regular

@@ -19,6 +19,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::{AnyPool, Row};
 
+use chatroom_common::proto::protocol::ChatCmd;
+
 use crate::config::StoreConfig;
 use crate::id::now_ms;
 
@@ -26,11 +28,6 @@ use crate::id::now_ms;
 pub const KIND_USER: i64 = 1;
 /// `contacts.kind` of a community membership.
 pub const KIND_COMMUNITY: i64 = 2;
-
-/// `cmd` of a 1:1 message.
-pub const CMD_SINGLE: i32 = 10;
-/// `cmd` of a community message.
-pub const CMD_COMMUNITY: i32 = 11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -113,7 +110,7 @@ pub struct NewCommunity {
 /// The conversation a message belongs to: both directions of a 1:1 chat
 /// share one key, a community has its own.
 pub fn conv_key(cmd: i32, a: i64, b: i64) -> String {
-    if cmd == CMD_COMMUNITY {
+    if cmd == ChatCmd::Community as i32 {
         format!("c:{b}")
     } else {
         format!("u:{}:{}", a.min(b), a.max(b))
@@ -694,9 +691,12 @@ mod tests {
 
     #[test]
     fn conversations_are_symmetric() {
-        assert_eq!(conv_key(CMD_SINGLE, 7, 3), conv_key(CMD_SINGLE, 3, 7));
-        assert_eq!(conv_key(CMD_SINGLE, 7, 3), "u:3:7");
-        assert_eq!(conv_key(CMD_COMMUNITY, 7, 3), "c:3");
+        assert_eq!(
+            conv_key(ChatCmd::Single as i32, 7, 3),
+            conv_key(ChatCmd::Single as i32, 3, 7)
+        );
+        assert_eq!(conv_key(ChatCmd::Single as i32, 7, 3), "u:3:7");
+        assert_eq!(conv_key(ChatCmd::Community as i32, 7, 3), "c:3");
     }
 
     #[test]

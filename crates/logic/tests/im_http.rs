@@ -570,7 +570,7 @@ async fn uploads() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         assert!(
-            chatroom_logic::upload::valid_stored_name(&name),
+            chatroom_logic::im::upload::valid_stored_name(&name),
             "unexpected file {name}"
         );
     }

@@ -8,7 +8,8 @@ use chatroom_common::metrics::{sample, sample_sum};
 use chatroom_common::proto::logic::SignInReq;
 use chatroom_logic::metrics::LOGIC;
 use chatroom_logic::presence::Presence;
-use support::{Db, Node, TestStore, eventually};
+use chatroom_tests::wait::eventually;
+use support::{DEADLINE, Db, Node, TestStore};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -43,11 +44,12 @@ async fn every_logic_family_moves_with_traffic_and_health_answers() {
 
     let (status, _, body) = node.get_raw("/healthz").await;
     assert_eq!(status.as_u16(), 200, "{body:?}");
-    eventually("logic /readyz answers 200", || async {
+    eventually(DEADLINE, "logic /readyz answers 200", || async {
         let (s, _, _) = node.get_raw("/readyz").await;
         (s.as_u16() == 200).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
 
     let before = scrape(&node).await;
 

@@ -174,7 +174,7 @@ async fn pages_are_served_with_their_content_types() {
         )
         .await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{body}");
-    assert_eq!(body["code"], 400, "{body}");
+    assert_eq!(body["code"], 405, "{body}");
     node.stop().await;
 }
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 use chatroom_common::proto::logic::{HeartbeatReq, ReportOnlineReq, SignInReq, SignOutReq};
 use chatroom_logic::config::{PresenceConfig, PresenceKind};
 use chatroom_logic::presence::{Presence, RoomCounts, Session};
+use chatroom_tests::wait::eventually;
 use redis::AsyncCommands;
-use support::{Node, eventually};
+use support::{DEADLINE, Node};
 
 fn redis_url() -> String {
     std::env::var("CHATROOM_TEST_REDIS").unwrap_or_else(|_| {
@@ -142,7 +143,7 @@ async fn online_totals_sum_servers_and_drop_expired_ones() {
     assert_eq!((t["r1"], t["r2"]), (4, 5));
 
     // conn-a stops reporting: its hash expires and it leaves the set.
-    eventually("conn-a to expire", || {
+    eventually(DEADLINE, "conn-a to expire", || {
         let p = p.clone();
         async move {
             let t = p
@@ -152,7 +153,8 @@ async fn online_totals_sum_servers_and_drop_expired_ones() {
             (t["r2"] == 0).then_some(())
         }
     })
-    .await;
+    .await
+    .unwrap();
     let servers: Vec<String> = r.smembers(format!("{prefix}online:servers")).await.unwrap();
     assert!(!servers.contains(&"conn-a".to_string()), "{servers:?}");
     cleanup(&prefix).await;

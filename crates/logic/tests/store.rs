@@ -3,10 +3,9 @@
 
 mod support;
 
+use chatroom_common::proto::protocol::ChatCmd;
 use chatroom_common::proto::protocol::ChatMsg;
-use chatroom_logic::store::{
-    CMD_COMMUNITY, CMD_SINGLE, NewCommunity, NewUser, Store, StoreError, conv_key,
-};
+use chatroom_logic::store::{NewCommunity, NewUser, Store, StoreError, conv_key};
 use support::{Db, TestStore};
 
 fn new_user(mobile: &str) -> NewUser {
@@ -222,27 +221,33 @@ async fn messages_history_and_inbox(db: Db) {
     // A 1:1 conversation in both directions, another one, and a community.
     for i in 1..=5 {
         let (from, to) = if i % 2 == 0 { (b, a) } else { (a, b) };
-        s.insert_message(&msg(i, from, to, CMD_SINGLE, &format!("m{i}")), &[])
-            .await
-            .unwrap();
+        s.insert_message(
+            &msg(i, from, to, ChatCmd::Single as i32, &format!("m{i}")),
+            &[],
+        )
+        .await
+        .unwrap();
     }
-    s.insert_message(&msg(6, a, c, CMD_SINGLE, "other"), &[c])
+    s.insert_message(&msg(6, a, c, ChatCmd::Single as i32, "other"), &[c])
         .await
         .unwrap();
-    s.insert_message(&msg(7, a, 1001, CMD_COMMUNITY, "group"), &[b, c])
-        .await
-        .unwrap();
+    s.insert_message(
+        &msg(7, a, 1001, ChatCmd::Community as i32, "group"),
+        &[b, c],
+    )
+    .await
+    .unwrap();
 
     let stored = s.message(3).await.unwrap().expect("stored");
-    assert_eq!(stored, msg(3, a, b, CMD_SINGLE, "m3"));
+    assert_eq!(stored, msg(3, a, b, ChatCmd::Single as i32, "m3"));
     // A reused id is refused, and recognised as such.
     let dup = s
-        .insert_message(&msg(3, a, b, CMD_SINGLE, "again"), &[])
+        .insert_message(&msg(3, a, b, ChatCmd::Single as i32, "again"), &[])
         .await
         .unwrap_err();
     assert!(Store::is_duplicate_id(&dup), "{dup}");
 
-    let conv = conv_key(CMD_SINGLE, b, a);
+    let conv = conv_key(ChatCmd::Single as i32, b, a);
     let page: Vec<i64> = s
         .history(&conv, i64::MAX, 2)
         .await
@@ -268,7 +273,7 @@ async fn messages_history_and_inbox(db: Db) {
         .collect();
     assert_eq!(page, vec![1]);
     let group: Vec<i64> = s
-        .history(&conv_key(CMD_COMMUNITY, a, 1001), i64::MAX, 10)
+        .history(&conv_key(ChatCmd::Community as i32, a, 1001), i64::MAX, 10)
         .await
         .unwrap()
         .iter()

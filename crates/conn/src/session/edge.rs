@@ -27,7 +27,12 @@ impl Edge {
     }
 
     /// An error answer: `Reply{UNKNOWN, Err}` or `{"cmd":21,...}`.
-    pub async fn err(&self, code: i32, msg: impl Into<String>, ref_id: i64) -> Result<(), ()> {
+    pub async fn err(
+        &self,
+        code: impl Into<i32>,
+        msg: impl Into<String>,
+        ref_id: i64,
+    ) -> Result<(), ()> {
         let msg = msg.into();
         match self.enc {
             Encoding::Protobuf => self.binary(frame::err_ref(code, msg, ref_id)).await,
@@ -39,7 +44,7 @@ impl Edge {
     }
 
     /// Answers with an error and closes (policy violation).
-    pub async fn refuse(&self, code: i32, msg: impl Into<String>) {
+    pub async fn refuse(&self, code: impl Into<i32>, msg: impl Into<String>) {
         let _ = self.err(code, msg, 0).await;
         let _ = self.out(Outbound::Close(1008, "sign-in failed")).await;
     }

@@ -43,39 +43,13 @@ pub(super) async fn handshake(
     Ok((reader, writer, endpoint))
 }
 
+/// `name`'s value in a query string, `application/x-www-form-urlencoded`
+/// decoded (`%XX` and `+`; a bad escape is kept as it is).
 fn query_param(query: &str, name: &str) -> String {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| percent_decode(v))
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
         .unwrap_or_default()
-}
-
-/// Decodes `%XX` and `+` in a query value; bad escapes are kept as they are.
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(x) => {
-                        out.push(x);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -88,7 +62,8 @@ mod tests {
         assert_eq!(query_param(q, "id"), "12");
         assert_eq!(query_param(q, "token"), "a.b c");
         assert_eq!(query_param(q, "missing"), "");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode("%41%"), "A%");
+        assert_eq!(query_param("t=%zz%4", "t"), "%zz%4");
+        assert_eq!(query_param("t=%41%", "t"), "A%");
+        assert_eq!(query_param("t=%+1", "t"), "% 1", "not an escape");
     }
 }

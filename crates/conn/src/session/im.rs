@@ -10,8 +10,8 @@ use super::Identity;
 use super::edge::Edge;
 use crate::Ctx;
 use crate::chat::{self, ChatFrame, Encoding};
-use crate::frame::code;
 use crate::room::Outbound;
+use chatroom_common::proto::protocol::{ChatCmd, ErrCode};
 
 /// Pending messages fetched per call when a user comes online.
 const PENDING_PAGE: u32 = 200;
@@ -20,9 +20,9 @@ const PENDING_PAGE: u32 = 200;
 /// the session gets an ack naming it, or an error naming the client's id.
 pub(super) async fn send_chat(edge: &Edge, ctx: &Ctx, who: &Identity, msg: ChatMsg) -> bool {
     let client_id = msg.id;
-    if msg.cmd == chat::cmd::HEARTBEAT && edge.enc == Encoding::Protobuf {
+    if msg.cmd == ChatCmd::Heartbeat as i32 && edge.enc == Encoding::Protobuf {
         return edge
-            .err(code::BAD_REQUEST, "use HEARTBEAT frames", client_id)
+            .err(ErrCode::BadRequest, "use HEARTBEAT frames", client_id)
             .await
             .is_ok();
     }
@@ -32,7 +32,7 @@ pub(super) async fn send_chat(edge: &Edge, ctx: &Ctx, who: &Identity, msg: ChatM
         msg: Some(msg),
     };
     match ctx.logic.chat(req).await {
-        Ok(r) if r.code == code::OK => {
+        Ok(r) if r.code == ErrCode::Ok as i32 => {
             let Some(ack) = r.ack else {
                 warn!("logic accepted a chat message without an ack");
                 return true;
@@ -50,7 +50,7 @@ pub(super) async fn send_chat(edge: &Edge, ctx: &Ctx, who: &Identity, msg: ChatM
         Err(e) => {
             warn!(error = %e.message(), "logic chat call failed");
             edge.err(
-                code::UNAVAILABLE,
+                ErrCode::Unavailable,
                 "message service unavailable, try again",
                 client_id,
             )

@@ -17,11 +17,12 @@ use super::edge::Edge;
 use super::{Identity, Tag, im, session_span};
 use crate::Ctx;
 use crate::chat::{self, Encoding};
-use crate::frame::{self, code};
+use crate::frame;
 use crate::heartbeat::Heartbeat;
 use crate::room::Outbound;
 use crate::stats::BadFrame;
 use crate::ws::{self, Frame, WsError};
+use chatroom_common::proto::protocol::{ChatCmd, ErrCode};
 
 /// The reader's own state.
 pub(super) struct Reading {
@@ -96,7 +97,7 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, st: &mut Reading, dat
             ctx.stats.bad_frame(BadFrame::Malformed);
             warn!(error = %e, "malformed frame");
             return edge
-                .err(code::BAD_REQUEST, format!("malformed Req frame: {e}"), 0)
+                .err(ErrCode::BadRequest, format!("malformed Req frame: {e}"), 0)
                 .await
                 .is_ok();
         }
@@ -115,7 +116,7 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, st: &mut Reading, dat
                 let n = ctx.online.total(room, ctx.buckets.count(room));
                 frame::reply(PackageType::Members, n.to_string())
             }
-            None => frame::err(code::BAD_REQUEST, "this session has no room"),
+            None => frame::err(ErrCode::BadRequest, "this session has no room"),
         }),
         Ok(PackageType::Chat) => {
             return match ChatMsg::decode(req.data) {
@@ -123,7 +124,7 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, st: &mut Reading, dat
                 Err(e) => {
                     ctx.stats.bad_frame(BadFrame::Malformed);
                     warn!(error = %e, "malformed ChatMsg");
-                    edge.err(code::BAD_REQUEST, format!("malformed ChatMsg: {e}"), 0)
+                    edge.err(ErrCode::BadRequest, format!("malformed ChatMsg: {e}"), 0)
                         .await
                         .is_ok()
                 }
@@ -132,13 +133,13 @@ async fn on_binary(edge: &Edge, ctx: &Ctx, who: &Identity, st: &mut Reading, dat
         Ok(PackageType::SignIn) => {
             ctx.stats.bad_frame(BadFrame::SecondSignIn);
             warn!("second sign-in on a signed-in session");
-            Some(frame::err(code::CONFLICT, "already signed in"))
+            Some(frame::err(ErrCode::Conflict, "already signed in"))
         }
         Ok(PackageType::Unknown | PackageType::ChatAck) | Err(_) => {
             ctx.stats.bad_frame(BadFrame::UnknownType);
             warn!(kind = req.r#type, "unknown package type");
             Some(frame::err(
-                code::UNKNOWN_TYPE,
+                ErrCode::NotFound,
                 format!("unknown package type {}", frame::type_name(req.r#type)),
             ))
         }
@@ -157,19 +158,20 @@ async fn on_json(edge: &Edge, ctx: &Ctx, who: &Identity, hb: &mut Heartbeat, tex
         Err(e) => {
             ctx.stats.bad_frame(BadFrame::Malformed);
             warn!(error = %e, "malformed JSON message");
-            return edge.err(code::BAD_REQUEST, e, 0).await.is_ok();
+            return edge.err(ErrCode::BadRequest, e, 0).await.is_ok();
         }
     };
-    match m.cmd {
-        chat::cmd::HEARTBEAT => {
+    match ChatCmd::try_from(m.cmd) {
+        Ok(ChatCmd::Heartbeat) => {
             beat(ctx, who, hb);
             edge.out(Outbound::Text(chat::pong_json())).await.is_ok()
         }
-        chat::cmd::SINGLE | chat::cmd::COMMUNITY => im::send_chat(edge, ctx, who, m.into()).await,
-        other => {
+        Ok(ChatCmd::Single | ChatCmd::Community) => im::send_chat(edge, ctx, who, m.into()).await,
+        _ => {
+            let other = m.cmd;
             ctx.stats.bad_frame(BadFrame::UnknownType);
             warn!(cmd = other, "unknown cmd");
-            edge.err(code::UNKNOWN_TYPE, format!("unknown cmd {other}"), m.id)
+            edge.err(ErrCode::NotFound, format!("unknown cmd {other}"), m.id)
                 .await
                 .is_ok()
         }
@@ -198,13 +200,13 @@ async fn on_message(
             ctx.stats.bad_frame(BadFrame::Malformed);
             warn!(error = %e, "malformed BroadcastRoomReq");
             return Some(frame::err(
-                code::BAD_REQUEST,
+                ErrCode::BadRequest,
                 format!("malformed BroadcastRoomReq: {e}"),
             ));
         }
     };
     let Some(room) = &who.room else {
-        return Some(frame::err(code::BAD_REQUEST, "this session has no room"));
+        return Some(frame::err(ErrCode::BadRequest, "this session has no room"));
     };
     if msg.room_id.is_empty() {
         msg.room_id = room.clone();
@@ -212,7 +214,7 @@ async fn on_message(
         ctx.stats.bad_frame(BadFrame::NotInRoom);
         warn!(target_room = %msg.room_id, "message to a room the session is not in");
         return Some(frame::err(
-            code::FORBIDDEN,
+            ErrCode::Forbidden,
             format!("not in room {}", msg.room_id),
         ));
     }
@@ -238,7 +240,7 @@ async fn on_message(
     {
         Ok(()) => None,
         Err(()) => Some(frame::err(
-            code::UNAVAILABLE,
+            ErrCode::Unavailable,
             "this node is shutting down, try again",
         )),
     }
@@ -304,7 +306,7 @@ pub(super) async fn reject_incoming(
                 "frame over the size limit; closing"
             );
             let msg = format!("frame larger than {} bytes", ctx.cfg.ws.max_frame_bytes);
-            let _ = edge.err(code::TOO_LARGE, msg, 0).await;
+            let _ = edge.err(ErrCode::TooLarge, msg, 0).await;
             let _ = edge.out(Outbound::Close(1009, "frame too large")).await;
             return false;
         }
@@ -322,7 +324,7 @@ pub(super) async fn reject_incoming(
         BadFrame::Text
     });
     warn!(before_sign_in, "{wrong}");
-    let _ = edge.err(code::BAD_REQUEST, wrong, 0).await;
+    let _ = edge.err(ErrCode::BadRequest, wrong, 0).await;
     if before_sign_in {
         let _ = edge.out(Outbound::Close(1003, "unsupported data")).await;
         return false;

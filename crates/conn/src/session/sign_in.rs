@@ -14,10 +14,11 @@ use super::read::{Incoming, next_data, reject_incoming};
 use super::{Identity, Resume};
 use crate::Ctx;
 use crate::chat;
-use crate::frame::{self, code};
+use crate::frame;
 use crate::room::Outbound;
 use crate::stats::{BadFrame, SignInRefusal};
 use crate::ws;
+use chatroom_common::proto::protocol::ErrCode;
 
 /// `/room`: the first frame must be SIGN_IN; logic rules on it. The answer
 /// is sent once the session has joined its room's stream (`recover`).
@@ -36,7 +37,7 @@ pub(super) async fn sign_in_room(
         Err(_) => {
             ctx.stats.sign_in_refused(SignInRefusal::Timeout);
             info!("no sign-in within the deadline; closing");
-            edge.refuse(code::LOGIN_NEEDED, "login needed: sign in first")
+            edge.refuse(ErrCode::LoginNeeded, "login needed: sign in first")
                 .await;
             return None;
         }
@@ -53,7 +54,7 @@ pub(super) async fn sign_in_room(
             ctx.stats.bad_frame(BadFrame::Malformed);
             ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
             warn!(error = %e, "malformed frame before sign-in");
-            edge.refuse(code::BAD_REQUEST, format!("malformed Req frame: {e}"))
+            edge.refuse(ErrCode::BadRequest, format!("malformed Req frame: {e}"))
                 .await;
             return None;
         }
@@ -66,7 +67,7 @@ pub(super) async fn sign_in_room(
             "login needed: sign in before {}",
             frame::type_name(req.r#type)
         );
-        edge.refuse(code::LOGIN_NEEDED, msg).await;
+        edge.refuse(ErrCode::LoginNeeded, msg).await;
         return None;
     }
     let sign = match SignIn::decode(req.data) {
@@ -75,7 +76,7 @@ pub(super) async fn sign_in_room(
             ctx.stats.bad_frame(BadFrame::Malformed);
             ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
             warn!(error = %e, "malformed SignIn");
-            edge.refuse(code::BAD_REQUEST, format!("malformed SignIn: {e}"))
+            edge.refuse(ErrCode::BadRequest, format!("malformed SignIn: {e}"))
                 .await;
             return None;
         }
@@ -83,7 +84,7 @@ pub(super) async fn sign_in_room(
     if sign.room_id.is_empty() {
         ctx.stats.sign_in_refused(SignInRefusal::BadFrame);
         warn!("sign-in with an empty room id");
-        edge.refuse(code::BAD_REQUEST, "room id is empty").await;
+        edge.refuse(ErrCode::BadRequest, "room id is empty").await;
         return None;
     }
     let resume = Resume {
@@ -110,7 +111,7 @@ pub(super) async fn sign_in_chat(
     if token.is_empty() {
         ctx.stats.sign_in_refused(SignInRefusal::Token);
         warn!("chat connection without a token");
-        edge.refuse(code::LOGIN_NEEDED, "login needed: token is missing")
+        edge.refuse(ErrCode::LoginNeeded, "login needed: token is missing")
             .await;
         return None;
     }
@@ -138,14 +139,17 @@ async fn ask_logic(
         Err(e) => {
             ctx.stats.sign_in_refused(SignInRefusal::LogicUnavailable);
             warn!(error = %e.message(), "logic sign-in call failed");
-            edge.refuse(code::UNAVAILABLE, "sign-in service unavailable, try again")
-                .await;
+            edge.refuse(
+                ErrCode::Unavailable,
+                "sign-in service unavailable, try again",
+            )
+            .await;
             return None;
         }
     };
-    if reply.code != code::OK {
+    if reply.code != ErrCode::Ok as i32 {
         ctx.stats
-            .sign_in_refused(if reply.code == code::LOGIN_NEEDED {
+            .sign_in_refused(if reply.code == ErrCode::LoginNeeded as i32 {
                 SignInRefusal::Token
             } else {
                 SignInRefusal::Other

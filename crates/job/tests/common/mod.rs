@@ -4,14 +4,13 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::batch::decode;
-use chatroom_common::config::{DiscoveryConfig, QueueConfig, load_with_env};
+use chatroom_common::config::{DiscoveryConfig, Load, QueueConfig};
 use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
 use chatroom_common::proto::conn::{
     JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushRoomsReply,
@@ -21,10 +20,9 @@ use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::queue_msg::Body;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg};
 use chatroom_common::queue::{MemoryQueue, Publisher};
-use chatroom_job::{DEFAULT_CONFIG, JobConfig, JobError, Metrics, run_with_metrics};
+use chatroom_job::{JobConfig, JobError, Metrics, run_with_metrics};
 use prost::Message as _;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -274,7 +272,7 @@ pub async fn dead_uri() -> String {
 
 /// Defaults with static discovery of `conn` and test-friendly timings.
 pub fn config(conn: Vec<String>) -> JobConfig {
-    let mut cfg: JobConfig = load_with_env(DEFAULT_CONFIG, None, Vec::new()).unwrap();
+    let mut cfg = JobConfig::from_overrides([]).unwrap();
     cfg.node.id = "job-test".into();
     cfg.discovery = DiscoveryConfig::Static {
         logic: Vec::new(),
@@ -355,32 +353,6 @@ impl Job {
     }
 }
 
-/// Waits until `cond` holds, failing the test after `within`.
-pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Like [`wait_until`] for an async condition.
-pub async fn wait_until_async<F, Fut>(what: &str, within: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+pub use chatroom_tests::wait::until;
 
 pub const SECS5: Duration = Duration::from_secs(5);

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatroom_common::config::load_with_env;
+use chatroom_common::config::Load;
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg, queue_msg};
 use chatroom_common::queue::{MemoryQueue, Subscriber};
@@ -202,8 +202,7 @@ pub fn config(env: &[(&str, &str)]) -> LogicConfig {
         ("CHATROOM__IM__PASSWORD_ITERATIONS".into(), "1".into()),
     ];
     all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    load_with_env::<LogicConfig>(chatroom_logic::config::DEFAULTS, None, all)
-        .expect("test config must be valid")
+    LogicConfig::load_with_env(None, all).expect("test config must be valid")
 }
 
 impl Node {
@@ -504,23 +503,4 @@ macro_rules! both {
             }
         }
     };
-}
-
-/// Polls `f` until it returns `Some`, failing after [`DEADLINE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -11,21 +11,23 @@
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
 use chatroom_common::proto::protocol::ChatMsg;
 use serde::Serialize;
 use tracing::{Span, info};
 
+use super::Acting;
+use super::chat::{self, check_url};
 use crate::app::App;
-use crate::chat::{self, check_url};
-use crate::error::{ApiError, ImReply};
-use crate::http::{Params, im_user};
-use crate::store::{CMD_COMMUNITY, CMD_SINGLE, NewCommunity, NewUser, User, conv_key};
+use crate::body::Params;
+use crate::error::{ApiError, ImReply, ImResult};
+use crate::store::{NewCommunity, NewUser, User, conv_key};
+use chatroom_common::chat::ChatJson;
+use chatroom_common::proto::protocol::ChatCmd;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -73,60 +75,6 @@ pub struct Login {
     pub token: String,
 }
 
-/// A message as JSON: the seed's `Message` fields plus `created_ms`.
-#[derive(Debug, Serialize)]
-pub struct MsgJson {
-    pub id: i64,
-    pub userid: i64,
-    pub dstid: i64,
-    pub cmd: i32,
-    pub media: i32,
-    pub content: String,
-    pub pic: String,
-    pub url: String,
-    pub memo: String,
-    pub amount: i64,
-    pub created_ms: i64,
-}
-
-impl From<ChatMsg> for MsgJson {
-    fn from(m: ChatMsg) -> Self {
-        MsgJson {
-            id: m.id,
-            userid: m.userid,
-            dstid: m.dstid,
-            cmd: m.cmd,
-            media: m.media,
-            content: m.content,
-            pic: m.pic,
-            url: m.url,
-            memo: m.memo,
-            amount: m.amount,
-            created_ms: m.created_ms,
-        }
-    }
-}
-
-fn respond<T: Serialize>(r: Result<ImReply<T>, ApiError>) -> Response {
-    match r {
-        Ok(reply) => Json(reply).into_response(),
-        Err(e) => {
-            e.log();
-            e.into_im_response()
-        }
-    }
-}
-
-/// The acting user (from the token), within its rate limit.
-fn acting(app: &App, headers: &HeaderMap, p: &Params) -> Result<i64, ApiError> {
-    let uid = im_user(app, headers, p.get("token"), p.get("userid"))?;
-    Span::current().record("uid", uid);
-    if !app.api_limiter.check(&uid.to_string()) {
-        return Err(ApiError::RateLimited);
-    }
-    Ok(uid)
-}
-
 /// A text field of at most `max` characters, without control characters
 /// (`multiline` allows line breaks).
 fn short_text(p: &Params, key: &str, max: usize) -> Result<String, ApiError> {
@@ -148,13 +96,13 @@ fn optional_url(app: &App, p: &Params, keys: &[&str]) -> Result<String, ApiError
     for key in keys {
         let v = p.get(key).unwrap_or("").trim();
         if !v.is_empty() {
-            if v.len() > app.im.max_url_bytes {
+            if v.len() > app.im.cfg().max_url_bytes {
                 return Err(ApiError::TooLarge(format!(
                     "{key} is larger than {} bytes",
-                    app.im.max_url_bytes
+                    app.im.cfg().max_url_bytes
                 )));
             }
-            check_url(&app.im, key, v)?;
+            check_url(app.im.cfg(), key, v)?;
             return Ok(v.to_string());
         }
     }
@@ -172,27 +120,24 @@ fn required_id(p: &Params, key: &str) -> Result<i64, ApiError> {
 // ---------------------------------------------------------------- users
 
 #[tracing::instrument(name = "http.register", skip_all, fields(uid))]
-async fn register(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> Response {
-    respond(do_register(&app, p).await)
-}
-
-async fn do_register(app: &App, p: Result<Params, ApiError>) -> Result<ImReply<User>, ApiError> {
+async fn register(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> ImResult<User> {
+    let app: &App = &app;
     let p = p?;
     let mobile = p.get("mobile").unwrap_or("").trim().to_string();
     if mobile.is_empty()
         || mobile.chars().count() > 32
         || mobile.chars().any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(ApiError::Invalid(
-            "mobile must be 1-32 characters without spaces".into(),
-        ));
+        return Err(
+            ApiError::Invalid("mobile must be 1-32 characters without spaces".into()).into(),
+        );
     }
-    if !app.api_limiter.check(&format!("mobile:{mobile}")) {
-        return Err(ApiError::RateLimited);
+    if !app.im.api_allowed(&format!("mobile:{mobile}")) {
+        return Err(ApiError::RateLimited.into());
     }
     let passwd = p.get("passwd").unwrap_or("").to_string();
     if !(6..=128).contains(&passwd.chars().count()) {
-        return Err(ApiError::Invalid("passwd must be 6-128 characters".into()));
+        return Err(ApiError::Invalid("passwd must be 6-128 characters".into()).into());
     }
     let mut nickname = short_text(&p, "nickname", 32)?;
     if nickname.is_empty() {
@@ -200,12 +145,13 @@ async fn do_register(app: &App, p: Result<Params, ApiError>) -> Result<ImReply<U
     }
     let avatar = optional_url(app, &p, &["avatar"])?;
     let memo = short_text(&p, "memo", 256)?;
-    if app.store.user_by_mobile(&mobile).await?.is_some() {
+    if app.im.store().user_by_mobile(&mobile).await?.is_some() {
         return Err(crate::store::StoreError::MobileTaken.into());
     }
-    let passwd_hash = app.passwords.hash(passwd).await?;
+    let passwd_hash = app.im.passwords().hash(passwd).await?;
     let user = app
-        .store
+        .im
+        .store()
         .create_user(&NewUser {
             mobile,
             passwd_hash,
@@ -220,136 +166,89 @@ async fn do_register(app: &App, p: Result<Params, ApiError>) -> Result<ImReply<U
 }
 
 #[tracing::instrument(name = "http.login", skip_all, fields(uid))]
-async fn login(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> Response {
-    respond(do_login(&app, p).await)
-}
-
-async fn do_login(app: &App, p: Result<Params, ApiError>) -> Result<ImReply<Login>, ApiError> {
+async fn login(State(app): State<Arc<App>>, p: Result<Params, ApiError>) -> ImResult<Login> {
+    let app: &App = &app;
     let p = p?;
     let mobile = p.get("mobile").unwrap_or("").trim().to_string();
     let passwd = p.get("passwd").unwrap_or("").to_string();
     if mobile.is_empty() || passwd.is_empty() {
-        return Err(ApiError::Invalid("mobile and passwd are required".into()));
+        return Err(ApiError::Invalid("mobile and passwd are required".into()).into());
     }
     if mobile.len() > 128 || passwd.len() > 1024 {
-        return Err(ApiError::BadCredentials);
+        return Err(ApiError::BadCredentials.into());
     }
     // Slows password guessing against one account, whoever guesses.
-    if !app.api_limiter.check(&format!("mobile:{mobile}")) {
-        return Err(ApiError::RateLimited);
+    if !app.im.api_allowed(&format!("mobile:{mobile}")) {
+        return Err(ApiError::RateLimited.into());
     }
-    let Some((user, hash)) = app.store.credentials(&mobile).await? else {
-        return Err(ApiError::BadCredentials);
+    let Some((user, hash)) = app.im.store().credentials(&mobile).await? else {
+        return Err(ApiError::BadCredentials.into());
     };
-    if !app.passwords.verify(passwd, hash).await? {
-        return Err(ApiError::BadCredentials);
+    if !app.im.passwords().verify(passwd, hash).await? {
+        return Err(ApiError::BadCredentials.into());
     }
-    let token = app.issue(&user.id.to_string())?;
+    let token = app.auth.issue(&user.id.to_string())?;
     Span::current().record("uid", user.id);
     info!("user logged in");
     Ok(ImReply::data(Login { user, token }))
 }
 
 #[tracing::instrument(name = "http.find", skip_all, fields(uid))]
-async fn find(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_find(&app, &headers, p).await)
-}
-
-async fn do_find(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<PublicUser>, ApiError> {
-    let p = p?;
-    acting(app, headers, &p)?;
+async fn find(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> {
+    let app: &App = &app;
+    let (_, p) = who.in_span();
     let user = if let Some(id) = p.int("id")?.or(p.int("dstid")?) {
-        app.store.user(id).await?
+        app.im.store().user(id).await?
     } else {
         match p.get("mobile").map(str::trim).filter(|m| !m.is_empty()) {
-            Some(mobile) => app.store.user_by_mobile(mobile).await?,
-            None => return Err(ApiError::Invalid("give id or mobile".into())),
+            Some(mobile) => app.im.store().user_by_mobile(mobile).await?,
+            None => return Err(ApiError::Invalid("give id or mobile".into()).into()),
         }
     };
-    user.map(|u| ImReply::data(u.into()))
-        .ok_or_else(|| ApiError::Missing("no such user".into()))
+    let user = user.ok_or_else(|| ApiError::Missing("no such user".into()))?;
+    Ok(ImReply::data(user.into()))
 }
 
 // ---------------------------------------------------------------- contacts
 
 #[tracing::instrument(name = "http.addfriend", skip_all, fields(uid))]
-async fn add_friend(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_add_friend(&app, &headers, p).await)
-}
-
-async fn do_add_friend(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<PublicUser>, ApiError> {
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+async fn add_friend(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> {
+    let app: &App = &app;
+    let (uid, p) = who.in_span();
     let dst = required_id(&p, "dstid")?;
-    let friend = app.store.add_friend(uid, dst).await?;
+    let friend = app.im.store().add_friend(uid, dst).await?;
     info!(friend = dst, "friend added");
     Ok(ImReply::data(friend.into()))
 }
 
 #[tracing::instrument(name = "http.friends", skip_all, fields(uid))]
-async fn friends(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_friends(&app, &headers, p).await)
-}
-
-async fn do_friends(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<PublicUser>, ApiError> {
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
-    let rows = app.store.friends(uid).await?;
+async fn friends(State(app): State<Arc<App>>, who: Acting) -> ImResult<PublicUser> {
+    let app: &App = &app;
+    let (uid, _) = who.in_span();
+    let rows = app.im.store().friends(uid).await?;
     Ok(ImReply::rows(rows.into_iter().map(Into::into).collect()))
 }
 
 #[tracing::instrument(name = "http.createcommunity", skip_all, fields(uid))]
 async fn create_community(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_create_community(&app, &headers, p).await)
-}
-
-async fn do_create_community(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<crate::store::Community>, ApiError> {
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    who: Acting,
+) -> ImResult<crate::store::Community> {
+    let app: &App = &app;
+    let (uid, p) = who.in_span();
     let name = short_text(&p, "name", 64)?;
     if name.is_empty() {
-        return Err(ApiError::Invalid("name is required".into()));
+        return Err(ApiError::Invalid("name is required".into()).into());
     }
     let icon = optional_url(app, &p, &["icon", "pic"])?;
     let memo = short_text(&p, "memo", 256)?;
     let kind = p.int("kind")?.or(p.int("cate")?).unwrap_or(0);
     if !(0..=1000).contains(&kind) {
-        return Err(ApiError::Invalid("kind must be 0..=1000".into()));
+        return Err(ApiError::Invalid("kind must be 0..=1000".into()).into());
     }
     let c = app
-        .store
+        .im
+        .store()
         .create_community(
             &NewCommunity {
                 name,
@@ -358,7 +257,7 @@ async fn do_create_community(
                 memo,
                 kind,
             },
-            app.im.max_owned_communities,
+            app.im.cfg().max_owned_communities,
         )
         .await?;
     info!(community = c.id, "community created");
@@ -369,40 +268,22 @@ async fn do_create_community(
 #[tracing::instrument(name = "http.communities", skip_all, fields(uid))]
 async fn communities(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_communities(&app, &headers, p).await)
-}
-
-async fn do_communities(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<crate::store::Community>, ApiError> {
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
-    Ok(ImReply::rows(app.store.communities_of(uid).await?))
+    who: Acting,
+) -> ImResult<crate::store::Community> {
+    let app: &App = &app;
+    let (uid, _) = who.in_span();
+    Ok(ImReply::rows(app.im.store().communities_of(uid).await?))
 }
 
 #[tracing::instrument(name = "http.joincommunity", skip_all, fields(uid))]
 async fn join_community(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_join_community(&app, &headers, p).await)
-}
-
-async fn do_join_community(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<crate::store::Community>, ApiError> {
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+    who: Acting,
+) -> ImResult<crate::store::Community> {
+    let app: &App = &app;
+    let (uid, p) = who.in_span();
     let id = required_id(&p, "dstid")?;
-    let c = app.store.join_community(uid, id).await?;
+    let c = app.im.store().join_community(uid, id).await?;
     info!(community = id, "community joined");
     chat::announce_join(app, uid, id).await;
     Ok(ImReply::data(c))
@@ -411,44 +292,31 @@ async fn do_join_community(
 // ---------------------------------------------------------------- history
 
 #[tracing::instrument(name = "http.history", skip_all, fields(uid))]
-async fn history(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_history(&app, &headers, p).await)
-}
-
-async fn do_history(
-    app: &App,
-    headers: &HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Result<ImReply<MsgJson>, ApiError> {
-    let p = p?;
-    let uid = acting(app, headers, &p)?;
+async fn history(State(app): State<Arc<App>>, who: Acting) -> ImResult<ChatJson> {
+    let app: &App = &app;
+    let (uid, p) = who.in_span();
     let dst = required_id(&p, "dstid")?;
-    let cmd = p.int("cmd")?.unwrap_or(i64::from(CMD_SINGLE));
-    let cmd = match i32::try_from(cmd) {
-        Ok(c @ (CMD_SINGLE | CMD_COMMUNITY)) => c,
+    let cmd = p.int("cmd")?.unwrap_or(i64::from(ChatCmd::Single as i32));
+    let cmd = match i32::try_from(cmd).map(ChatCmd::try_from) {
+        Ok(Ok(c @ (ChatCmd::Single | ChatCmd::Community))) => c as i32,
         _ => {
-            return Err(ApiError::Invalid(
-                "cmd must be 10 (user) or 11 (community)".into(),
-            ));
+            return Err(ApiError::Invalid("cmd must be 10 (user) or 11 (community)".into()).into());
         }
     };
     let before = match p.int("before")? {
         None | Some(0) => i64::MAX,
         Some(b) if b > 0 => b,
-        Some(_) => return Err(ApiError::Invalid("before must be a message id".into())),
+        Some(_) => return Err(ApiError::Invalid("before must be a message id".into()).into()),
     };
     let limit = p.int("limit")?.unwrap_or(20).clamp(1, 100) as u32;
-    if cmd == CMD_COMMUNITY && !app.store.is_member(uid, dst).await? {
-        return Err(ApiError::Forbidden(
-            "only members can read a community's history".into(),
-        ));
+    if cmd == ChatCmd::Community as i32 && !app.im.store().is_member(uid, dst).await? {
+        return Err(
+            ApiError::Forbidden("only members can read a community's history".into()).into(),
+        );
     }
     let msgs = app
-        .store
+        .im
+        .store()
         .history(&conv_key(cmd, uid, dst), before, limit)
         .await?;
     Ok(ImReply::rows(msgs.into_iter().map(Into::into).collect()))
@@ -456,35 +324,29 @@ async fn do_history(
 
 // ---------------------------------------------------------------- admin
 
-#[tracing::instrument(name = "http.admin_broadcast", skip_all)]
-async fn admin_broadcast(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    p: Result<Params, ApiError>,
-) -> Response {
-    respond(do_admin_broadcast(&app, &headers, p).await)
-}
-
 /// Compares without leaking where the first difference is.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn do_admin_broadcast(
-    app: &App,
-    headers: &HeaderMap,
+#[tracing::instrument(name = "http.admin_broadcast", skip_all)]
+async fn admin_broadcast(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
     p: Result<Params, ApiError>,
-) -> Result<ImReply<MsgJson>, ApiError> {
-    if app.admin_token.is_empty() {
-        return Err(ApiError::NotFound);
+) -> ImResult<ChatJson> {
+    let app: &App = &app;
+    let headers = &headers;
+    if app.im.admin_token().is_empty() {
+        return Err(ApiError::NotFound.into());
     }
     let given = headers
         .get(AUTHORIZATION)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     let given = given.strip_prefix(b"Bearer ").unwrap_or(given);
-    if !same_secret(given, app.admin_token.as_bytes()) {
-        return Err(ApiError::AdminAuth);
+    if !same_secret(given, app.im.admin_token().as_bytes()) {
+        return Err(ApiError::AdminAuth.into());
     }
     let p = p?;
     let media = p.int("media")?.unwrap_or(1);

@@ -4,7 +4,7 @@
 //! (operator broadcast). Also the offline inbox (`Pending`/`AckPending`) and
 //! the live room join after a user joins a community.
 
-use chatroom_common::proto::protocol::{ChatAck, ChatMsg, ChatStatus, MsgLevel};
+use chatroom_common::proto::protocol::{ChatAck, ChatCmd, ChatMsg, ChatStatus, Media, MsgLevel};
 use chatroom_common::proto::queue::{BroadcastMsg, JoinMsg, QueueMsg, RoomMsg, UserMsg, queue_msg};
 use chatroom_common::rooms;
 use prost::Message;
@@ -14,26 +14,7 @@ use crate::app::{App, im_uid};
 use crate::config::ImConfig;
 use crate::error::ApiError;
 use crate::id::now_ms;
-use crate::store::{CMD_COMMUNITY, CMD_SINGLE, Store};
-
-/// `cmd` of an operator broadcast (never accepted from a client).
-pub const CMD_BROADCAST: i32 = 12;
-/// `cmd` of the seed's JSON heartbeat (conn answers it; never stored).
-pub const CMD_HEART: i32 = 0;
-
-/// The seed's media types.
-pub mod media {
-    pub const TEXT: i32 = 1;
-    pub const NEWS: i32 = 2;
-    pub const VOICE: i32 = 3;
-    pub const IMAGE: i32 = 4;
-    pub const RED_PACKET: i32 = 5;
-    pub const EMOJI: i32 = 6;
-    pub const LINK: i32 = 7;
-    pub const VIDEO: i32 = 8;
-    pub const CONTACT: i32 = 9;
-    pub const USER_DEFINED: i32 = 100;
-}
+use crate::store::Store;
 
 /// Largest integer JavaScript holds exactly.
 pub const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
@@ -61,7 +42,7 @@ pub fn check_url(im: &ImConfig, field: &str, v: &str) -> Result<(), ApiError> {
         &v[7..]
     } else if im.upload_url.starts_with('/') {
         return match v.strip_prefix(im.upload_url.as_str()) {
-            Some(name) if crate::upload::valid_stored_name(name) => Ok(()),
+            Some(name) if super::upload::valid_stored_name(name) => Ok(()),
             _ => Err(bad()),
         };
     } else {
@@ -109,18 +90,18 @@ pub fn check_fields(im: &ImConfig, m: &ChatMsg) -> Result<(), ApiError> {
             Err(ApiError::Invalid(format!("media {} needs {what}", m.media)))
         }
     };
-    match m.media {
-        media::TEXT => need(has_content, "content"),
-        media::NEWS => need(has_content && has_url, "content (the title) and url"),
-        media::VOICE => need(has_url && m.amount > 0, "url and amount (seconds) > 0"),
-        media::IMAGE => need(has_url, "url"),
-        media::RED_PACKET => need(m.amount > 0, "amount (cents) > 0"),
-        media::EMOJI => need(has_content, "content"),
-        media::LINK => need(has_url, "url"),
-        media::VIDEO => need(has_url, "url"),
-        media::CONTACT => need(has_content, "content"),
-        media::USER_DEFINED => need(has_content || has_url, "content or url"),
-        other => Err(ApiError::Invalid(format!("unknown media {other}"))),
+    match Media::try_from(m.media) {
+        Ok(Media::Text) => need(has_content, "content"),
+        Ok(Media::News) => need(has_content && has_url, "content (the title) and url"),
+        Ok(Media::Voice) => need(has_url && m.amount > 0, "url and amount (seconds) > 0"),
+        Ok(Media::Image) => need(has_url, "url"),
+        Ok(Media::RedPacket) => need(m.amount > 0, "amount (cents) > 0"),
+        Ok(Media::Emoji) => need(has_content, "content"),
+        Ok(Media::Link) => need(has_url, "url"),
+        Ok(Media::Video) => need(has_url, "url"),
+        Ok(Media::Contact) => need(has_content, "content"),
+        Ok(Media::UserDefined) => need(has_content || has_url, "content or url"),
+        Ok(Media::None) | Err(_) => Err(ApiError::Invalid(format!("unknown media {}", m.media))),
     }
 }
 
@@ -128,22 +109,24 @@ pub fn check_fields(im: &ImConfig, m: &ChatMsg) -> Result<(), ApiError> {
 /// its delivery; answers the ack for the sender's session.
 pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiError> {
     let sender = im_uid(uid)?;
-    if !app.chat_limiter.check(uid) {
+    if !app.im.chat_allowed(uid) {
         return Err(ApiError::RateLimited);
     }
-    match msg.cmd {
-        CMD_SINGLE | CMD_COMMUNITY => {}
-        CMD_BROADCAST => {
+    match ChatCmd::try_from(msg.cmd) {
+        Ok(ChatCmd::Single | ChatCmd::Community) => {}
+        Ok(ChatCmd::Broadcast) => {
             return Err(ApiError::Forbidden(
                 "cmd 12 (broadcast) is for operators only".into(),
             ));
         }
-        other => return Err(ApiError::Invalid(format!("unknown cmd {other}"))),
+        Ok(ChatCmd::Heartbeat | ChatCmd::Ack | ChatCmd::Error | ChatCmd::Welcome) | Err(_) => {
+            return Err(ApiError::Invalid(format!("unknown cmd {}", msg.cmd)));
+        }
     }
     if msg.dstid <= 0 {
         return Err(ApiError::Invalid("dstid must be a positive id".into()));
     }
-    check_fields(&app.im, &msg)?;
+    check_fields(app.im.cfg(), &msg)?;
     let client_id = msg.id;
     let mut m = ChatMsg {
         id: 0,
@@ -151,7 +134,7 @@ pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiErro
         created_ms: 0,
         ..msg
     };
-    let status = if m.cmd == CMD_SINGLE {
+    let status = if m.cmd == ChatCmd::Single as i32 {
         send_single(app, &mut m).await?
     } else {
         send_community(app, &mut m).await?
@@ -175,14 +158,15 @@ pub async fn send(app: &App, uid: &str, msg: ChatMsg) -> Result<ChatAck, ApiErro
 
 async fn send_single(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError> {
     let (sender, dst) = (m.userid, m.dstid);
-    if !app.store.is_friend(sender, dst).await? {
+    if !app.im.store().is_friend(sender, dst).await? {
         return Err(ApiError::Forbidden(
             "you can only send messages to your friends".into(),
         ));
     }
     let (s, d) = (sender.to_string(), dst.to_string());
     let mut servers = app
-        .presence
+        .rooms
+        .presence()
         .servers_of_many(&[d.clone(), s.clone()])
         .await?;
     let sender_servers = servers.pop().unwrap_or_default();
@@ -195,7 +179,12 @@ async fn send_single(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError>
         // the look-up and the insert: look again so the message is not left
         // waiting for the next sign-in. At worst it arrives twice, with the
         // same id.
-        dst_servers = app.presence.servers_of(&d).await.unwrap_or_default();
+        dst_servers = app
+            .rooms
+            .presence()
+            .servers_of(&d)
+            .await
+            .unwrap_or_default();
     }
     let (uids, status) = if dst_servers.is_empty() {
         (vec![s], ChatStatus::Stored)
@@ -224,20 +213,21 @@ async fn send_single(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError>
 
 async fn send_community(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiError> {
     let (sender, community) = (m.userid, m.dstid);
-    if !app.store.is_member(sender, community).await? {
+    if !app.im.store().is_member(sender, community).await? {
         return Err(ApiError::Forbidden(
             "you can only send messages to communities you have joined".into(),
         ));
     }
     let others: Vec<i64> = app
-        .store
+        .im
+        .store()
         .members(community)
         .await?
         .into_iter()
         .filter(|u| *u != sender)
         .collect();
     let names: Vec<String> = others.iter().map(i64::to_string).collect();
-    let servers = app.presence.servers_of_many(&names).await?;
+    let servers = app.rooms.presence().servers_of_many(&names).await?;
     let offline: Vec<i64> = others
         .iter()
         .zip(&servers)
@@ -272,9 +262,9 @@ async fn send_community(app: &App, m: &mut ChatMsg) -> Result<ChatStatus, ApiErr
 async fn store(app: &App, m: &mut ChatMsg, inbox: &[i64]) -> Result<(), ApiError> {
     let mut attempt = 0;
     loop {
-        m.id = app.chat_ids.next_id() as i64;
+        m.id = app.im.next_chat_id();
         m.created_ms = now_ms() as i64;
-        match app.store.insert_message(m, inbox).await {
+        match app.im.store().insert_message(m, inbox).await {
             Ok(()) => return Ok(()),
             Err(e) if Store::is_duplicate_id(&e) && attempt < 3 => {
                 warn!(
@@ -291,8 +281,8 @@ async fn store(app: &App, m: &mut ChatMsg, inbox: &[i64]) -> Result<(), ApiError
 /// Publishes; if the queue refuses, the stored message is taken back so the
 /// sender can simply retry.
 async fn publish_or_undo(app: &App, id: i64, q: QueueMsg) -> Result<(), ApiError> {
-    if let Err(e) = app.enqueue(q).await {
-        if let Err(undo) = app.store.delete_message(id).await {
+    if let Err(e) = app.rooms.enqueue(q).await {
+        if let Err(undo) = app.im.store().delete_message(id).await {
             warn!(id, error = %undo, "could not take back an undelivered message");
         }
         return Err(e);
@@ -310,7 +300,7 @@ pub async fn pending(app: &App, uid: &str, limit: u32) -> Result<(Vec<ChatMsg>, 
         0 => PENDING_DEFAULT,
         n => n.min(PENDING_MAX),
     };
-    let mut msgs = app.store.pending(uid, limit + 1).await?;
+    let mut msgs = app.im.store().pending(uid, limit + 1).await?;
     let more = msgs.len() > limit as usize;
     msgs.truncate(limit as usize);
     Ok((msgs, more))
@@ -321,7 +311,7 @@ pub async fn ack_pending(app: &App, uid: &str, upto: i64) -> Result<u64, ApiErro
     let Ok(uid) = im_uid(uid) else {
         return Ok(0);
     };
-    Ok(app.store.ack_pending(uid, upto).await?)
+    Ok(app.im.store().ack_pending(uid, upto).await?)
 }
 
 /// Messages a conn node could not hand to `uid` (it has no session for it
@@ -332,7 +322,8 @@ pub async fn undelivered(app: &App, server: &str, uid: &str, ids: &[i64]) -> Res
         return Ok(0);
     };
     let elsewhere = app
-        .presence
+        .rooms
+        .presence()
         .servers_of(uid)
         .await?
         .into_iter()
@@ -340,34 +331,35 @@ pub async fn undelivered(app: &App, server: &str, uid: &str, ids: &[i64]) -> Res
     if elsewhere {
         return Ok(0);
     }
-    Ok(app.store.add_inbox(id, ids).await?)
+    Ok(app.im.store().add_inbox(id, ids).await?)
 }
 
 /// An operator broadcast to every session (not stored: it is not part of
 /// any conversation). Answers the message as sent.
 pub async fn broadcast(app: &App, msg: ChatMsg) -> Result<ChatMsg, ApiError> {
     let m = ChatMsg {
-        id: app.chat_ids.next_id() as i64,
+        id: app.im.next_chat_id(),
         userid: 0,
         dstid: 0,
-        cmd: CMD_BROADCAST,
+        cmd: ChatCmd::Broadcast.into(),
         created_ms: now_ms() as i64,
         ..msg
     };
-    check_fields(&app.im, &m)?;
-    app.enqueue(QueueMsg {
-        body: Some(queue_msg::Body::Broadcast(BroadcastMsg {
-            msg: Some(m.clone()),
-        })),
-    })
-    .await?;
+    check_fields(app.im.cfg(), &m)?;
+    app.rooms
+        .enqueue(QueueMsg {
+            body: Some(queue_msg::Body::Broadcast(BroadcastMsg {
+                msg: Some(m.clone()),
+            })),
+        })
+        .await?;
     Ok(m)
 }
 
 /// After a user joined community `id`: its live sessions join the room now.
 /// Best effort (the membership is committed; the next sign-in joins anyway).
 pub async fn announce_join(app: &App, uid: i64, id: i64) {
-    let servers = match app.presence.servers_of(&uid.to_string()).await {
+    let servers = match app.rooms.presence().servers_of(&uid.to_string()).await {
         Ok(s) => s,
         Err(e) => {
             warn!(uid, community = id, error = %e, "presence look-up for a join failed");
@@ -384,7 +376,7 @@ pub async fn announce_join(app: &App, uid: i64, id: i64) {
             servers,
         })),
     };
-    if let Err(e) = app.enqueue(q).await {
+    if let Err(e) = app.rooms.enqueue(q).await {
         warn!(uid, community = id, reason = %e, "join could not be published");
     }
 }
@@ -392,17 +384,15 @@ pub async fn announce_join(app: &App, uid: i64, id: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chatroom_common::config::load_with_env;
+    use chatroom_common::config::Load;
 
     fn im() -> ImConfig {
-        load_with_env::<crate::LogicConfig>(crate::config::DEFAULTS, None, Vec::new())
-            .expect("defaults")
-            .im
+        crate::LogicConfig::from_overrides([]).expect("defaults").im
     }
 
     fn msg(media: i32) -> ChatMsg {
         ChatMsg {
-            cmd: CMD_SINGLE,
+            cmd: ChatCmd::Single.into(),
             dstid: 2,
             media,
             ..ChatMsg::default()
@@ -442,25 +432,25 @@ mod tests {
         let im = im();
         let url = "https://a.com/f".to_string();
         let cases: Vec<(ChatMsg, bool)> = vec![
-            (msg(media::TEXT), false),
+            (msg(Media::Text.into()), false),
             (
                 ChatMsg {
                     content: "  ".into(),
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 false,
             ),
             (
                 ChatMsg {
                     content: "hi".into(),
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     content: "t".into(),
-                    ..msg(media::NEWS)
+                    ..msg(Media::News.into())
                 },
                 false,
             ),
@@ -468,14 +458,14 @@ mod tests {
                 ChatMsg {
                     content: "t".into(),
                     url: url.clone(),
-                    ..msg(media::NEWS)
+                    ..msg(Media::News.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::VOICE)
+                    ..msg(Media::Voice.into())
                 },
                 false,
             ),
@@ -483,75 +473,75 @@ mod tests {
                 ChatMsg {
                     url: url.clone(),
                     amount: 3,
-                    ..msg(media::VOICE)
+                    ..msg(Media::Voice.into())
                 },
                 true,
             ),
-            (msg(media::IMAGE), false),
+            (msg(Media::Image.into()), false),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::IMAGE)
+                    ..msg(Media::Image.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::RED_PACKET)
+                    ..msg(Media::RedPacket.into())
                 },
                 false,
             ),
             (
                 ChatMsg {
                     amount: 300,
-                    ..msg(media::RED_PACKET)
+                    ..msg(Media::RedPacket.into())
                 },
                 true,
             ),
-            (msg(media::EMOJI), false),
+            (msg(Media::Emoji.into()), false),
             (
                 ChatMsg {
                     content: "cry".into(),
-                    ..msg(media::EMOJI)
+                    ..msg(Media::Emoji.into())
                 },
                 true,
             ),
-            (msg(media::LINK), false),
+            (msg(Media::Link.into()), false),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::LINK)
+                    ..msg(Media::Link.into())
                 },
                 true,
             ),
             (
                 ChatMsg {
                     pic: url.clone(),
-                    ..msg(media::VIDEO)
+                    ..msg(Media::Video.into())
                 },
                 false,
             ),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::VIDEO)
+                    ..msg(Media::Video.into())
                 },
                 true,
             ),
-            (msg(media::CONTACT), false),
+            (msg(Media::Contact.into()), false),
             (
                 ChatMsg {
                     content: "10086".into(),
-                    ..msg(media::CONTACT)
+                    ..msg(Media::Contact.into())
                 },
                 true,
             ),
-            (msg(media::USER_DEFINED), false),
+            (msg(Media::UserDefined.into()), false),
             (
                 ChatMsg {
                     url: url.clone(),
-                    ..msg(media::USER_DEFINED)
+                    ..msg(Media::UserDefined.into())
                 },
                 true,
             ),
@@ -566,7 +556,7 @@ mod tests {
                 ChatMsg {
                     content: "x".into(),
                     amount: -1,
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 false,
             ),
@@ -574,7 +564,7 @@ mod tests {
                 ChatMsg {
                     content: "x".into(),
                     pic: "javascript:x".into(),
-                    ..msg(media::TEXT)
+                    ..msg(Media::Text.into())
                 },
                 false,
             ),
@@ -592,7 +582,7 @@ mod tests {
             &im,
             &ChatMsg {
                 content: big,
-                ..msg(media::TEXT)
+                ..msg(Media::Text.into())
             },
         )
         .unwrap_err();

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -184,35 +183,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Exponential reconnect delay with jitter, so a fleet of consumers does
-/// not hammer an nsqd that just came back all at the same instant.
-pub(crate) struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            next: initial,
-        }
-    }
-
-    /// A delay in `[d/2, d]`, then doubles `d` up to the cap.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d.mul_f64(rand::rng().random_range(0.5..=1.0))
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = self.initial;
-    }
-}
-
 /// Reported to nsqd in IDENTIFY; falls back to `fallback` when unknown.
 pub(crate) fn hostname(fallback: &str) -> String {
     std::env::var("HOSTNAME")
@@ -243,17 +213,6 @@ mod tests {
         assert_eq!(n.max_rdy_count, 100);
         assert!(parse_identify_response(br#"{"snappy":true}"#).is_err());
         assert!(parse_identify_response(b"\xff garbage").is_err());
-    }
-
-    #[test]
-    fn backoff_doubles_to_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let d: Vec<_> = (0..5).map(|_| b.next_delay()).collect();
-        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
-        assert!(d[1] >= Duration::from_millis(100) && d[1] <= Duration::from_millis(200));
-        assert!(d[4] >= Duration::from_millis(200) && d[4] <= Duration::from_millis(400));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 
     #[tokio::test]

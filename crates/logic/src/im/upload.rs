@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::header::{
@@ -21,13 +22,12 @@ use axum::http::header::{
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use std::collections::HashMap;
 use tracing::{Span, info};
 
+use super::im_user;
 use crate::app::App;
-use crate::error::{ApiError, ImReply};
-use crate::http::im_user;
+use crate::error::{ApiError, ImError, ImReply, ImResult};
 
 /// Families a format belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,7 +248,9 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
     Router::new()
         .route("/attach/upload", post(upload))
         .route("/attach/files/{name}", get(serve))
-        .layer(DefaultBodyLimit::max(app.im.max_upload_bytes + 64 * 1024))
+        .layer(DefaultBodyLimit::max(
+            app.im.cfg().max_upload_bytes + 64 * 1024,
+        ))
 }
 
 #[tracing::instrument(name = "http.upload", skip_all, fields(uid))]
@@ -257,14 +259,10 @@ async fn upload(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Response {
-    match do_upload(&app, &query, &headers, multipart).await {
-        Ok(url) => Json(ImReply::data(url)).into_response(),
-        Err(e) => {
-            e.log();
-            e.into_im_response()
-        }
-    }
+) -> ImResult<String> {
+    Ok(ImReply::data(
+        do_upload(&app, &query, &headers, multipart).await?,
+    ))
 }
 
 async fn do_upload(
@@ -273,7 +271,7 @@ async fn do_upload(
     headers: &HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<String, ApiError> {
-    let max = app.im.max_upload_bytes;
+    let max = app.im.cfg().max_upload_bytes;
     let too_large = || ApiError::TooLarge(format!("the file is larger than {max} bytes"));
     // Refuse a body announced too large before reading any of it.
     let announced = headers
@@ -348,7 +346,7 @@ async fn do_upload(
     )?;
     let format = classify(&ext, &data[..data.len().min(64)])?;
     let name = format!("{:032x}.{}", rand::random::<u128>(), format.ext);
-    let dir = PathBuf::from(&app.im.upload_dir);
+    let dir = PathBuf::from(&app.im.cfg().upload_dir);
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| ApiError::Internal(format!("create {}: {e}", dir.display())))?;
@@ -357,16 +355,12 @@ async fn do_upload(
         .await
         .map_err(|e| ApiError::Internal(format!("write {}: {e}", path.display())))?;
     info!(name = %name, bytes = data.len(), mime = format.mime, "file uploaded");
-    Ok(format!("{}{name}", app.im.upload_url))
+    Ok(format!("{}{name}", app.im.cfg().upload_url))
 }
 
 #[tracing::instrument(name = "http.file", skip_all)]
 async fn serve(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
-    let not_found = || {
-        let e = ApiError::NotFound;
-        e.log();
-        e.into_im_response()
-    };
+    let not_found = || ImError(ApiError::NotFound).into_response();
     if !valid_stored_name(&name) {
         return not_found();
     }
@@ -376,7 +370,7 @@ async fn serve(State(app): State<Arc<App>>, Path(name): Path<String>) -> Respons
     else {
         return not_found();
     };
-    match tokio::fs::read(PathBuf::from(&app.im.upload_dir).join(&name)).await {
+    match tokio::fs::read(PathBuf::from(&app.im.cfg().upload_dir).join(&name)).await {
         Ok(bytes) => (
             [
                 (CONTENT_TYPE, format.mime),

@@ -21,10 +21,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::conn::{self, Backoff, Conn, Identity};
+use super::conn::{self, Conn, Identity};
 use super::frame::{self, Command, Frame, RawMessage};
 use super::message::{Ack, Message};
 use super::{NsqError, lookup, valid_name};
+use crate::backoff::Backoff;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {

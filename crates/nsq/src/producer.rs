@@ -18,9 +18,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{self, Backoff, Conn, FrameReader, Identity};
+use super::conn::{self, Conn, FrameReader, Identity};
 use super::frame::{self, Command, Frame};
 use super::{NsqError, valid_name};
+use crate::backoff::Backoff;
 
 /// Longest a `publish` may take end to end (queueing, write, answer).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -6,11 +6,13 @@
 //! given or discovers, with RDY flow control, reconnects and a draining
 //! shutdown. Messages are at-least-once: anything not FINed is redelivered.
 
+pub mod backoff;
 mod conn;
 mod consumer;
 mod frame;
 mod lookup;
 mod message;
+pub mod metrics;
 mod producer;
 
 pub use consumer::{Consumer, ConsumerConfig};
