@@ -52,6 +52,9 @@ SECRET=${SECRET:-chatroom-dev-secret-change-me}
 SOURCES=${SOURCES:-127.0.0.2-127.0.0.20}
 QUIET_CORES=${QUIET_CORES:-0.15}
 SESSIONS=${SESSIONS:-}
+# Latency of one message in LATENCY_EVERY (fan-out and nats scenarios; loss
+# and duplicates are always counted for every message).
+LATENCY_EVERY=${LATENCY_EVERY:-1}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-3}
 mkdir -p "$OUT"
@@ -284,7 +287,7 @@ for s in $SCENARIOS; do
       for _ in $(seq 1 "$RUNS"); do
         start_chatroom
         bench "fanout-$rate" --ws "$ws_a" --http "$http_url" --sessions "$(sessions 10000)" --room-dist single --publishers 1 --rate "$rate" \
-          --duration "$DURATION" --warmup "$WARMUP" --token-secret "$SECRET"
+          --duration "$DURATION" --warmup "$WARMUP" --token-secret "$SECRET" --latency-every "$LATENCY_EVERY"
         stop_all
       done
     done
@@ -298,7 +301,7 @@ for s in $SCENARIOS; do
       for _ in $(seq 1 "$RUNS"); do
         start_nats
         bench "nats-$rate" --target nats --ws "$ws_a" --sessions "$(sessions 10000)" --room-dist single \
-          --publishers 1 --rate "$rate" --duration "$DURATION" --warmup "$WARMUP"
+          --publishers 1 --rate "$rate" --duration "$DURATION" --warmup "$WARMUP" --latency-every "$LATENCY_EVERY"
         stop_all
       done
     done
