@@ -103,6 +103,28 @@ impl Client {
         Ok(c)
     }
 
+    /// [`Client::signed_in`], retried while refused with 503 until `within`:
+    /// a conn node may start before it has seen the logic nodes in etcd.
+    pub async fn signed_in_eventually(
+        url: &str,
+        token: &str,
+        room: &str,
+        within: Duration,
+    ) -> anyhow::Result<Client> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match Client::signed_in(url, token, room).await {
+                Ok(c) => return Ok(c),
+                Err(e)
+                    if tokio::time::Instant::now() < deadline && e.to_string().contains("503") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     pub async fn send_message(
         &mut self,
         room: &str,

@@ -38,19 +38,6 @@ async fn wait_nodes(
     }
 }
 
-async fn signed_in_eventually(url: &str, tok: &str, room: &str) -> anyhow::Result<Client> {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        match Client::signed_in(url, tok, room).await {
-            Ok(c) => return Ok(c),
-            Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("503") => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -65,8 +52,8 @@ async fn scenario(c: &mut Cluster) -> anyhow::Result<()> {
     // A conn node may start before it has seen the logic nodes in etcd
     // (they register once listening): sign-ins are refused with 503 until
     // it has; retry within the deadline.
-    let mut a = signed_in_eventually(&c.ws_a, &tok_a, "lobby").await?;
-    let mut b = signed_in_eventually(&c.ws_b, &tok_b, "lobby").await?;
+    let mut a = Client::signed_in_eventually(&c.ws_a, &tok_a, "lobby", T).await?;
+    let mut b = Client::signed_in_eventually(&c.ws_b, &tok_b, "lobby", T).await?;
 
     // Jobs need a moment to find the topic and subscribe: repeat a probe
     // message until it gets through, then check ordinary traffic.

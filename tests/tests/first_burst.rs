@@ -82,18 +82,10 @@ async fn a_fresh_cluster_delivers_its_first_messages_without_a_burst() {
     for i in 0..PER_NODE * 2 {
         let url = if i % 2 == 0 { &c.ws_a } else { &c.ws_b };
         let tok = http::token(&c.http, &format!("reader-{i}")).await.unwrap();
-        // A conn node may not have seen the logic nodes yet: 503, retry.
-        let deadline = Instant::now() + T;
-        let cl = loop {
-            match Client::signed_in(url, &tok, ROOM).await {
-                Ok(cl) => break cl,
-                Err(e) if Instant::now() < deadline && e.to_string().contains("503") => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => panic!("reader {i}: {e:#}\n{}", c.dump()),
-            }
-        };
-        clients.push(cl);
+        match Client::signed_in_eventually(url, &tok, ROOM, T).await {
+            Ok(cl) => clients.push(cl),
+            Err(e) => panic!("reader {i}: {e:#}\n{}", c.dump()),
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let readers: Vec<_> = clients

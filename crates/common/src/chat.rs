@@ -64,19 +64,8 @@ impl From<ChatJson> for ChatMsg {
 
 impl From<&ChatMsg> for ChatJson {
     fn from(m: &ChatMsg) -> Self {
-        ChatJson {
-            id: m.id,
-            userid: m.userid,
-            dstid: m.dstid,
-            cmd: m.cmd,
-            media: m.media,
-            content: m.content.clone(),
-            pic: m.pic.clone(),
-            url: m.url.clone(),
-            memo: m.memo.clone(),
-            amount: m.amount,
-            createat: m.created_ms,
-        }
+        // The same fields copied: the strings are cloned either way.
+        ChatJson::from(m.clone())
     }
 }
 

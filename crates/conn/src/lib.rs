@@ -155,9 +155,7 @@ pub async fn run(
             server: server.clone(),
             logic: logic.clone(),
             tracker: tracker.clone(),
-            local_epoch: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_millis() as u64),
+            local_epoch: stream::wall_ms().max(1),
         };
         let incoming =
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));

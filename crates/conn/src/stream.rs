@@ -174,9 +174,7 @@ impl RoomStream {
             wake: Notify::new(),
             members: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
-            created_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            created_ms: wall_ms(),
         }
     }
 
@@ -450,6 +448,13 @@ fn append(st: &mut State, cfg: &StreamConfig, e: Entry) {
             st.evicted_important = old.offset;
         }
     }
+}
+
+/// Wall-clock ms since the Unix epoch: the unit of logic's epochs.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Gaps given up on that a stream remembers, to deliver a late arrival.
