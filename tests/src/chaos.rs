@@ -124,6 +124,25 @@ struct Ledger {
     failed_attempts: HashMap<usize, u32>,
     /// `Err{410}` notices (messages a session could not recover).
     gone: u64,
+    /// Sends on their way whose fate (accepted or refused) is not recorded
+    /// yet: the drain judges what is owed only once this is 0.
+    sending: u32,
+}
+
+/// Marks one send as on its way until dropped, after its fate is recorded.
+struct Sending(Arc<Mutex<Ledger>>);
+
+impl Sending {
+    fn start(ledger: &Arc<Mutex<Ledger>>) -> Sending {
+        ledger.lock().unwrap_or_else(|p| p.into_inner()).sending += 1;
+        Sending(ledger.clone())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).sending -= 1;
+    }
 }
 
 /// Per-class figures of one scenario.
@@ -433,6 +452,13 @@ impl Load {
 
     /// Every accepted message of the promised classes has reached every
     /// receiver it is owed to.
+    fn sends_on_their_way(&self) -> u32 {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sending
+    }
+
     fn promised_all_delivered(&self) -> bool {
         let l = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
         l.sent.iter().all(|((c, key), s)| {
@@ -448,7 +474,15 @@ impl Load {
     /// may wait for) and waits once more; then stops everything and counts.
     pub async fn finish(self, scenario: &str, drain: Duration) -> anyhow::Result<Report> {
         self.senders.cancel();
-        // Let the senders' last answers land before judging what is owed.
+        // A sender stopped between its send and the answer records the
+        // message as accepted only when the answer lands: judging what is
+        // owed (and stopping the receivers) before that would count its
+        // message lost everywhere. Each send is bounded by a 5 s timeout.
+        let on_their_way = self.sends_on_their_way();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.sends_on_their_way() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let deadline = Instant::now() + drain;
         while !self.promised_all_delivered() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -463,6 +497,9 @@ impl Load {
         self.receivers.cancel();
         self.tracker.wait().await;
         let mut report = self.count(scenario);
+        report
+            .notes
+            .push(("sends awaited at stop".into(), on_their_way.to_string()));
         let missing = self.missing_from_history().await?;
         report.notes.push((
             "IM messages missing from history".into(),
@@ -696,6 +733,7 @@ impl RoomSession {
                     _ = tick.tick(), if self.normal_every.is_some() && !senders.is_cancelled() => {
                         seq += 1;
                         let key = format!("N|{}|{seq}", self.id);
+                        let _sending = Sending::start(&self.ledger);
                         // NORMAL has no ack: a message the socket took counts
                         // as accepted, owed to every other session (best effort).
                         if c.send_message(ROOM, MsgLevel::Normal, key.as_bytes()).await.is_err() {
@@ -768,6 +806,7 @@ impl Poster {
             }
             seq += 1;
             let key = format!("I|{seq}");
+            let _sending = Sending::start(&self.ledger);
             let at = Instant::now();
             let url = format!("{}/msg", self.http[node % self.http.len()]);
             let r = tokio::time::timeout(
@@ -921,6 +960,7 @@ impl ChatSender {
                 }
                 seq += 1;
                 let key = format!("{}|{seq}", self.key_prefix);
+                let _sending = Sending::start(&self.ledger);
                 let at = Instant::now();
                 let r = tokio::time::timeout(
                     Duration::from_secs(5),

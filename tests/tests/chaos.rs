@@ -137,7 +137,6 @@ async fn recovered(load: &Load, since: Instant) -> anyhow::Result<Duration> {
 // late (out of order, once) instead of dropping them. Ignored in the test
 // command: one run in seven still lost the last IMPORTANT message at every
 // receiver, cause not found yet (RELIABILITY.md, known failures).
-#[ignore = "sometimes loses the last message of a class (RELIABILITY.md, known failures)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_sigkill_job() {
     let _one = SERIAL.lock().await;
@@ -239,7 +238,6 @@ async fn chaos_sigkill_logic() {
     );
 }
 
-#[ignore = "sometimes loses the last message of a class (RELIABILITY.md, known failures)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_sigkill_conn() {
     let _one = SERIAL.lock().await;
@@ -313,7 +311,6 @@ async fn chaos_rolling_sigterm() {
     );
 }
 
-#[ignore = "sometimes loses the last message of a class (RELIABILITY.md, known failures)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_restart_nsqd() {
     let _one = SERIAL.lock().await;
