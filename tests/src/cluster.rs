@@ -8,8 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chatroom_common::config::DiscoveryConfig;
-use chatroom_common::discovery::{Discovery, NodesRx, Service};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_discovery::{Discovery, NodesRx, Service};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -12,8 +12,8 @@
 
 use std::time::Duration;
 
-use chatroom_common::config::DiscoveryConfig;
-use chatroom_common::discovery::{Discovery, Service};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_discovery::{Discovery, Service};
 use chatroom_tests::chaos::{Class, Load, LoadPlan, Reconnect, Report, Target};
 use chatroom_tests::client::{Client, eventually};
 use chatroom_tests::cluster::{

@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 
 use chatroom_common::config::{
-    AdminConfig, ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate,
+    AdminConfig, ConfigError, GrpcConfig, LogConfig, NodeConfig, Validate,
 };
+use chatroom_discovery::DiscoveryConfig;
 use serde::Deserialize;
 
 /// Every key with its default; the base layer of every conn config.

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chatroom_common::discovery::{Discovery, DiscoveryError, Node, Service};
 use chatroom_common::proto::conn::conn_server::ConnServer;
+use chatroom_discovery::{Discovery, DiscoveryError, Node, Service};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;

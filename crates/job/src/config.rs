@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use chatroom_common::batch::HEAD_LEN;
-use chatroom_common::config::{
-    AdminConfig, ConfigError, DiscoveryConfig, LogConfig, NodeConfig, QueueConfig, Validate, ms,
-};
+use chatroom_common::config::{AdminConfig, ConfigError, LogConfig, NodeConfig, Validate, ms};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_queue::QueueConfig;
 use serde::Deserialize;
 
 /// The built-in defaults (standalone: memory queue, no conn nodes).

@@ -31,13 +31,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatroom_common::admin::Health;
 use chatroom_common::config::{ConfigError, Validate};
-use chatroom_common::discovery::{Discovery, NodesRx, Service};
 use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushUsersReq};
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::QueueMsg;
 use chatroom_common::proto::queue::queue_msg::Body;
-use chatroom_common::queue::{Delivery, MemoryQueue, Subscriber};
 use chatroom_common::rooms;
+use chatroom_discovery::{Discovery, NodesRx, Service};
+use chatroom_queue::{Delivery, MemoryQueue, Subscriber};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -109,7 +109,7 @@ pub async fn run_with_admin(
     {
         let queue = cfg.queue.clone();
         health.add_probe("queue", move || {
-            let ok = chatroom_common::queue::subscriber_ready(&queue);
+            let ok = chatroom_queue::subscriber_ready(&queue);
             async move {
                 if ok {
                     Ok(())

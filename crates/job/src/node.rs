@@ -23,11 +23,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatroom_common::backoff::Backoff;
-use chatroom_common::discovery::Node;
+use chatroom_backoff::Backoff;
 use chatroom_common::proto::conn::conn_client::ConnClient;
 use chatroom_common::proto::conn::{PushKind, PushRoomReply, PushRoomReq, PushRoomsReq};
 use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_discovery::Node;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -10,9 +10,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use chatroom_common::discovery::Node;
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::queue::Delivery;
+use chatroom_discovery::Node;
+use chatroom_queue::Delivery;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;

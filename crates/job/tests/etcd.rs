@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chatroom_common::config::DiscoveryConfig;
-use chatroom_common::discovery::{Discovery, Node, Service};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_discovery::{Discovery, Node, Service};
 use common::*;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

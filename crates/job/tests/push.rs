@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use chatroom_common::config::QueueConfig;
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::queue::Subscriber;
+use chatroom_queue::QueueConfig;
+use chatroom_queue::Subscriber;
 use common::*;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -7,9 +7,9 @@
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg, queue_msg};
-use chatroom_common::queue::{Publisher, QueueError};
 use chatroom_common::rooms;
 use chatroom_common::token::{TokenError, Tokens};
+use chatroom_queue::{Publisher, QueueError};
 use prost::Message;
 
 use crate::config::{ImConfig, LimitsConfig, LogicConfig};

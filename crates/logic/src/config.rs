@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chatroom_common::config::{
-    ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, QueueConfig, TokenConfig,
-    Validate,
+    ConfigError, GrpcConfig, LogConfig, NodeConfig, TokenConfig, Validate,
 };
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_queue::QueueConfig;
 use serde::Deserialize;
 
 use crate::id;

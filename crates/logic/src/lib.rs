@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatroom_common::admin::Health;
-use chatroom_common::discovery::{Discovery, Node, Service};
 use chatroom_common::proto::logic::logic_server::LogicServer;
-use chatroom_common::queue::{MemoryQueue, Publisher};
+use chatroom_discovery::{Discovery, Node, Service};
+use chatroom_queue::{MemoryQueue, Publisher};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -106,7 +106,7 @@ pub async fn run(
         .map_err(LogicError::at("presence.url", &cfg.presence.url))?;
     if matches!(
         cfg.discovery,
-        chatroom_common::config::DiscoveryConfig::Etcd { .. }
+        chatroom_discovery::DiscoveryConfig::Etcd { .. }
     ) && cfg.presence.kind == config::PresenceKind::Memory
     {
         // Each such node would number rooms on its own.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::batch::decode;
-use chatroom_common::config::{DiscoveryConfig, Load, QueueConfig};
+use chatroom_common::config::Load;
 use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
 use chatroom_common::proto::conn::{
     JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushRoomsReply,
@@ -19,8 +19,10 @@ use chatroom_common::proto::conn::{
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::queue_msg::Body;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg};
-use chatroom_common::queue::{MemoryQueue, Publisher};
+use chatroom_discovery::DiscoveryConfig;
 use chatroom_job::{JobConfig, JobError, Metrics, run_with_metrics};
+use chatroom_queue::QueueConfig;
+use chatroom_queue::{MemoryQueue, Publisher};
 use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
