@@ -34,7 +34,7 @@ async fn lease_renewals_and_failures_and_nodes_known() {
     let cfg = DiscoveryConfig::Etcd {
         endpoints: vec![endpoint.clone()],
         prefix: prefix.clone(),
-        lease_ttl_secs: 2,
+        lease_ttl: Duration::from_secs(2),
     };
     let d = Discovery::connect(&cfg).await.unwrap();
     let tracker = TaskTracker::new();

@@ -1,6 +1,8 @@
 //! The `[discovery]` config section: how nodes find each other.
 
-use chatroom_common::config::{ConfigError, Validate};
+use std::time::Duration;
+
+use chatroom_common::config::{ConfigError, Validate, check_duration, check_whole_seconds};
 use serde::Deserialize;
 
 /// How nodes find each other. (Unknown keys are tolerated here so that an
@@ -20,16 +22,21 @@ pub enum DiscoveryConfig {
         endpoints: Vec<String>,
         #[serde(default = "default_etcd_prefix")]
         prefix: String,
-        #[serde(default = "default_lease_ttl")]
-        lease_ttl_secs: u64,
+        /// Lease lifetime (whole seconds): a dead node leaves this long
+        /// after its last keep-alive.
+        #[serde(default = "default_lease_ttl", deserialize_with = "lease_ttl")]
+        lease_ttl: Duration,
     },
 }
 
 fn default_etcd_prefix() -> String {
     "/chatroom".into()
 }
-fn default_lease_ttl() -> u64 {
-    10
+fn lease_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    chatroom_common::config::duration_for("discovery.lease_ttl", d)
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl Validate for DiscoveryConfig {
@@ -39,7 +46,7 @@ impl Validate for DiscoveryConfig {
             DiscoveryConfig::Etcd {
                 endpoints,
                 prefix,
-                lease_ttl_secs,
+                lease_ttl,
             } => {
                 if endpoints.iter().all(|e| e.trim().is_empty()) {
                     return Err(ConfigError::invalid(
@@ -53,13 +60,13 @@ impl Validate for DiscoveryConfig {
                         "must start with '/'",
                     ));
                 }
-                if !(2..=3600).contains(lease_ttl_secs) {
-                    return Err(ConfigError::invalid(
-                        "discovery.lease_ttl_secs",
-                        "must be 2..=3600",
-                    ));
-                }
-                Ok(())
+                check_duration(
+                    "discovery.lease_ttl",
+                    *lease_ttl,
+                    Duration::from_secs(2),
+                    Duration::from_secs(3600),
+                )?;
+                check_whole_seconds("discovery.lease_ttl", *lease_ttl)
             }
         }
     }
@@ -105,11 +112,11 @@ mod tests {
         match t.discovery {
             DiscoveryConfig::Etcd {
                 endpoints,
-                lease_ttl_secs,
+                lease_ttl,
                 ..
             } => {
                 assert_eq!(endpoints.len(), 2);
-                assert_eq!(lease_ttl_secs, 10);
+                assert_eq!(lease_ttl, Duration::from_secs(10));
             }
             other => panic!("{other:?}"),
         }
@@ -128,5 +135,33 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("discovery.endpoints"), "{e}");
+        let etcd = [
+            ("CHATROOM__DISCOVERY__KIND", "etcd"),
+            ("CHATROOM__DISCOVERY__ENDPOINTS", "http://127.0.0.1:1"),
+        ];
+        for ttl in ["1s", "2500ms", "2h", "10"] {
+            let e = load_with_env::<T>(
+                D,
+                None,
+                env(&[etcd[0], etcd[1], ("CHATROOM__DISCOVERY__LEASE_TTL", ttl)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("discovery.lease_ttl"), "{ttl}: {e}");
+        }
+        // The old key is reported, not ignored (this section tolerates
+        // unknown keys).
+        let e = load_with_env::<T>(
+            D,
+            None,
+            env(&[
+                etcd[0],
+                etcd[1],
+                ("CHATROOM__DISCOVERY__LEASE_TTL_SECS", "5"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("renamed `discovery.lease_ttl`"), "{e}");
     }
 }

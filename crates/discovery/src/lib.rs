@@ -98,7 +98,7 @@ impl Discovery {
             DiscoveryConfig::Etcd {
                 endpoints,
                 prefix,
-                lease_ttl_secs,
+                lease_ttl,
             } => {
                 let opts = etcd_client::ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(3))
@@ -119,7 +119,7 @@ impl Discovery {
                 Ok(Discovery::Etcd(Box::new(EtcdDiscovery {
                     client,
                     prefix: prefix.trim_end_matches('/').to_string(),
-                    ttl: *lease_ttl_secs as i64,
+                    ttl: i64::try_from(lease_ttl.as_secs()).unwrap_or(i64::MAX),
                 })))
             }
         }

@@ -172,7 +172,7 @@ impl Pool {
         let pending = Pending::new(
             batch.clone(),
             tokens,
-            self.cfg.requeue_delay(),
+            self.cfg.requeue_delay,
             self.metrics.clone(),
         );
         for (id, h) in &mut self.nodes {

@@ -1,7 +1,9 @@
 //! The `[queue]` config section: which queue logic publishes to and job
 //! consumes from, and how it is reached.
 
-use chatroom_common::config::{ConfigError, Validate};
+use std::time::Duration;
+
+use chatroom_common::config::{ConfigError, Validate, check_duration};
 use serde::Deserialize;
 
 /// The message queue between logic and job (unknown keys tolerated, as for
@@ -29,8 +31,11 @@ pub enum QueueConfig {
         max_in_flight: u32,
         /// How often job asks nsqlookupd which nsqd nodes exist (a new
         /// nsqd is consumed from at most this long after it registers).
-        #[serde(default = "default_lookupd_poll_interval_ms")]
-        lookupd_poll_interval_ms: u64,
+        #[serde(
+            default = "default_lookupd_poll_interval",
+            deserialize_with = "lookupd_poll_interval"
+        )]
+        lookupd_poll_interval: Duration,
     },
 }
 
@@ -46,8 +51,11 @@ fn default_channel() -> String {
 fn default_max_in_flight() -> u32 {
     256
 }
-fn default_lookupd_poll_interval_ms() -> u64 {
-    1000
+fn lookupd_poll_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    chatroom_common::config::duration_for("queue.lookupd_poll_interval", d)
+}
+fn default_lookupd_poll_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl Validate for QueueConfig {
@@ -64,14 +72,14 @@ impl Validate for QueueConfig {
                 nsqd_tcp_addresses,
                 lookupd_http_addresses,
                 max_in_flight,
-                lookupd_poll_interval_ms,
+                lookupd_poll_interval,
             } => {
-                if !(10..=600_000).contains(lookupd_poll_interval_ms) {
-                    return Err(ConfigError::invalid(
-                        "queue.lookupd_poll_interval_ms",
-                        "must be 10..=600000",
-                    ));
-                }
+                check_duration(
+                    "queue.lookupd_poll_interval",
+                    *lookupd_poll_interval,
+                    Duration::from_millis(10),
+                    Duration::from_secs(600),
+                )?;
                 if !chatroom_nsq::valid_name(topic) {
                     return Err(ConfigError::invalid(
                         "queue.topic",
@@ -149,5 +157,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("queue.nsqd_tcp_addresses"), "{e}");
+        let nsq = [
+            ("CHATROOM__QUEUE__KIND", "nsq"),
+            ("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", "127.0.0.1:4150"),
+        ];
+        let t: T = load_with_env(
+            D,
+            None,
+            env(&[
+                nsq[0],
+                nsq[1],
+                ("CHATROOM__QUEUE__LOOKUPD_POLL_INTERVAL", "250ms"),
+            ]),
+        )
+        .unwrap();
+        assert!(matches!(
+            t.queue,
+            QueueConfig::Nsq { lookupd_poll_interval, .. } if lookupd_poll_interval == Duration::from_millis(250)
+        ));
+        for v in ["5ms", "11m", "1000"] {
+            let e = load_with_env::<T>(
+                D,
+                None,
+                env(&[
+                    nsq[0],
+                    nsq[1],
+                    ("CHATROOM__QUEUE__LOOKUPD_POLL_INTERVAL", v),
+                ]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("queue.lookupd_poll_interval"), "{v}: {e}");
+        }
+        let e = load_with_env::<T>(
+            D,
+            None,
+            env(&[
+                nsq[0],
+                nsq[1],
+                ("CHATROOM__QUEUE__LOOKUPD_POLL_INTERVAL_MS", "1000"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("renamed `queue.lookupd_poll_interval`") && e.contains("\"1000ms\""),
+            "{e}"
+        );
     }
 }

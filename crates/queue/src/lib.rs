@@ -226,7 +226,7 @@ impl Subscriber {
                 nsqd_tcp_addresses,
                 lookupd_http_addresses,
                 max_in_flight,
-                lookupd_poll_interval_ms,
+                lookupd_poll_interval,
             } => {
                 let cfg = nsq::ConsumerConfig {
                     topic: topic.clone(),
@@ -234,7 +234,7 @@ impl Subscriber {
                     nsqd_tcp_addresses: nsqd_tcp_addresses.clone(),
                     lookupd_http_addresses: lookupd_http_addresses.clone(),
                     max_in_flight: *max_in_flight,
-                    lookupd_poll_interval: Duration::from_millis(*lookupd_poll_interval_ms),
+                    lookupd_poll_interval: *lookupd_poll_interval,
                     client_id: client_id.to_string(),
                     ..nsq::ConsumerConfig::default()
                 };

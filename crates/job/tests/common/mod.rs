@@ -281,10 +281,10 @@ pub fn config(conn: Vec<String>) -> JobConfig {
         conn,
     };
     cfg.queue = QueueConfig::Memory { capacity: 1024 };
-    cfg.push.requeue_delay_ms = 20;
-    cfg.push.max_backoff_ms = 100;
-    cfg.push.timeout_ms = 1000;
-    cfg.shutdown_grace_ms = 2000;
+    cfg.push.requeue_delay = Duration::from_millis(20);
+    cfg.push.max_backoff = Duration::from_millis(100);
+    cfg.push.timeout = Duration::from_millis(1000);
+    cfg.shutdown_grace = Duration::from_millis(2000);
     cfg
 }
 

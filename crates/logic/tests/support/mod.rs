@@ -196,7 +196,7 @@ pub fn config(env: &[(&str, &str)]) -> LogicConfig {
         ("CHATROOM__LOG__DIR".into(), "".into()),
         ("CHATROOM__NODE__ID".into(), "logic-test".into()),
         ("CHATROOM__TOKEN__SECRET".into(), SECRET.into()),
-        ("CHATROOM__SHUTDOWN_GRACE_MS".into(), "2000".into()),
+        ("CHATROOM__SHUTDOWN_GRACE".into(), "2s".into()),
         // Cheap password hashes: argon2 is slow in debug builds.
         ("CHATROOM__IM__PASSWORD_MEMORY_KIB".into(), "256".into()),
         ("CHATROOM__IM__PASSWORD_ITERATIONS".into(), "1".into()),
