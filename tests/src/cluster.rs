@@ -8,8 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chatroom_common::config::DiscoveryConfig;
-use chatroom_common::discovery::{Discovery, NodesRx, Service};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_discovery::{Discovery, NodesRx, Service};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -450,13 +450,13 @@ pub async fn start_cluster_with(queue: Queue, opts: ClusterOpts) -> Cluster {
     let prefix = format!("/test-{id}");
     let topic = format!("room-{}", id.replace(['/', ':'], "-"));
     let topic = &topic[..topic.len().min(60)];
-    let ttl = LEASE_TTL.to_string();
+    let ttl = format!("{LEASE_TTL}s");
     let common = env(&[
         ("CHATROOM__DISCOVERY__KIND", "etcd"),
         ("CHATROOM__DISCOVERY__ENDPOINTS", &etcd),
         ("CHATROOM__DISCOVERY__PREFIX", &prefix),
-        ("CHATROOM__DISCOVERY__LEASE_TTL_SECS", &ttl),
-        ("CHATROOM__SHUTDOWN_GRACE_MS", "3000"),
+        ("CHATROOM__DISCOVERY__LEASE_TTL", &ttl),
+        ("CHATROOM__SHUTDOWN_GRACE", "3s"),
         ("RUST_LOG", "info"),
     ]);
     let common: Vec<(String, String)> = common.into_iter().chain(opts.env.clone()).collect();
@@ -497,7 +497,7 @@ pub async fn start_cluster_with(queue: Queue, opts: ClusterOpts) -> Cluster {
             ("CHATROOM__PRESENCE__KIND", "redis"),
             ("CHATROOM__PRESENCE__URL", &redis),
             ("CHATROOM__PRESENCE__PREFIX", &format!("{id}:")),
-            ("CHATROOM__PRESENCE__ONLINE_TTL_SECS", "3"),
+            ("CHATROOM__PRESENCE__ONLINE_TTL", "3s"),
             ("CHATROOM__TOKEN__SECRET", "cluster-test-secret-0123456789"),
             ("CHATROOM__STORE__URL", &store),
             ("CHATROOM__IM__UPLOAD_DIR", &uploads.to_string_lossy()),
@@ -524,7 +524,7 @@ pub async fn start_cluster_with(queue: Queue, opts: ClusterOpts) -> Cluster {
             ("CHATROOM__ADMIN__ADDR", &admin_addr.to_string()),
             ("CHATROOM__WS__ADDR", &ws_addr.to_string()),
             ("CHATROOM__GRPC__ADDR", &free_addr().to_string()),
-            ("CHATROOM__REPORT_ONLINE_MS", "300"),
+            ("CHATROOM__REPORT_ONLINE", "300ms"),
         ]));
         e.extend(opts.conn_env.clone());
         let mut p = Proc::spawn(name, "chatroom-conn", &work.0, &e).unwrap();
@@ -604,7 +604,7 @@ impl Cluster {
         let cfg = DiscoveryConfig::Etcd {
             endpoints: vec![self.etcd.clone()],
             prefix: self.prefix.clone(),
-            lease_ttl_secs: LEASE_TTL,
+            lease_ttl: Duration::from_secs(LEASE_TTL),
         };
         let d = Discovery::connect(&cfg).await.unwrap();
         d.watch(Service::Conn, tracker, stop).await.unwrap()

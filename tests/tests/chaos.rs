@@ -12,8 +12,8 @@
 
 use std::time::Duration;
 
-use chatroom_common::config::DiscoveryConfig;
-use chatroom_common::discovery::{Discovery, Service};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_discovery::{Discovery, Service};
 use chatroom_tests::chaos::{Class, Load, LoadPlan, Reconnect, Report, Target};
 use chatroom_tests::client::{Client, eventually};
 use chatroom_tests::cluster::{
@@ -35,9 +35,9 @@ const MSG_TIMEOUT: Duration = Duration::from_secs(3);
 const STEADY: Duration = Duration::from_secs(2);
 /// How long the drain may take (live, then again after the IM re-sign-in).
 const DRAIN: Duration = Duration::from_secs(15);
-/// conn's presence report period in the test cluster (`report_online_ms`).
+/// conn's presence report period in the test cluster (`report_online`).
 const REPORT_PERIOD: Duration = Duration::from_millis(300);
-/// conn's `ws.heartbeat_secs` in the Redis scenario.
+/// conn's `ws.heartbeat` in the Redis scenario.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// The queue: a real nsqd when `NSQD_BIN` is set, the test broker otherwise.
@@ -132,7 +132,7 @@ async fn recovered(load: &Load, since: Instant) -> anyhow::Result<Duration> {
     Ok(since.elapsed())
 }
 
-// conn skips a stream gap after `stream.reorder_wait_ms`; NSQ redelivers
+// conn skips a stream gap after `stream.reorder_wait`; NSQ redelivers
 // the dead job's messages of that gap seconds later, and conn delivers them
 // late (out of order, once) instead of dropping them. Ignored in the test
 // command: one run in seven still lost the last IMPORTANT message at every
@@ -357,8 +357,8 @@ async fn chaos_restart_redis() {
     let opts = ClusterOpts {
         redis: Some(redis.url.clone()),
         conn_env: vec![(
-            "CHATROOM__WS__HEARTBEAT_SECS".into(),
-            HEARTBEAT.as_secs().to_string(),
+            "CHATROOM__WS__HEARTBEAT".into(),
+            format!("{}s", HEARTBEAT.as_secs()),
         )],
         ..Default::default()
     };
@@ -497,7 +497,7 @@ async fn registered(etcd: &str, prefix: &str, service: Service) -> anyhow::Resul
     let cfg = DiscoveryConfig::Etcd {
         endpoints: vec![etcd.to_string()],
         prefix: prefix.to_string(),
-        lease_ttl_secs: LEASE_TTL,
+        lease_ttl: Duration::from_secs(LEASE_TTL),
     };
     let d = tokio::time::timeout(Duration::from_secs(2), Discovery::connect(&cfg)).await??;
     let tracker = TaskTracker::new();

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use chatroom_common::discovery::NodesRx;
 use chatroom_common::metrics::sample;
 use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_discovery::NodesRx;
 use chatroom_tests::client::Client;
 use chatroom_tests::cluster::{Cluster, LEASE_TTL, Queue, T, start_cluster, start_nsqd};
 use chatroom_tests::http;

@@ -276,9 +276,9 @@ async fn start(extra: &[(&str, &str)]) -> Node {
         ("CHATROOM__WS__ADDR", "127.0.0.1:0"),
         ("CHATROOM__GRPC__ADDR", "127.0.0.1:0"),
         ("CHATROOM__LOG__DIR", ""),
-        ("CHATROOM__REPORT_ONLINE_MS", "100"),
+        ("CHATROOM__REPORT_ONLINE", "100ms"),
         ("CHATROOM__DISCOVERY__LOGIC", &logic_uri),
-        ("CHATROOM__WS__SIGN_IN_TIMEOUT_MS", "1000"),
+        ("CHATROOM__WS__SIGN_IN_TIMEOUT", "1s"),
         ("CHATROOM__WS__MAX_FRAME_BYTES", "4096"),
     ];
     env.extend_from_slice(extra);
@@ -474,7 +474,7 @@ async fn bad_input_gets_errors_and_others_keep_being_served() {
 #[tokio::test]
 async fn silent_client_is_closed_after_missed_heartbeats() {
     let n = start(&[
-        ("CHATROOM__WS__HEARTBEAT_SECS", "1"),
+        ("CHATROOM__WS__HEARTBEAT", "1s"),
         ("CHATROOM__WS__HEARTBEAT_MISSES", "1"),
     ])
     .await;

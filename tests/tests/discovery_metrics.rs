@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use chatroom_common::config::DiscoveryConfig;
-use chatroom_common::discovery::{Discovery, Node, Service};
-use chatroom_common::metrics::{DISCOVERY, render, sample};
+use chatroom_common::metrics::{render, sample};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_discovery::metrics::DISCOVERY;
+use chatroom_discovery::{Discovery, Node, Service};
 use chatroom_tests::cluster::{required_env, unique};
 use etcd_client::GetOptions;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +34,7 @@ async fn lease_renewals_and_failures_and_nodes_known() {
     let cfg = DiscoveryConfig::Etcd {
         endpoints: vec![endpoint.clone()],
         prefix: prefix.clone(),
-        lease_ttl_secs: 2,
+        lease_ttl: Duration::from_secs(2),
     };
     let d = Discovery::connect(&cfg).await.unwrap();
     let tracker = TaskTracker::new();

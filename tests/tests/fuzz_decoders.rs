@@ -185,7 +185,7 @@ proptest! {
     /// The NSQ frame parser on anything a broker might send.
     #[test]
     fn nsq_frames_take_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
-        if let Err(e) = chatroom_common::nsq::parse_frames(&bytes) {
+        if let Err(e) = chatroom_nsq::parse_frames(&bytes) {
             prop_assert!(!e.to_string().is_empty());
         }
     }
@@ -203,7 +203,7 @@ proptest! {
             bytes.extend_from_slice(&kind.to_be_bytes());
             bytes.extend_from_slice(&body);
         }
-        if let Err(e) = chatroom_common::nsq::parse_frames(&bytes) {
+        if let Err(e) = chatroom_nsq::parse_frames(&bytes) {
             prop_assert!(e.to_string().starts_with("protocol"), "{}", e);
         }
     }

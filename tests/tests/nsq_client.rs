@@ -1,4 +1,4 @@
-//! The NSQ client (`chatroom_common::nsq`) against `TestNsqd`, the test
+//! The NSQ client (`chatroom-nsq`) against `TestNsqd`, the test
 //! broker speaking nsqd's wire protocol: publishing, pipelining, RDY flow
 //! control, FIN/REQ/TOUCH, reconnects, nsqlookupd discovery, draining
 //! shutdown, heartbeats and a broker that sends garbage.
@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatroom_common::nsq::{Consumer, ConsumerConfig, Message, NsqError, Producer};
+use chatroom_nsq::{Consumer, ConsumerConfig, Message, NsqError, Producer};
 use chatroom_tests::nsq_broker::{TestNsqd, TestNsqdConfig};
 use chatroom_tests::wait::until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -231,7 +231,9 @@ async fn producer_reconnects_fails_fast_in_an_outage_and_fails_over() {
         "starts on the first address"
     );
 
-    let nsq = &*chatroom_common::metrics::NSQ;
+    // Registered as a service registers them (logic and job start a queue).
+    chatroom_queue::metrics::init();
+    let nsq = &*chatroom_queue::metrics::NSQ;
     let reconnects = nsq.producer_reconnects.get();
     assert!(
         nsq.producer_connections.get() >= 1,
@@ -472,7 +474,9 @@ async fn consumer_reconnects_after_the_connection_drops() {
     m.finish();
     until(WAIT, "the FIN", || b.finished() == 1).await;
 
-    let nsq = &*chatroom_common::metrics::NSQ;
+    // Registered as a service registers them (logic and job start a queue).
+    chatroom_queue::metrics::init();
+    let nsq = &*chatroom_queue::metrics::NSQ;
     let reconnects = nsq.consumer_reconnects.get();
     assert!(nsq.consumer_connections.get() >= 1);
     assert!(nsq.rdy.get() >= 1, "RDY sent is counted");

@@ -28,7 +28,7 @@ let shots;
 before(async () => {
   shots = await screenshots('room');
   // A batching window long enough that a burst is certainly merged.
-  server = await startServer({ env: { CHATROOM__JOB__BATCH__WINDOW_MS: '100' } });
+  server = await startServer({ env: { CHATROOM__JOB__BATCH__WINDOW: '100ms' } });
   browser = await launchBrowser();
 });
 
@@ -168,7 +168,7 @@ test('two users chat in a room, see the online count, merged batches, refusals a
     await status(bob.page, 'reconnecting');
     assert.equal(await alice.page.isDisabled('#text'), true, 'no typing into a dead connection');
     await shots.shot(alice.page, 'server-down-reconnecting');
-    server = await startServer({ dir: server.dir, ports: server, env: { CHATROOM__JOB__BATCH__WINDOW_MS: '100' } });
+    server = await startServer({ dir: server.dir, ports: server, env: { CHATROOM__JOB__BATCH__WINDOW: '100ms' } });
     server.own = true; // the first start made the folder: remove it at the end
     await status(alice.page, 'open', `in ${ROOM}`);
     await status(bob.page, 'open', `in ${ROOM}`);

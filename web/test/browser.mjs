@@ -73,7 +73,7 @@ export async function startServer({ dir, ports, env = {} } = {}) {
       CHATROOM__LOGIC__IM__PASSWORD_ITERATIONS: '1',
       CHATROOM__LOGIC__IM__CHAT_RATE_PER_SEC: '0',
       CHATROOM__LOGIC__IM__API_RATE_PER_SEC: '0',
-      CHATROOM__CONN__REPORT_ONLINE_MS: '300',
+      CHATROOM__CONN__REPORT_ONLINE: '300ms',
       NO_COLOR: '1',
       ...env,
     },

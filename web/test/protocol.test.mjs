@@ -137,7 +137,7 @@ function startServer() {
         CHATROOM__LOGIC__IM__UPLOAD_DIR: `${dataDir}/uploads`,
         // Online counts are reported every 3 s by default; faster here so the
         // MEMBERS test waits for refreshes in well under a second each.
-        CHATROOM__CONN__REPORT_ONLINE_MS: String(REPORT_MS),
+        CHATROOM__CONN__REPORT_ONLINE: `${REPORT_MS}ms`,
         NO_COLOR: '1',
       },
     });
@@ -160,7 +160,7 @@ async function waitReady(s) {
 async function stopServer(s) {
   if (!s || s.child.pid === undefined || s.child.exitCode !== null || s.child.signalCode !== null) return;
   s.child.kill('SIGTERM');
-  // It drains for up to shutdown_grace_ms; do not let a hang keep the test run alive.
+  // It drains for up to shutdown_grace; do not let a hang keep the test run alive.
   const stopped = await within(8000, 'server exit', s.exited).catch(() => null);
   if (!stopped) {
     s.child.kill('SIGKILL');

@@ -121,10 +121,32 @@ mod tests {
         let c = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__ADDR", "127.0.0.1:1234")])
             .unwrap();
         assert_eq!(c.conn.ws.addr.port(), 1234);
-        let e = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__SLOW_AFTER_MS", "0")])
+        let e = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__SLOW_AFTER", "0s")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("conn.ws.slow_after_ms"), "{e}");
+        assert!(e.contains("conn.ws.slow_after"), "{e}");
+        let c =
+            StandaloneConfig::from_overrides([("CHATROOM__JOB__BATCH__WINDOW", "100ms")]).unwrap();
+        assert_eq!(c.job.batch.window, std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn an_old_key_is_reported_with_its_new_name() {
+        let e = StandaloneConfig::from_overrides([("CHATROOM__JOB__BATCH__WINDOW_MS", "100")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`job.batch.window_ms` was renamed `job.batch.window`")
+                && e.contains("window = \"100ms\""),
+            "{e}"
+        );
+        let e = StandaloneConfig::from_overrides([("CHATROOM__CONN__WS__SLOW_AFTER", "5000")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("conn.ws.slow_after") && e.contains("no unit"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,8 +6,9 @@ pub mod config;
 
 use std::net::SocketAddr;
 
-use chatroom_common::config::{DiscoveryConfig, QueueConfig};
-use chatroom_common::queue::MemoryQueue;
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_queue::MemoryQueue;
+use chatroom_queue::QueueConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;

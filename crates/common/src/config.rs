@@ -6,13 +6,18 @@
 //! `CHATROOM_CONFIG`), then environment variables `CHATROOM__SECTION__KEY`
 //! (for example `CHATROOM__WS__ADDR=0.0.0.0:8080`). A bad or missing value
 //! stops the process with an error naming the key.
+//!
+//! Durations are written with their unit in the value (`window = "10ms"`,
+//! `heartbeat = "30s"`, `CHATROOM__BATCH__WINDOW=10ms`), read by
+//! [`duration`]; a bare number is refused, naming the key. A key of the
+//! old `<name>_ms` / `<name>_secs` form is refused with its new name.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Deserializer, Visitor};
 
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "CHATROOM";
@@ -23,6 +28,16 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("config key `{key}`: {msg}")]
     Invalid { key: String, msg: String },
+    /// A duration key of the old form (`window_ms`): names the new key and
+    /// the value to write there.
+    #[error(
+        "config key `{old}` was renamed `{new}`; write the unit in the value, e.g. `{example}`"
+    )]
+    Renamed {
+        old: String,
+        new: String,
+        example: String,
+    },
 }
 
 impl ConfigError {
@@ -87,6 +102,8 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    refuse_renamed(&values_set(file, env.clone())?)?;
     let cfg: T = layers(Some(defaults), file, env)
         .build()?
         .try_deserialize()?;
@@ -101,26 +118,152 @@ pub fn keys_set(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Vec<String>, ConfigError> {
-    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+    Ok(values_set(file, env)?.into_iter().map(|(k, _)| k).collect())
+}
+
+/// The dotted keys the file and the environment set, with their values.
+fn values_set(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(String, serde_json::Value)>, ConfigError> {
+    fn walk(prefix: &str, v: serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
         match v {
             serde_json::Value::Object(m) if !m.is_empty() => {
                 for (k, v) in m {
                     let key = if prefix.is_empty() {
-                        k.clone()
+                        k
                     } else {
                         format!("{prefix}.{k}")
                     };
                     walk(&key, v, out);
                 }
             }
-            _ => out.push(prefix.to_string()),
+            v => out.push((prefix.to_string(), v)),
         }
     }
     let tree: serde_json::Value = layers(None, file, env).build()?.try_deserialize()?;
     let mut out = Vec::new();
-    walk("", &tree, &mut out);
-    out.retain(|k| !k.is_empty());
+    walk("", tree, &mut out);
+    out.retain(|(k, _)| !k.is_empty());
     Ok(out)
+}
+
+/// Refuses the first key of the old form `<name>_ms` / `<name>_secs` (a
+/// duration before units went into the values), naming its new key and
+/// the value to write there, rather than failing on an unknown key or, in
+/// a section that tolerates unknown keys, silently ignoring it.
+fn refuse_renamed(set: &[(String, serde_json::Value)]) -> Result<(), ConfigError> {
+    for (key, value) in set {
+        let (stem, unit, example) = if let Some(stem) = key.strip_suffix("_ms") {
+            (stem, "ms", 10)
+        } else if let Some(stem) = key.strip_suffix("_secs") {
+            (stem, "s", 30)
+        } else {
+            continue;
+        };
+        let n = match value {
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::String(s) if s.trim().parse::<u64>().is_ok() => s.trim().to_string(),
+            _ => example.to_string(),
+        };
+        let name = stem.rsplit('.').next().unwrap_or(stem);
+        return Err(ConfigError::Renamed {
+            old: key.clone(),
+            new: stem.to_string(),
+            example: format!("{name} = \"{n}{unit}\""),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a [`Duration`] written with its unit: `"10ms"`, `"2s"`, `"1m"`,
+/// `"1h 30m"` (humantime's syntax). A bare number is refused: its unit
+/// would be a guess. Use as `#[serde(deserialize_with = "...::duration")]`.
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration with its unit, e.g. \"10ms\", \"2s\", \"1m\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Duration, E> {
+            humantime::parse_duration(s.trim()).map_err(|e| {
+                E::custom(format!(
+                    "{s:?} is not a duration ({e}); write it with its unit, e.g. \"10ms\", \"2s\", \"1m\""
+                ))
+            })
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "{n} has no unit; write it in the value, e.g. \"{n}ms\" or \"{n}s\""
+            )))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+            self.visit_u64(n.unsigned_abs())
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "{n} has no unit; write it in the value, e.g. \"{n}s\""
+            )))
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// [`duration`] with `key` named in its error: for a field of a tagged
+/// enum (`discovery`, `queue`), where serde buffers the section and the
+/// error would otherwise name the section only.
+pub fn duration_for<'de, D: Deserializer<'de>>(key: &str, d: D) -> Result<Duration, D::Error> {
+    duration(d).map_err(|e| serde::de::Error::custom(format!("{key}: {e}")))
+}
+
+/// A duration as config writes it (`10ms`, `1m 30s`), for messages.
+pub fn show(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// `Err` naming `key` unless `min <= d <= max`; the message names the
+/// bounds with units ("must be <= 1m", "must be 100ms..=1h").
+pub fn check_duration(
+    key: &str,
+    d: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&d) {
+        return Ok(());
+    }
+    let msg = if max == Duration::MAX {
+        format!("must be >= {}", show(min))
+    } else if min.is_zero() {
+        format!("must be <= {}", show(max))
+    } else {
+        format!("must be {}..={}", show(min), show(max))
+    };
+    Err(ConfigError::invalid(key, msg))
+}
+
+/// `Err` naming `key` when `d` is zero.
+pub fn check_positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::invalid(key, "must be > 0"));
+    }
+    Ok(())
+}
+
+/// `Err` naming `key` unless `d` is whole seconds: for what is kept or sent
+/// in seconds (etcd leases, Redis expiries, the heartbeat told to clients).
+pub fn check_whole_seconds(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.subsec_nanos() != 0 {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "must be whole seconds (it is kept in seconds), not {}",
+                show(d)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The sources, lowest first: defaults, the file, then the environment.
@@ -273,164 +416,6 @@ impl GrpcConfig {
     }
 }
 
-/// How nodes find each other. (Unknown keys are tolerated here so that an
-/// override of `kind` alone works over defaults written for the other kind.)
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum DiscoveryConfig {
-    /// Fixed addresses (`http://host:port`), for standalone and small setups.
-    Static {
-        #[serde(default)]
-        logic: Vec<String>,
-        #[serde(default)]
-        conn: Vec<String>,
-    },
-    /// etcd: nodes register under `<prefix>/<service>/<id>` with a lease.
-    Etcd {
-        endpoints: Vec<String>,
-        #[serde(default = "default_etcd_prefix")]
-        prefix: String,
-        #[serde(default = "default_lease_ttl")]
-        lease_ttl_secs: u64,
-    },
-}
-
-fn default_etcd_prefix() -> String {
-    "/chatroom".into()
-}
-fn default_lease_ttl() -> u64 {
-    10
-}
-
-impl Validate for DiscoveryConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        match self {
-            DiscoveryConfig::Static { .. } => Ok(()),
-            DiscoveryConfig::Etcd {
-                endpoints,
-                prefix,
-                lease_ttl_secs,
-            } => {
-                if endpoints.iter().all(|e| e.trim().is_empty()) {
-                    return Err(ConfigError::invalid(
-                        "discovery.endpoints",
-                        "at least one etcd endpoint is needed",
-                    ));
-                }
-                if prefix.is_empty() || !prefix.starts_with('/') {
-                    return Err(ConfigError::invalid(
-                        "discovery.prefix",
-                        "must start with '/'",
-                    ));
-                }
-                if !(2..=3600).contains(lease_ttl_secs) {
-                    return Err(ConfigError::invalid(
-                        "discovery.lease_ttl_secs",
-                        "must be 2..=3600",
-                    ));
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
-/// The message queue between logic and job (unknown keys tolerated, as for
-/// discovery).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum QueueConfig {
-    /// In-process queue (standalone only: logic and job share one process).
-    Memory {
-        #[serde(default = "default_memory_capacity")]
-        capacity: usize,
-    },
-    /// NSQ: logic publishes to nsqd over TCP; job subscribes through
-    /// nsqlookupd (or straight to nsqd addresses).
-    Nsq {
-        #[serde(default = "default_topic")]
-        topic: String,
-        #[serde(default = "default_channel")]
-        channel: String,
-        #[serde(default)]
-        nsqd_tcp_addresses: Vec<String>,
-        #[serde(default)]
-        lookupd_http_addresses: Vec<String>,
-        #[serde(default = "default_max_in_flight")]
-        max_in_flight: u32,
-        /// How often job asks nsqlookupd which nsqd nodes exist (a new
-        /// nsqd is consumed from at most this long after it registers).
-        #[serde(default = "default_lookupd_poll_interval_ms")]
-        lookupd_poll_interval_ms: u64,
-    },
-}
-
-fn default_memory_capacity() -> usize {
-    65_536
-}
-fn default_topic() -> String {
-    "chatroom-room".into()
-}
-fn default_channel() -> String {
-    "job".into()
-}
-fn default_max_in_flight() -> u32 {
-    256
-}
-fn default_lookupd_poll_interval_ms() -> u64 {
-    1000
-}
-
-impl Validate for QueueConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        match self {
-            QueueConfig::Memory { capacity } => {
-                if *capacity == 0 {
-                    return Err(ConfigError::invalid("queue.capacity", "must be > 0"));
-                }
-            }
-            QueueConfig::Nsq {
-                topic,
-                channel,
-                nsqd_tcp_addresses,
-                lookupd_http_addresses,
-                max_in_flight,
-                lookupd_poll_interval_ms,
-            } => {
-                if !(10..=600_000).contains(lookupd_poll_interval_ms) {
-                    return Err(ConfigError::invalid(
-                        "queue.lookupd_poll_interval_ms",
-                        "must be 10..=600000",
-                    ));
-                }
-                if !crate::nsq::valid_name(topic) {
-                    return Err(ConfigError::invalid(
-                        "queue.topic",
-                        "1-64 chars of [.a-zA-Z0-9_-]",
-                    ));
-                }
-                if !crate::nsq::valid_name(channel) {
-                    return Err(ConfigError::invalid(
-                        "queue.channel",
-                        "1-64 chars of [.a-zA-Z0-9_-]",
-                    ));
-                }
-                let none = |v: &Vec<String>| v.iter().all(|a| a.trim().is_empty());
-                if none(nsqd_tcp_addresses) && none(lookupd_http_addresses) {
-                    return Err(ConfigError::invalid(
-                        "queue.nsqd_tcp_addresses",
-                        "give nsqd_tcp_addresses or lookupd_http_addresses",
-                    ));
-                }
-                if *max_in_flight == 0 {
-                    return Err(ConfigError::invalid("queue.max_in_flight", "must be > 0"));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// JWT settings shared by whoever issues or checks tokens.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -438,7 +423,8 @@ pub struct TokenConfig {
     /// HMAC secret (HS256).
     pub secret: String,
     /// Lifetime of issued tokens.
-    pub ttl_secs: u64,
+    #[serde(deserialize_with = "duration")]
+    pub ttl: Duration,
 }
 
 impl Validate for TokenConfig {
@@ -449,16 +435,8 @@ impl Validate for TokenConfig {
                 "must be at least 16 bytes",
             ));
         }
-        if self.ttl_secs == 0 {
-            return Err(ConfigError::invalid("token.ttl_secs", "must be > 0"));
-        }
-        Ok(())
+        check_positive("token.ttl", self.ttl)
     }
-}
-
-/// Milliseconds from config as a `Duration`.
-pub fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
 }
 
 #[cfg(test)]
@@ -466,77 +444,106 @@ mod tests {
     use super::*;
 
     #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
     struct T {
-        discovery: DiscoveryConfig,
-        queue: QueueConfig,
+        batch: B,
+    }
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct B {
+        #[serde(deserialize_with = "duration")]
+        window: Duration,
     }
     impl Validate for T {
         fn validate(&self) -> Result<(), ConfigError> {
-            self.discovery.validate()?;
-            self.queue.validate()
+            check_duration(
+                "batch.window",
+                self.batch.window,
+                Duration::ZERO,
+                Duration::from_secs(60),
+            )
         }
     }
-    const D: &str =
-        "[discovery]\nkind = \"static\"\nlogic = [\"http://a:1\"]\n[queue]\nkind = \"memory\"\n";
+    const D: &str = "[batch]\nwindow = \"10ms\"\n";
 
-    fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+    fn load(v: &[(&str, &str)]) -> Result<T, String> {
+        let env = v.iter().map(|(a, b)| (a.to_string(), b.to_string()));
+        load_with_env::<T>(D, None, env).map_err(|e| e.to_string())
     }
 
     #[test]
-    fn env_switches_kinds_and_parses_lists() {
-        let t: T = load_with_env(
-            D,
-            None,
-            env(&[
-                ("CHATROOM__DISCOVERY__KIND", "etcd"),
-                (
-                    "CHATROOM__DISCOVERY__ENDPOINTS",
-                    "http://127.0.0.1:1,http://127.0.0.1:2",
-                ),
-                ("CHATROOM__QUEUE__KIND", "nsq"),
-                ("CHATROOM__QUEUE__NSQD_TCP_ADDRESSES", "127.0.0.1:4150"),
-            ]),
-        )
-        .unwrap();
-        match t.discovery {
-            DiscoveryConfig::Etcd {
-                endpoints,
-                lease_ttl_secs,
-                ..
-            } => {
-                assert_eq!(endpoints.len(), 2);
-                assert_eq!(lease_ttl_secs, 10);
-            }
-            other => panic!("{other:?}"),
+    fn durations_are_written_with_their_unit() {
+        assert_eq!(load(&[]).unwrap().batch.window, Duration::from_millis(10));
+        for (v, d) in [
+            ("10ms", Duration::from_millis(10)),
+            ("2s", Duration::from_secs(2)),
+            ("1m", Duration::from_secs(60)),
+            ("1s 500ms", Duration::from_millis(1500)),
+        ] {
+            let t = load(&[("CHATROOM__BATCH__WINDOW", v)]).unwrap();
+            assert_eq!(t.batch.window, d, "{v}");
         }
-        assert!(
-            matches!(t.queue, QueueConfig::Nsq { ref nsqd_tcp_addresses, .. } if nsqd_tcp_addresses.len() == 1)
-        );
     }
 
     #[test]
-    fn bad_values_are_named() {
-        let e = load_with_env::<T>(
-            D,
-            None,
-            env(&[
-                ("CHATROOM__DISCOVERY__KIND", "etcd"),
-                ("CHATROOM__DISCOVERY__ENDPOINTS", ""),
-            ]),
+    fn a_duration_without_a_unit_is_refused_naming_the_key() {
+        for v in ["10", "10 parsecs", ""] {
+            let e = load(&[("CHATROOM__BATCH__WINDOW", v)]).unwrap_err();
+            assert!(e.contains("batch.window"), "{v:?}: {e}");
+        }
+        let e = load(&[("CHATROOM__BATCH__WINDOW", "10")]).unwrap_err();
+        assert!(e.contains("no unit") && e.contains("\"10ms\""), "{e}");
+        let e = load_with_env::<T>("[batch]\nwindow = 10\n", None, Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batch.window") && e.contains("no unit"), "{e}");
+    }
+
+    #[test]
+    fn range_checks_name_the_key_and_the_bounds_with_units() {
+        let e = load(&[("CHATROOM__BATCH__WINDOW", "61s")]).unwrap_err();
+        assert!(e.contains("`batch.window`: must be <= 1m"), "{e}");
+        let e = check_duration(
+            "k",
+            Duration::from_millis(5),
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("discovery.endpoints"), "{e}");
-        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "kafka")]))
+        assert!(e.contains("must be 100ms..=1h"), "{e}");
+        let e = check_whole_seconds("k", Duration::from_millis(1500))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("kafka") || e.contains("queue"), "{e}");
-        let e = load_with_env::<T>(D, None, env(&[("CHATROOM__QUEUE__KIND", "nsq")]))
+        assert!(e.contains("whole seconds"), "{e}");
+        assert!(check_positive("k", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn an_old_key_is_reported_with_its_new_name() {
+        let e = load(&[("CHATROOM__BATCH__WINDOW_MS", "10")]).unwrap_err();
+        assert!(
+            e.contains("`batch.window_ms` was renamed `batch.window`")
+                && e.contains("window = \"10ms\""),
+            "{e}"
+        );
+        let e = load(&[("CHATROOM__HEARTBEAT_SECS", "30")]).unwrap_err();
+        assert!(
+            e.contains("`heartbeat_secs` was renamed `heartbeat`") && e.contains("\"30s\""),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("chatroom-dur-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.toml");
+        std::fs::write(&path, "[discovery]\nlease_ttl_secs = 5\n").unwrap();
+        let e = load_with_env::<T>(D, Some(&path), Vec::new())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("queue.nsqd_tcp_addresses"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.contains("`discovery.lease_ttl_secs` was renamed `discovery.lease_ttl`")
+                && e.contains("lease_ttl = \"5s\""),
+            "{e}"
+        );
     }
 }

@@ -1,18 +1,14 @@
 //! Shared by every chatroom service: typed config, tracing set-up, sign-in
-//! tokens, service discovery, the queue between logic and job, the merged
-//! batch codec and the generated wire types.
+//! tokens, metrics, the merged batch codec and the generated wire types.
+//! Service discovery and the queue between logic and job are crates of their
+//! own (`chatroom-discovery`, `chatroom-queue`), so that a crate that needs
+//! neither compiles neither etcd-client nor the NSQ client.
 
 pub mod admin;
-/// The retry policy (it lives with the NSQ client, its first user, which
-/// depends on nothing of this crate).
-pub use chatroom_nsq::backoff;
 pub mod batch;
 pub mod chat;
 pub mod config;
-pub mod discovery;
 pub mod metrics;
-pub use chatroom_nsq as nsq;
-pub mod queue;
 pub mod rooms;
 pub mod startup;
 pub mod telemetry;

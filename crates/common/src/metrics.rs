@@ -1,5 +1,7 @@
 //! Prometheus metrics: one process-wide registry for what the shared
-//! libraries count (NSQ client, discovery, queue publishing, logic), plus
+//! libraries count (NSQ client and queue publishing in `chatroom-queue`,
+//! discovery in `chatroom-discovery`, logic), each registered by its crate
+//! when the service starts using it, plus
 //! per-instance registries that a service adds when it is started (conn and
 //! job keep their counters per node, as plain atomics, and export them through
 //! a [`Collector`] read at scrape time).
@@ -25,9 +27,6 @@ pub use prometheus_client::metrics::family::Family;
 pub use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 pub use prometheus_client::registry::Registry;
 
-/// The NSQ client's families, registered here by [`init`].
-pub use chatroom_nsq::metrics::{NSQ, NsqMetrics};
-
 use prometheus_client::encoding::NoLabelSet;
 use prometheus_client::metrics::TypedMetric;
 
@@ -52,9 +51,6 @@ pub fn with_global<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
 /// The process-wide families, then each of `instance`'s, as OpenMetrics
 /// text (one `# EOF` at the end).
 pub fn render(instance: &[&Registry]) -> String {
-    // Make sure the shared families exist even before first use, so a
-    // scrape always lists them.
-    init();
     let mut out = String::with_capacity(8192);
     {
         let g = GLOBAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -65,15 +61,6 @@ pub fn render(instance: &[&Registry]) -> String {
     }
     let _ = prometheus_client::encoding::text::encode_eof(&mut out);
     out
-}
-
-/// Registers every process-wide family now (they are otherwise created on
-/// first use).
-pub fn init() {
-    static NSQ_REGISTERED: std::sync::Once = std::sync::Once::new();
-    NSQ_REGISTERED.call_once(|| with_global(|r| NSQ.register(r.sub_registry_with_prefix("nsq"))));
-    LazyLock::force(&DISCOVERY);
-    LazyLock::force(&QUEUE);
 }
 
 /// Finds the value of one sample in rendered text: `name` plus every
@@ -278,94 +265,6 @@ pub fn encode_histogram(
     h.encode(enc.encode_descriptor(name, help, None, MetricType::Histogram)?)
 }
 
-/// Service discovery's families.
-#[derive(Debug)]
-pub struct DiscoveryMetrics {
-    /// Nodes known by service watched (`conn`, `logic`).
-    pub nodes: Family<Labels, Gauge>,
-    pub conn_nodes: Gauge,
-    pub logic_nodes: Gauge,
-    /// Lease keep-alives that failed (etcd).
-    pub lease_renewals_failed: Counter,
-    /// Lease keep-alives answered.
-    pub lease_renewals: Counter,
-    /// Registrations of this process currently held.
-    pub registered: Gauge,
-}
-
-pub static DISCOVERY: LazyLock<DiscoveryMetrics> = LazyLock::new(|| {
-    let nodes = Family::<Labels, Gauge>::default();
-    let m = DiscoveryMetrics {
-        conn_nodes: nodes.get_or_create_owned(&vec![("service", "conn")]),
-        logic_nodes: nodes.get_or_create_owned(&vec![("service", "logic")]),
-        nodes,
-        lease_renewals_failed: Counter::default(),
-        lease_renewals: Counter::default(),
-        registered: Gauge::default(),
-    };
-    with_global(|r| {
-        let r = r.sub_registry_with_prefix("discovery");
-        r.register("nodes", "Nodes known, by service watched", m.nodes.clone());
-        r.register(
-            "lease_renewals_failed",
-            "etcd lease keep-alives that failed",
-            m.lease_renewals_failed.clone(),
-        );
-        r.register(
-            "lease_renewals",
-            "etcd lease keep-alives answered",
-            m.lease_renewals.clone(),
-        );
-        r.register(
-            "registrations",
-            "Registrations this process holds",
-            m.registered.clone(),
-        );
-    });
-    m
-});
-
-impl DiscoveryMetrics {
-    pub fn nodes_of(&self, service: &str) -> &Gauge {
-        if service == "conn" {
-            &self.conn_nodes
-        } else {
-            &self.logic_nodes
-        }
-    }
-}
-
-/// Publishing to the queue (logic).
-#[derive(Debug)]
-pub struct QueueMetrics {
-    pub published: Counter,
-    pub publish_errors: Counter,
-    pub publish_latency: Histogram,
-}
-
-pub static QUEUE: LazyLock<QueueMetrics> = LazyLock::new(|| {
-    let m = QueueMetrics {
-        published: Counter::default(),
-        publish_errors: Counter::default(),
-        publish_latency: Histogram::latency(),
-    };
-    with_global(|r| {
-        let r = r.sub_registry_with_prefix("queue");
-        r.register("published", "Messages published", m.published.clone());
-        r.register(
-            "publish_errors",
-            "Publishes that failed",
-            m.publish_errors.clone(),
-        );
-        r.register(
-            "publish_latency_seconds",
-            "Time to publish one message (until nsqd answers OK)",
-            m.publish_latency.clone(),
-        );
-    });
-    m
-});
-
 /// The family names a rendered text declares (tests, `--check-config`).
 pub fn family_names(text: &str) -> Vec<String> {
     text.lines()
@@ -410,13 +309,16 @@ mod tests {
     }
 
     #[test]
-    fn render_lists_shared_families_once_with_one_eof() {
-        NSQ.producer_reconnects.inc();
+    fn render_lists_global_families_once_with_one_eof() {
+        static C: LazyLock<Counter> = LazyLock::new(|| {
+            let c = Counter::default();
+            with_global(|r| r.register("render_test", "x", c.clone()));
+            c
+        });
+        C.inc();
         let s = render(&[]);
-        assert!(s.contains("# TYPE chatroom_nsq_reconnects counter"), "{s}");
-        assert!(
-            sample(&s, "chatroom_nsq_reconnects_total", &[("role", "producer")]).unwrap() >= 1.0
-        );
+        assert!(s.contains("# TYPE chatroom_render_test counter"), "{s}");
+        assert!(sample(&s, "chatroom_render_test_total", &[]).unwrap() >= 1.0);
         assert_eq!(s.matches("# EOF").count(), 1);
         assert!(s.ends_with("# EOF\n"));
     }

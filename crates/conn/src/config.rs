@@ -1,10 +1,13 @@
 //! conn's typed configuration (see `default.toml` for every key).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use chatroom_common::config::{
-    AdminConfig, ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, Validate,
+    AdminConfig, ConfigError, GrpcConfig, LogConfig, NodeConfig, Validate, check_duration,
+    check_positive,
 };
+use chatroom_discovery::DiscoveryConfig;
 use serde::Deserialize;
 
 /// Every key with its default; the base layer of every conn config.
@@ -32,9 +35,11 @@ pub struct ConnConfig {
     /// Session shards; more buckets, less lock contention on push.
     pub buckets: usize,
     /// How often per-room counts go to logic (and cluster totals come back).
-    pub report_online_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub report_online: Duration,
     /// How long shutdown waits for sessions and pushes to finish.
-    pub shutdown_grace_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,24 +61,28 @@ pub struct WsConfig {
     /// A session whose oldest queued push has waited this long is too slow
     /// (the same consequences). Judged by time, not by a count of frames: a
     /// burst that a healthy session drains quickly is not a slow session.
-    pub slow_after_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub slow_after: Duration,
     /// Room messages one session may have on their way to logic; at the
     /// bound conn stops reading its socket (TCP back-pressure).
     pub max_in_flight: usize,
     /// A client must sign in within this time.
-    pub sign_in_timeout_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub sign_in_timeout: Duration,
     /// Fallback heartbeat period if logic does not name one.
-    pub heartbeat_secs: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub heartbeat: Duration,
     /// Missed heartbeat periods before a silent client is closed.
     pub heartbeat_misses: u32,
     /// Server-side WebSocket ping period.
-    pub ping_secs: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub ping: Duration,
 }
 
 impl Validate for ConnConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let w = &self.ws;
-        let checks: [(&str, bool, &str); 10] = [
+        let checks: [(&str, bool, &str); 6] = [
             ("ws.max_connections", w.max_connections > 0, "must be > 0"),
             (
                 "ws.max_frame_bytes",
@@ -90,27 +99,11 @@ impl Validate for ConnConfig {
                 (4096..=1 << 30).contains(&w.send_queue_bytes),
                 "must be 4096..=1073741824",
             ),
-            (
-                "ws.slow_after_ms",
-                (100..=3_600_000).contains(&w.slow_after_ms),
-                "must be 100..=3600000",
-            ),
-            (
-                "ws.sign_in_timeout_ms",
-                w.sign_in_timeout_ms > 0,
-                "must be > 0",
-            ),
-            ("ws.heartbeat_secs", w.heartbeat_secs > 0, "must be > 0"),
             ("ws.heartbeat_misses", w.heartbeat_misses > 0, "must be > 0"),
             (
                 "buckets",
                 (1..=4096).contains(&self.buckets),
                 "must be 1..=4096",
-            ),
-            (
-                "report_online_ms",
-                self.report_online_ms >= 100,
-                "must be >= 100",
             ),
         ];
         for (key, ok, msg) in checks {
@@ -119,7 +112,7 @@ impl Validate for ConnConfig {
             }
         }
         let s = &self.stream;
-        let more: [(&str, bool, &str); 5] = [
+        let more: [(&str, bool, &str); 4] = [
             (
                 "ws.max_in_flight",
                 (1..=65_536).contains(&w.max_in_flight),
@@ -140,20 +133,33 @@ impl Validate for ConnConfig {
                 (1024..=w.max_frame_bytes.max(1 << 20)).contains(&s.max_frame_bytes),
                 "must be 1024..=1048576",
             ),
-            (
-                "stream.reorder_wait_ms",
-                s.reorder_wait_ms <= 60_000,
-                "must be <= 60000",
-            ),
         ];
         for (key, ok, msg) in more {
             if !ok {
                 return Err(ConfigError::invalid(key, msg));
             }
         }
-        if w.ping_secs == 0 {
-            return Err(ConfigError::invalid("ws.ping_secs", "must be > 0"));
-        }
+        check_duration(
+            "ws.slow_after",
+            w.slow_after,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        check_positive("ws.sign_in_timeout", w.sign_in_timeout)?;
+        check_positive("ws.heartbeat", w.heartbeat)?;
+        check_positive("ws.ping", w.ping)?;
+        check_duration(
+            "report_online",
+            self.report_online,
+            Duration::from_millis(100),
+            Duration::MAX,
+        )?;
+        check_duration(
+            "stream.reorder_wait",
+            s.reorder_wait,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )?;
         self.admin.validate()?;
         self.discovery.validate()
     }
@@ -198,5 +204,44 @@ mod tests {
         assert!(e.contains("admin.addr"), "{e}");
         let c = load(&[("CHATROOM__ADMIN__ADDR", "127.0.0.1:0")]).unwrap();
         assert!(c.admin.socket_addr().unwrap().is_some());
+    }
+
+    #[test]
+    fn durations_carry_their_unit() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.report_online, Duration::from_secs(3));
+        assert_eq!(c.ws.slow_after, Duration::from_secs(5));
+        assert_eq!(c.ws.heartbeat, Duration::from_secs(30));
+        assert_eq!(c.stream.reorder_wait, Duration::from_millis(500));
+        assert_eq!(c.stream.linger, Duration::from_secs(60));
+        let c = load(&[
+            ("CHATROOM__REPORT_ONLINE", "300ms"),
+            ("CHATROOM__WS__HEARTBEAT", "1m"),
+            ("CHATROOM__STREAM__REORDER_WAIT", "2s"),
+        ])
+        .unwrap();
+        assert_eq!(c.report_online, Duration::from_millis(300));
+        assert_eq!(c.ws.heartbeat, Duration::from_secs(60));
+        assert_eq!(c.stream.reorder_wait, Duration::from_secs(2));
+        for (var, value, key) in [
+            ("CHATROOM__WS__SLOW_AFTER", "50ms", "ws.slow_after"),
+            ("CHATROOM__WS__SLOW_AFTER", "5000", "ws.slow_after"),
+            ("CHATROOM__WS__SIGN_IN_TIMEOUT", "0s", "ws.sign_in_timeout"),
+            ("CHATROOM__WS__PING", "0ms", "ws.ping"),
+            ("CHATROOM__REPORT_ONLINE", "99ms", "report_online"),
+            (
+                "CHATROOM__STREAM__REORDER_WAIT",
+                "61s",
+                "stream.reorder_wait",
+            ),
+            ("CHATROOM__STREAM__LINGER", "60", "stream.linger"),
+        ] {
+            let e = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(e.contains(key), "{var}={value}: {e}");
+        }
+        let e = load(&[("CHATROOM__WS__HEARTBEAT_SECS", "30")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("renamed `ws.heartbeat`"), "{e}");
     }
 }

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chatroom_common::discovery::{Discovery, DiscoveryError, Node, Service};
 use chatroom_common::proto::conn::conn_server::ConnServer;
+use chatroom_discovery::{Discovery, DiscoveryError, Node, Service};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -119,7 +119,7 @@ pub async fn run(
         streams.clone().sweep_loop(
             streams
                 .cfg
-                .reorder_wait()
+                .reorder_wait
                 .clamp(Duration::from_millis(20), Duration::from_secs(1))
                 / 2,
             bg.clone(),
@@ -182,7 +182,7 @@ pub async fn run(
         logic,
         online,
         stats.clone(),
-        Duration::from_millis(ctx.cfg.report_online_ms),
+        ctx.cfg.report_online,
         bg.clone(),
     ));
     info!(%server, ws = %ws_addr, grpc = %grpc_addr, "conn serving ws://{ws_addr}/room");
@@ -197,7 +197,7 @@ pub async fn run(
     sessions.cancel();
     bg.cancel();
     tracker.close();
-    let grace = Duration::from_millis(ctx.cfg.shutdown_grace_ms);
+    let grace = ctx.cfg.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(?grace, "tasks still running after the grace period");
     }

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatroom_common::discovery::{Node, NodesRx};
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::logic::{
     AckPendingReply, AckPendingReq, ChatReply, ChatReq, HeartbeatReply, HeartbeatReq, PendingReply,
@@ -18,6 +17,7 @@ use chatroom_common::proto::logic::{
     ReportOnlineReq, RoomHistoryReply, RoomHistoryReq, SignInReply, SignInReq, SignOutReply,
     SignOutReq, UndeliveredReply, UndeliveredReq,
 };
+use chatroom_discovery::{Node, NodesRx};
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};

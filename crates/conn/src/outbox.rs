@@ -5,7 +5,7 @@
 //!
 //! "Too slow" is judged by what a burst cannot fake: the bytes waiting
 //! (`ws.send_queue_bytes`) and how long the oldest frame has waited
-//! (`ws.slow_after_ms`), not by a count of frames — a healthy session that
+//! (`ws.slow_after`), not by a count of frames — a healthy session that
 //! is handed a thousand frames at once drains them in a few writes (the
 //! writer takes up to 64 queued frames per vectored write), and must not
 //! be cut for having received them together.
@@ -145,7 +145,7 @@ impl Outbox {
 
     /// A push to this session, at `now` (one clock read per push, shared by
     /// every session it goes to): refused when `ws.send_queue_bytes` are
-    /// waiting or the oldest waiting frame is older than `ws.slow_after_ms`.
+    /// waiting or the oldest waiting frame is older than `ws.slow_after`.
     pub fn try_push(&self, o: Outbound, now: Instant) -> Result<(), PushError> {
         self.push_within(o, now, self.limits.bytes as usize, true)
     }

@@ -29,7 +29,7 @@ pub use crate::chat::Encoding;
 pub enum SignInRefusal {
     /// Bad, expired or wrongly signed token (Err 100).
     Token,
-    /// No sign-in within `ws.sign_in_timeout_ms`.
+    /// No sign-in within `ws.sign_in_timeout`.
     Timeout,
     /// The first frame was not a well-formed SIGN_IN (Err 400, text frame).
     BadFrame,

@@ -13,7 +13,7 @@
 //! Offsets come from logic (see `logic::stream`), so every conn node and
 //! every receiver sees the same ones. A message that arrives twice (a queue
 //! redelivery) is dropped; one that arrives early (two job nodes, two logic
-//! nodes publishing one room) waits up to `stream.reorder_wait_ms` for the
+//! nodes publishing one room) waits up to `stream.reorder_wait` for the
 //! gap before it, which is then skipped. A newer epoch restarts the stream.
 //!
 //! The stream is bounded by count and bytes. A session that falls further
@@ -48,16 +48,12 @@ pub struct StreamConfig {
     /// Largest merged frame (a catch-up is cut into frames of this size).
     pub max_frame_bytes: usize,
     /// How long an early message waits for the gap before it to fill.
-    pub reorder_wait_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub reorder_wait: Duration,
     /// A room without sessions keeps its stream this long (a session that
     /// reconnects here recovers from it).
-    pub linger_secs: u64,
-}
-
-impl StreamConfig {
-    pub fn reorder_wait(&self) -> Duration {
-        Duration::from_millis(self.reorder_wait_ms)
-    }
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub linger: Duration,
 }
 
 /// One message of a room's stream.
@@ -267,7 +263,7 @@ impl RoomStream {
             out.skipped += skipped;
             if st.early.len() > cfg.retain_messages {
                 // Far too much waiting for one gap: give up on it now.
-                let (n, skipped) = resolve_gap(&mut st, cfg, now + cfg.reorder_wait() * 2);
+                let (n, skipped) = resolve_gap(&mut st, cfg, now + cfg.reorder_wait * 2);
                 out.appended += n;
                 out.skipped += skipped;
             }
@@ -506,7 +502,7 @@ fn resolve_gap(st: &mut State, cfg: &StreamConfig, now: Instant) -> (u32, u64) {
     let mut appended = 0;
     let mut skipped = 0;
     while let Some(since) = st.gap_since {
-        if now.saturating_duration_since(since) < cfg.reorder_wait() {
+        if now.saturating_duration_since(since) < cfg.reorder_wait {
             break;
         }
         let Some((&first, _)) = st.early.iter().next() else {
@@ -630,7 +626,7 @@ impl Streams {
     /// returns the offsets skipped.
     pub fn sweep(&self, now: Instant) -> u64 {
         let now_ms = self.started.elapsed().as_millis() as u64;
-        let linger = self.cfg.linger_secs * 1000;
+        let linger = u64::try_from(self.cfg.linger.as_millis()).unwrap_or(u64::MAX);
         let mut skipped = 0;
         for shard in self.shards.iter() {
             let streams: Vec<Arc<RoomStream>> = {
@@ -767,8 +763,8 @@ mod tests {
             retain_messages: 100,
             retain_bytes: 1 << 20,
             max_frame_bytes: 1 << 16,
-            reorder_wait_ms: 100,
-            linger_secs: 60,
+            reorder_wait: Duration::from_millis(100),
+            linger: Duration::from_secs(60),
         }
     }
 
@@ -896,7 +892,7 @@ mod tests {
         let t0 = Instant::now();
         push(&s, &c, 3, vec![e(1, "a")], t0);
         push(&s, &c, 3, vec![e(5, "e")], t0);
-        let later = t0 + c.reorder_wait() * 2;
+        let later = t0 + c.reorder_wait * 2;
         let a = s.expire_gaps(&c, later);
         assert_eq!((a.appended, a.skipped), (1, 3), "2..=4 given up on");
         let mut stale = vec![];
@@ -1031,7 +1027,7 @@ mod tests {
     #[test]
     fn streams_linger_after_the_last_member_then_go() {
         let c = StreamConfig {
-            linger_secs: 0,
+            linger: Duration::ZERO,
             ..cfg()
         };
         let all = Streams::new(c, 4);

@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushKind, PushUsersReq};
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::queue::Delivery;
+use chatroom_queue::Delivery;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{self, Metrics};
@@ -276,8 +276,8 @@ impl Drop for Ticket {
 
 #[cfg(test)]
 mod tests {
-    use chatroom_common::config::QueueConfig;
-    use chatroom_common::queue::{MemoryQueue, Publisher, Subscriber};
+    use chatroom_queue::QueueConfig;
+    use chatroom_queue::{MemoryQueue, Publisher, Subscriber};
     use tokio::time::Instant;
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;

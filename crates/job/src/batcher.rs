@@ -2,7 +2,7 @@
 //! `|len|data|len|data|` buffer (the seed's merged sending) and flushed as a
 //! batch. The rule adapts to load:
 //!
-//! - a room that has not flushed for `window_ms` is **quiet**: its next
+//! - a room that has not flushed for `window` is **quiet**: its next
 //!   message is flushed at once, alone (light load pays no batching delay);
 //! - after a flush the room is **busy** for one window: messages gather and
 //!   go out together when the window ends, so a room costs at most one batch
@@ -94,7 +94,7 @@ impl<T> Batcher<T> {
         Batcher {
             max_messages: cfg.max_messages.max(1),
             max_bytes: cfg.max_bytes,
-            window: cfg.window(),
+            window: cfg.window,
             rooms: HashMap::new(),
             deadlines: BinaryHeap::new(),
         }
@@ -260,7 +260,7 @@ mod tests {
     fn batcher(max_messages: usize, window_ms: u64, max_bytes: usize) -> Batcher<u32> {
         Batcher::new(&BatchConfig {
             max_messages,
-            window_ms,
+            window: Duration::from_millis(window_ms),
             max_bytes,
         })
     }

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use chatroom_common::batch::HEAD_LEN;
 use chatroom_common::config::{
-    AdminConfig, ConfigError, DiscoveryConfig, LogConfig, NodeConfig, QueueConfig, Validate, ms,
+    AdminConfig, ConfigError, LogConfig, NodeConfig, Validate, check_duration,
 };
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_queue::QueueConfig;
 use serde::Deserialize;
 
 /// The built-in defaults (standalone: memory queue, no conn nodes).
@@ -36,7 +38,8 @@ pub struct JobConfig {
     pub admin: AdminConfig,
     /// After the queue is drained, how long node workers may keep pushing
     /// what they hold before the rest is requeued.
-    pub shutdown_grace_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub shutdown_grace: Duration,
 }
 
 /// When a room's pending messages are flushed as one batch.
@@ -46,7 +49,8 @@ pub struct BatchConfig {
     /// Flush once this many messages are pending in the room.
     pub max_messages: usize,
     /// Flush this long after the room's first pending message.
-    pub window_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub window: Duration,
     /// Flush before the encoded batch would grow past this many bytes.
     pub max_bytes: usize,
 }
@@ -56,7 +60,8 @@ pub struct BatchConfig {
 #[serde(deny_unknown_fields)]
 pub struct PushConfig {
     /// Per `PushRoom` call (and per connection attempt).
-    pub timeout_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub timeout: Duration,
     /// Batches waiting per node; when full, that node misses the batch.
     pub node_queue: usize,
     /// Most room batches sent to one node in one `PushRooms` call (taken
@@ -64,39 +69,15 @@ pub struct PushConfig {
     pub bundle_max: usize,
     /// How long a node worker keeps retrying an IMPORTANT batch; longer than
     /// an etcd lease, so a dead node leaves discovery before we give up.
-    pub important_retry_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub important_retry: Duration,
     /// Cap of the exponential back-off between IMPORTANT retries.
-    pub max_backoff_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub max_backoff: Duration,
     /// Base delay of a requeue (multiplied by the delivery's attempts, up to
     /// 10x), so a batch nobody could take does not spin.
-    pub requeue_delay_ms: u64,
-}
-
-impl JobConfig {
-    pub fn shutdown_grace(&self) -> Duration {
-        ms(self.shutdown_grace_ms)
-    }
-}
-
-impl BatchConfig {
-    pub fn window(&self) -> Duration {
-        ms(self.window_ms)
-    }
-}
-
-impl PushConfig {
-    pub fn timeout(&self) -> Duration {
-        ms(self.timeout_ms)
-    }
-    pub fn important_retry(&self) -> Duration {
-        ms(self.important_retry_ms)
-    }
-    pub fn max_backoff(&self) -> Duration {
-        ms(self.max_backoff_ms)
-    }
-    pub fn requeue_delay(&self) -> Duration {
-        ms(self.requeue_delay_ms)
-    }
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub requeue_delay: Duration,
 }
 
 impl chatroom_common::config::Load for JobConfig {
@@ -112,13 +93,12 @@ impl Validate for JobConfig {
         self.admin.validate()?;
         self.batch.validate()?;
         self.push.validate()?;
-        if self.shutdown_grace_ms > 600_000 {
-            return Err(ConfigError::invalid(
-                "shutdown_grace_ms",
-                "must be <= 600000",
-            ));
-        }
-        Ok(())
+        check_duration(
+            "shutdown_grace",
+            self.shutdown_grace,
+            Duration::ZERO,
+            Duration::from_secs(600),
+        )
     }
 }
 
@@ -130,9 +110,12 @@ impl Validate for BatchConfig {
                 "must be 1..=65536",
             ));
         }
-        if self.window_ms > 60_000 {
-            return Err(ConfigError::invalid("batch.window_ms", "must be <= 60000"));
-        }
+        check_duration(
+            "batch.window",
+            self.window,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )?;
         if !(HEAD_LEN + 1..=MAX_BATCH_BYTES).contains(&self.max_bytes) {
             return Err(ConfigError::invalid(
                 "batch.max_bytes",
@@ -145,12 +128,12 @@ impl Validate for BatchConfig {
 
 impl Validate for PushConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=600_000).contains(&self.timeout_ms) {
-            return Err(ConfigError::invalid(
-                "push.timeout_ms",
-                "must be 1..=600000",
-            ));
-        }
+        check_duration(
+            "push.timeout",
+            self.timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(600),
+        )?;
         if !(1..=1_000_000).contains(&self.node_queue) {
             return Err(ConfigError::invalid(
                 "push.node_queue",
@@ -160,26 +143,24 @@ impl Validate for PushConfig {
         if !(1..=1024).contains(&self.bundle_max) {
             return Err(ConfigError::invalid("push.bundle_max", "must be 1..=1024"));
         }
-        if self.important_retry_ms > 3_600_000 {
-            return Err(ConfigError::invalid(
-                "push.important_retry_ms",
-                "must be <= 3600000",
-            ));
-        }
-        let min_backoff = INITIAL_BACKOFF.as_millis() as u64;
-        if !(min_backoff..=60_000).contains(&self.max_backoff_ms) {
-            return Err(ConfigError::invalid(
-                "push.max_backoff_ms",
-                format!("must be {min_backoff}..=60000"),
-            ));
-        }
-        if self.requeue_delay_ms > 600_000 {
-            return Err(ConfigError::invalid(
-                "push.requeue_delay_ms",
-                "must be <= 600000",
-            ));
-        }
-        Ok(())
+        check_duration(
+            "push.important_retry",
+            self.important_retry,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )?;
+        check_duration(
+            "push.max_backoff",
+            self.max_backoff,
+            INITIAL_BACKOFF,
+            Duration::from_secs(60),
+        )?;
+        check_duration(
+            "push.requeue_delay",
+            self.requeue_delay,
+            Duration::ZERO,
+            Duration::from_secs(600),
+        )
     }
 }
 
@@ -204,13 +185,14 @@ mod tests {
         assert!(matches!(cfg.queue, QueueConfig::Memory { .. }));
         assert!(matches!(&cfg.discovery, DiscoveryConfig::Static { conn, .. } if conn.is_empty()));
         assert_eq!(cfg.batch.max_messages, 32);
-        assert_eq!(cfg.batch.window_ms, 10);
+        assert_eq!(cfg.batch.window, Duration::from_millis(10));
         assert_eq!(cfg.batch.max_bytes, 256 * 1024);
-        assert_eq!(cfg.push.timeout_ms, 2000);
+        assert_eq!(cfg.push.timeout, Duration::from_secs(2));
         assert_eq!(cfg.push.node_queue, 1024);
-        assert_eq!(cfg.push.important_retry_ms, 15_000);
-        assert_eq!(cfg.push.max_backoff_ms, 1000);
-        assert_eq!(cfg.shutdown_grace_ms, 5000);
+        assert_eq!(cfg.push.important_retry, Duration::from_secs(15));
+        assert_eq!(cfg.push.max_backoff, Duration::from_secs(1));
+        assert_eq!(cfg.push.requeue_delay, Duration::from_secs(1));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(5));
     }
 
     #[test]
@@ -241,16 +223,63 @@ mod tests {
             ("CHATROOM__BATCH__MAX_BYTES", "999999999", "batch.max_bytes"),
             ("CHATROOM__PUSH__NODE_QUEUE", "0", "push.node_queue"),
             ("CHATROOM__PUSH__BUNDLE_MAX", "0", "push.bundle_max"),
-            ("CHATROOM__PUSH__TIMEOUT_MS", "0", "push.timeout_ms"),
-            ("CHATROOM__PUSH__MAX_BACKOFF_MS", "1", "push.max_backoff_ms"),
+            ("CHATROOM__PUSH__TIMEOUT", "0s", "push.timeout"),
+            ("CHATROOM__PUSH__TIMEOUT", "2000", "push.timeout"),
+            ("CHATROOM__PUSH__MAX_BACKOFF", "1ms", "push.max_backoff"),
             (
-                "CHATROOM__SHUTDOWN_GRACE_MS",
-                "99999999",
-                "shutdown_grace_ms",
+                "CHATROOM__PUSH__IMPORTANT_RETRY",
+                "2h",
+                "push.important_retry",
             ),
+            ("CHATROOM__PUSH__REQUEUE_DELAY", "11m", "push.requeue_delay"),
+            ("CHATROOM__BATCH__WINDOW", "61s", "batch.window"),
+            ("CHATROOM__BATCH__WINDOW", "10", "batch.window"),
+            ("CHATROOM__SHUTDOWN_GRACE", "1h", "shutdown_grace"),
         ] {
             let err = load(None, &[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(named), "{key}={value}: {err}");
         }
+        let err = load(None, &[("CHATROOM__BATCH__WINDOW", "61s")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be <= 1m"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_with_their_unit() {
+        let cfg = load(
+            None,
+            &[
+                ("CHATROOM__BATCH__WINDOW", "2s"),
+                ("CHATROOM__PUSH__IMPORTANT_RETRY", "1m"),
+                ("CHATROOM__PUSH__TIMEOUT", "10ms"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.batch.window, Duration::from_secs(2));
+        assert_eq!(cfg.push.important_retry, Duration::from_secs(60));
+        assert_eq!(cfg.push.timeout, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn old_key_names_are_reported_with_the_new_one() {
+        let err = load(None, &[("CHATROOM__BATCH__WINDOW_MS", "10")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`batch.window_ms` was renamed `batch.window`")
+                && err.contains("window = \"10ms\""),
+            "{err}"
+        );
+        let dir = std::env::temp_dir().join(format!("chatroom-job-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.toml");
+        std::fs::write(&path, "[push]\nmax_backoff_ms = 500\n").unwrap();
+        let err = load(Some(&path), &[]).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            err.contains("renamed `push.max_backoff`") && err.contains("\"500ms\""),
+            "{err}"
+        );
     }
 }

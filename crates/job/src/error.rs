@@ -3,8 +3,8 @@
 //! here; they are counted, logged and settled per batch (see `ack`).
 
 use chatroom_common::config::ConfigError;
-use chatroom_common::discovery::DiscoveryError;
-use chatroom_common::queue::QueueError;
+use chatroom_discovery::DiscoveryError;
+use chatroom_queue::QueueError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {

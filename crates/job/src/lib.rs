@@ -13,7 +13,7 @@
 //! Shutdown: cancelling `shutdown` stops consumption; the consumer hands out
 //! what the queue already gave it and ends; the batching task flushes every
 //! pending room and closes the node queues; node workers push what they hold
-//! for up to `shutdown_grace_ms`, then are stopped, and every batch they did
+//! for up to `shutdown_grace`, then are stopped, and every batch they did
 //! not push is requeued.
 
 pub mod ack;
@@ -31,13 +31,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatroom_common::admin::Health;
 use chatroom_common::config::{ConfigError, Validate};
-use chatroom_common::discovery::{Discovery, NodesRx, Service};
 use chatroom_common::proto::conn::{JoinRoomReq, PushAllReq, PushUsersReq};
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::QueueMsg;
 use chatroom_common::proto::queue::queue_msg::Body;
-use chatroom_common::queue::{Delivery, MemoryQueue, Subscriber};
 use chatroom_common::rooms;
+use chatroom_discovery::{Discovery, NodesRx, Service};
+use chatroom_queue::{Delivery, MemoryQueue, Subscriber};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -109,7 +109,7 @@ pub async fn run_with_admin(
     {
         let queue = cfg.queue.clone();
         health.add_probe("queue", move || {
-            let ok = chatroom_common::queue::subscriber_ready(&queue);
+            let ok = chatroom_queue::subscriber_ready(&queue);
             async move {
                 if ok {
                     Ok(())
@@ -166,15 +166,15 @@ pub async fn run_with_admin(
     let batching = batching.await;
     stop.cancel();
 
-    let grace = cfg.shutdown_grace();
+    let grace = cfg.shutdown_grace;
     info!(
-        grace_ms = cfg.shutdown_grace_ms,
+        grace_ms = grace.as_millis() as u64,
         "shutdown: waiting for node workers to push what they hold"
     );
     workers.close();
     if tokio::time::timeout(grace, workers.wait()).await.is_err() {
         warn!(
-            grace_ms = cfg.shutdown_grace_ms,
+            grace_ms = grace.as_millis() as u64,
             "shutdown: grace over; stopping node workers, unpushed batches are requeued"
         );
         stop_workers.cancel();

@@ -10,7 +10,7 @@
 //! On failure a NORMAL batch is dropped for this node. An IMPORTANT batch is
 //! retried with exponential back-off until it succeeds, the batch is handed
 //! back to the queue (nobody got it), the worker is stopped (node left
-//! discovery, or shutdown grace ran out) or `important_retry_ms` has passed;
+//! discovery, or shutdown grace ran out) or `important_retry` has passed;
 //! later batches wait behind it so this node sees them in order. A node whose
 //! retry window ran out is "degraded": until a push succeeds again, IMPORTANT
 //! batches get one attempt each, so a node that stays registered but broken
@@ -23,11 +23,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatroom_common::backoff::Backoff;
-use chatroom_common::discovery::Node;
+use chatroom_backoff::Backoff;
 use chatroom_common::proto::conn::conn_client::ConnClient;
 use chatroom_common::proto::conn::{PushKind, PushRoomReply, PushRoomReq, PushRoomsReq};
 use chatroom_common::proto::protocol::MsgLevel;
+use chatroom_discovery::Node;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,8 +54,8 @@ pub struct NodeBatch {
 /// failures), so a node that is down costs nothing until we push to it.
 pub fn lazy_channel(uri: &str, cfg: &PushConfig) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(uri.to_owned())?
-        .connect_timeout(cfg.timeout())
-        .timeout(cfg.timeout())
+        .connect_timeout(cfg.timeout)
+        .timeout(cfg.timeout)
         .connect_lazy())
 }
 
@@ -97,8 +97,8 @@ impl Worker {
             client: ConnClient::new(channel),
             rx,
             stop,
-            important_retry: cfg.important_retry(),
-            max_backoff: cfg.max_backoff(),
+            important_retry: cfg.important_retry,
+            max_backoff: cfg.max_backoff,
             metrics,
             degraded: false,
             failure_log: LogThrottle::default(),

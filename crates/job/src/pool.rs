@@ -10,9 +10,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use chatroom_common::discovery::Node;
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::queue::Delivery;
+use chatroom_discovery::Node;
+use chatroom_queue::Delivery;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
@@ -172,7 +172,7 @@ impl Pool {
         let pending = Pending::new(
             batch.clone(),
             tokens,
-            self.cfg.requeue_delay(),
+            self.cfg.requeue_delay,
             self.metrics.clone(),
         );
         for (id, h) in &mut self.nodes {

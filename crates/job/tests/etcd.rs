@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chatroom_common::config::DiscoveryConfig;
-use chatroom_common::discovery::{Discovery, Node, Service};
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_discovery::{Discovery, Node, Service};
 use common::*;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,7 +31,7 @@ async fn pushes_to_registered_nodes_and_stops_when_one_leaves() {
     let discovery_cfg = DiscoveryConfig::Etcd {
         endpoints: vec![etcd_endpoint()],
         prefix: format!("/chatroom-test/job-{}-{nanos}", std::process::id()),
-        lease_ttl_secs: 2,
+        lease_ttl: Duration::from_secs(2),
     };
     let discovery = Discovery::connect(&discovery_cfg)
         .await

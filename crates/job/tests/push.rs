@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use chatroom_common::config::QueueConfig;
 use chatroom_common::proto::protocol::MsgLevel;
-use chatroom_common::queue::Subscriber;
+use chatroom_queue::QueueConfig;
+use chatroom_queue::Subscriber;
 use common::*;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ async fn merges_per_room_and_pushes_every_batch_to_every_node() {
     );
     let mut cfg = config(vec![a.uri.clone(), b.uri.clone()]);
     cfg.batch.max_messages = 3;
-    cfg.batch.window_ms = 300;
+    cfg.batch.window = Duration::from_millis(300);
     let job = Job::start(cfg).await;
 
     // The first message of a quiet room goes at once; then the room is
@@ -82,8 +82,8 @@ async fn failing_stuck_and_dead_nodes_do_not_hold_back_the_healthy_one() {
         dead,
     ]);
     cfg.batch.max_messages = 1;
-    cfg.push.timeout_ms = 500;
-    cfg.shutdown_grace_ms = 200;
+    cfg.push.timeout = Duration::from_millis(500);
+    cfg.shutdown_grace = Duration::from_millis(200);
     let job = Job::start(cfg).await;
 
     let started = Instant::now();
@@ -132,7 +132,7 @@ async fn important_is_retried_until_the_node_recovers_normal_is_not() {
     let flaky = FakeConn::start(Mode::FailFirst(3)).await;
     let mut cfg = config(vec![healthy.uri.clone(), flaky.uri.clone()]);
     cfg.batch.max_messages = 1;
-    cfg.push.important_retry_ms = 5000;
+    cfg.push.important_retry = Duration::from_millis(5000);
     let job = Job::start(cfg).await;
 
     job.publish("r", N, "n1").await;
@@ -206,7 +206,7 @@ async fn shutdown_flushes_pending_rooms_and_pushes_them() {
     init_tracing();
     let a = FakeConn::start(Mode::Ok).await;
     let mut cfg = config(vec![a.uri.clone()]);
-    cfg.batch.window_ms = 60_000;
+    cfg.batch.window = Duration::from_millis(60_000);
     let job = Job::start(cfg).await;
 
     for (room, m) in [
@@ -251,9 +251,9 @@ async fn shutdown_requeues_what_could_not_be_pushed_within_the_grace() {
     init_tracing();
     let stuck = FakeConn::start(Mode::Hang).await;
     let mut cfg = config(vec![stuck.uri.clone()]);
-    cfg.batch.window_ms = 60_000;
-    cfg.push.timeout_ms = 30_000;
-    cfg.shutdown_grace_ms = 300;
+    cfg.batch.window = Duration::from_millis(60_000);
+    cfg.push.timeout = Duration::from_millis(30_000);
+    cfg.shutdown_grace = Duration::from_millis(300);
     let job = Job::start(cfg.clone()).await;
 
     let sent = [
@@ -349,8 +349,8 @@ async fn a_full_node_queue_costs_only_that_node() {
     let mut cfg = config(vec![healthy.uri.clone(), stuck.uri.clone()]);
     cfg.batch.max_messages = 1;
     cfg.push.node_queue = 1;
-    cfg.push.timeout_ms = 30_000;
-    cfg.shutdown_grace_ms = 200;
+    cfg.push.timeout = Duration::from_millis(30_000);
+    cfg.shutdown_grace = Duration::from_millis(200);
     let job = Job::start(cfg).await;
 
     job.publish("r", N, "m0").await;
@@ -385,7 +385,7 @@ async fn important_retries_end_after_the_window_and_a_broken_node_is_not_waited_
     let broken = FakeConn::start(Mode::AlwaysFail).await;
     let mut cfg = config(vec![healthy.uri.clone(), broken.uri.clone()]);
     cfg.batch.max_messages = 1;
-    cfg.push.important_retry_ms = 400;
+    cfg.push.important_retry = Duration::from_millis(400);
     let job = Job::start(cfg).await;
     let metrics = job.metrics.clone();
 
@@ -544,7 +544,7 @@ async fn a_failed_bundle_drops_its_normal_batches_and_retries_its_important_ones
     let flaky = FakeConn::start_held(Mode::FailFirst(2)).await;
     let mut cfg = config(vec![healthy.uri.clone(), flaky.uri.clone()]);
     cfg.batch.max_messages = 1;
-    cfg.push.important_retry_ms = 5000;
+    cfg.push.important_retry = Duration::from_millis(5000);
     let job = Job::start(cfg).await;
 
     let sent = pile_up_behind_a_held_call(&job, &flaky, &[N, I]).await;

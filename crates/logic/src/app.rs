@@ -7,9 +7,9 @@
 use bytes::Bytes;
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg, queue_msg};
-use chatroom_common::queue::{Publisher, QueueError};
 use chatroom_common::rooms;
 use chatroom_common::token::{TokenError, Tokens};
+use chatroom_queue::{Publisher, QueueError};
 use prost::Message;
 
 use crate::config::{ImConfig, LimitsConfig, LogicConfig};
@@ -45,10 +45,7 @@ impl App {
         let im = &cfg.im;
         App {
             auth: Auth {
-                tokens: Tokens::new(
-                    cfg.token.secret.as_bytes(),
-                    std::time::Duration::from_secs(cfg.token.ttl_secs),
-                ),
+                tokens: Tokens::new(cfg.token.secret.as_bytes(), cfg.token.ttl),
                 test_tokens: cfg.http.test_token,
             },
             rooms: Rooms {
@@ -57,7 +54,7 @@ impl App {
                 streams,
                 publisher,
                 limits: cfg.limits.clone(),
-                heartbeat_secs: cfg.heartbeat_secs,
+                heartbeat_secs: u32::try_from(cfg.heartbeat.as_secs()).unwrap_or(u32::MAX),
             },
             im: Im {
                 chat_ids: IdGen::chat(cfg.id_node(&node_id)),

@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chatroom_common::config::{
-    ConfigError, DiscoveryConfig, GrpcConfig, LogConfig, NodeConfig, QueueConfig, TokenConfig,
-    Validate,
+    ConfigError, GrpcConfig, LogConfig, NodeConfig, TokenConfig, Validate, check_duration,
+    check_whole_seconds,
 };
+use chatroom_discovery::DiscoveryConfig;
+use chatroom_queue::QueueConfig;
 use serde::Deserialize;
 
 use crate::id;
@@ -35,10 +37,13 @@ pub struct LogicConfig {
     pub store: StoreConfig,
     /// IM rules: uploads, message limits, rate limits.
     pub im: ImConfig,
-    /// Heartbeat period told to conn (and through it to clients).
-    pub heartbeat_secs: u32,
+    /// Heartbeat period told to conn (and through it to clients), in
+    /// whole seconds.
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub heartbeat: Duration,
     /// How long shutdown waits for in-flight requests.
-    pub shutdown_grace_ms: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub shutdown_grace: Duration,
     /// Node number inside message ids (0..=1023); -1 derives it from the
     /// node id, which may collide between two nodes (1 in 1024).
     pub id_node: i32,
@@ -120,20 +125,14 @@ pub struct PresenceConfig {
     pub url: String,
     /// Prefix of every Redis key, so deployments and tests can share a server.
     pub prefix: String,
-    /// A session not renewed by a heartbeat for this long is forgotten.
-    pub session_ttl_secs: u64,
+    /// A session not renewed by a heartbeat for this long is forgotten
+    /// (whole seconds: a Redis expiry).
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub session_ttl: Duration,
     /// A conn node's counts not reported again for this long are dropped
-    /// (the node is presumed dead).
-    pub online_ttl_secs: u64,
-}
-
-impl PresenceConfig {
-    pub fn session_ttl(&self) -> Duration {
-        Duration::from_secs(self.session_ttl_secs)
-    }
-    pub fn online_ttl(&self) -> Duration {
-        Duration::from_secs(self.online_ttl_secs)
-    }
+    /// (the node is presumed dead; whole seconds).
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub online_ttl: Duration,
 }
 
 /// What a client may send.
@@ -249,7 +248,7 @@ impl Validate for LogicConfig {
         let h = &self.http;
         let p = &self.presence;
         let l = &self.limits;
-        let checks: [(&str, bool, &str); 11] = [
+        let checks: [(&str, bool, &str); 6] = [
             (
                 "http.max_body_bytes",
                 (1024..=16 << 20).contains(&h.max_body_bytes),
@@ -271,34 +270,9 @@ impl Validate for LogicConfig {
                 "must be 1..=1024",
             ),
             (
-                "heartbeat_secs",
-                (1..=3600).contains(&self.heartbeat_secs),
-                "must be 1..=3600",
-            ),
-            (
-                "presence.session_ttl_secs",
-                p.session_ttl_secs > u64::from(self.heartbeat_secs),
-                "must be > heartbeat_secs, or live sessions expire between heartbeats",
-            ),
-            (
-                "presence.session_ttl_secs",
-                p.session_ttl_secs <= 86_400,
-                "must be <= 86400",
-            ),
-            (
-                "presence.online_ttl_secs",
-                (1..=3600).contains(&p.online_ttl_secs),
-                "must be 1..=3600",
-            ),
-            (
                 "presence.url",
                 p.kind != PresenceKind::Redis || p.url.starts_with("redis://"),
                 "must be a redis://host:port/db URL when presence.kind = \"redis\"",
-            ),
-            (
-                "shutdown_grace_ms",
-                self.shutdown_grace_ms <= 600_000,
-                "must be <= 600000",
             ),
             (
                 "id_node",
@@ -311,6 +285,25 @@ impl Validate for LogicConfig {
                 return Err(ConfigError::invalid(key, msg));
             }
         }
+        let secs = Duration::from_secs;
+        check_duration("heartbeat", self.heartbeat, secs(1), secs(3600))?;
+        check_whole_seconds("heartbeat", self.heartbeat)?;
+        if p.session_ttl <= self.heartbeat {
+            return Err(ConfigError::invalid(
+                "presence.session_ttl",
+                "must be > heartbeat, or live sessions expire between heartbeats",
+            ));
+        }
+        check_duration("presence.session_ttl", p.session_ttl, secs(1), secs(86_400))?;
+        check_whole_seconds("presence.session_ttl", p.session_ttl)?;
+        check_duration("presence.online_ttl", p.online_ttl, secs(1), secs(3600))?;
+        check_whole_seconds("presence.online_ttl", p.online_ttl)?;
+        check_duration(
+            "shutdown_grace",
+            self.shutdown_grace,
+            Duration::ZERO,
+            secs(600),
+        )?;
         let st = &self.stream;
         for (key, ok, msg) in [
             (
@@ -323,16 +316,13 @@ impl Validate for LogicConfig {
                 st.history_bytes >= l.max_message_bytes || st.history_messages == 0,
                 "must be at least limits.max_message_bytes",
             ),
-            (
-                "stream.idle_ttl_secs",
-                (60..=30 * 86400).contains(&st.idle_ttl_secs),
-                "must be 60..=2592000",
-            ),
         ] {
             if !ok {
                 return Err(ConfigError::invalid(key, msg));
             }
         }
+        check_duration("stream.idle_ttl", st.idle_ttl, secs(60), secs(30 * 86_400))?;
+        check_whole_seconds("stream.idle_ttl", st.idle_ttl)?;
         if p.prefix.is_empty()
             || p.prefix.len() > 64
             || !p.prefix.chars().all(|c| c.is_ascii_graphic())
@@ -375,12 +365,15 @@ mod tests {
         assert_eq!(cfg.http.max_body_bytes, 64 * 1024);
         assert!(cfg.http.test_token);
         assert_eq!(cfg.presence.kind, PresenceKind::Memory);
-        assert_eq!(cfg.presence.session_ttl_secs, 90);
-        assert_eq!(cfg.presence.online_ttl_secs, 15);
+        assert_eq!(cfg.presence.session_ttl, Duration::from_secs(90));
+        assert_eq!(cfg.presence.online_ttl, Duration::from_secs(15));
         assert_eq!(cfg.presence.prefix, "chatroom:");
         assert_eq!(cfg.limits.max_message_bytes, 16 * 1024);
         assert_eq!(cfg.limits.max_room_id_len, 64);
-        assert_eq!(cfg.heartbeat_secs, 30);
+        assert_eq!(cfg.heartbeat, Duration::from_secs(30));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(cfg.token.ttl, Duration::from_secs(86_400));
+        assert_eq!(cfg.stream.idle_ttl, Duration::from_secs(86_400));
         assert_eq!(cfg.store.url, "sqlite://data/chatroom.db?mode=rwc");
         assert_eq!(cfg.im.max_owned_communities, 5);
         assert_eq!(cfg.im.upload_dir, "data/uploads");
@@ -459,15 +452,26 @@ mod tests {
                 &[("CHATROOM__LIMITS__MAX_ROOM_ID_LEN", "0")],
                 "limits.max_room_id_len",
             ),
-            (&[("CHATROOM__HEARTBEAT_SECS", "0")], "heartbeat_secs"),
+            (&[("CHATROOM__HEARTBEAT", "0s")], "heartbeat"),
+            (&[("CHATROOM__HEARTBEAT", "1500ms")], "heartbeat"),
             (
-                &[("CHATROOM__PRESENCE__SESSION_TTL_SECS", "30")],
-                "presence.session_ttl_secs",
+                &[("CHATROOM__PRESENCE__SESSION_TTL", "30s")],
+                "presence.session_ttl",
             ),
             (
-                &[("CHATROOM__PRESENCE__ONLINE_TTL_SECS", "0")],
-                "presence.online_ttl_secs",
+                &[("CHATROOM__PRESENCE__SESSION_TTL", "2d")],
+                "presence.session_ttl",
             ),
+            (
+                &[("CHATROOM__PRESENCE__ONLINE_TTL", "0s")],
+                "presence.online_ttl",
+            ),
+            (
+                &[("CHATROOM__PRESENCE__ONLINE_TTL", "2500ms")],
+                "presence.online_ttl",
+            ),
+            (&[("CHATROOM__STREAM__IDLE_TTL", "59s")], "stream.idle_ttl"),
+            (&[("CHATROOM__TOKEN__TTL", "0s")], "token.ttl"),
             (
                 &[
                     ("CHATROOM__PRESENCE__KIND", "redis"),
@@ -476,16 +480,52 @@ mod tests {
                 "presence.url",
             ),
             (&[("CHATROOM__PRESENCE__PREFIX", "")], "presence.prefix"),
-            (
-                &[("CHATROOM__SHUTDOWN_GRACE_MS", "9999999")],
-                "shutdown_grace_ms",
-            ),
+            (&[("CHATROOM__SHUTDOWN_GRACE", "11m")], "shutdown_grace"),
             (&[("CHATROOM__ID_NODE", "1024")], "id_node"),
             (&[("CHATROOM__TOKEN__SECRET", "short")], "token.secret"),
             (&[("CHATROOM__QUEUE__CAPACITY", "0")], "queue.capacity"),
         ];
         for (env, key) in cases {
             assert_eq!(bad_key(env), *key, "for {env:?}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_their_unit_and_old_keys_are_reported() {
+        let cfg = load(&[
+            ("CHATROOM__HEARTBEAT", "1m"),
+            ("CHATROOM__PRESENCE__SESSION_TTL", "3m"),
+            ("CHATROOM__SHUTDOWN_GRACE", "2s"),
+            ("CHATROOM__TOKEN__TTL", "1h"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.heartbeat, Duration::from_secs(60));
+        assert_eq!(cfg.presence.session_ttl, Duration::from_secs(180));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(cfg.token.ttl, Duration::from_secs(3600));
+        let e = load(&[("CHATROOM__HEARTBEAT", "30")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heartbeat") && e.contains("no unit"), "{e}");
+        for (var, old, new) in [
+            ("CHATROOM__HEARTBEAT_SECS", "heartbeat_secs", "heartbeat"),
+            (
+                "CHATROOM__PRESENCE__ONLINE_TTL_SECS",
+                "presence.online_ttl_secs",
+                "presence.online_ttl",
+            ),
+            ("CHATROOM__TOKEN__TTL_SECS", "token.ttl_secs", "token.ttl"),
+            (
+                "CHATROOM__STREAM__IDLE_TTL_SECS",
+                "stream.idle_ttl_secs",
+                "stream.idle_ttl",
+            ),
+        ] {
+            let e = load(&[(var, "30")]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{old}` was renamed `{new}`")) && e.contains("\"30s\""),
+                "{var}: {e}"
+            );
         }
     }
 

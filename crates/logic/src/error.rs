@@ -4,10 +4,10 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use chatroom_common::discovery::DiscoveryError;
 use chatroom_common::proto::protocol::ErrCode;
-use chatroom_common::queue::QueueError;
 use chatroom_common::token::TokenError;
+use chatroom_discovery::DiscoveryError;
+use chatroom_queue::QueueError;
 
 use crate::presence::PresenceError;
 use crate::store::StoreError;
@@ -442,7 +442,7 @@ mod tests {
 
     #[test]
     fn internals_stay_out_of_the_client_message() {
-        let e = ApiError::from(QueueError::Nsq(chatroom_common::nsq::NsqError::Server(
+        let e = ApiError::from(QueueError::Nsq(chatroom_queue::NsqError::Server(
             "E_INTERNAL secret detail".into(),
         )));
         assert_eq!(e.to_string(), "message queue unavailable, try again");

@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatroom_common::admin::Health;
-use chatroom_common::discovery::{Discovery, Node, Service};
 use chatroom_common::proto::logic::logic_server::LogicServer;
-use chatroom_common::queue::{MemoryQueue, Publisher};
+use chatroom_discovery::{Discovery, Node, Service};
+use chatroom_queue::{MemoryQueue, Publisher};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +81,7 @@ fn bind(addr: std::net::SocketAddr, key: &str) -> io::Result<TcpListener> {
 
 /// Runs logic until `shutdown` is cancelled (or a server fails), then
 /// deregisters, stops accepting, lets in-flight requests finish within
-/// `shutdown_grace_ms`, closes the publisher and waits for every task.
+/// `shutdown_grace`, closes the publisher and waits for every task.
 ///
 /// `memory_queue` is the in-process queue shared with job (standalone); it
 /// is required when `queue.kind = "memory"`.
@@ -106,7 +106,7 @@ pub async fn run(
         .map_err(LogicError::at("presence.url", &cfg.presence.url))?;
     if matches!(
         cfg.discovery,
-        chatroom_common::config::DiscoveryConfig::Etcd { .. }
+        chatroom_discovery::DiscoveryConfig::Etcd { .. }
     ) && cfg.presence.kind == config::PresenceKind::Memory
     {
         // Each such node would number rooms on its own.
@@ -198,7 +198,7 @@ pub async fn run(
                 &publisher,
                 grpc_task,
                 http_task,
-                cfg.shutdown_grace_ms,
+                cfg.shutdown_grace,
             )
             .await;
             store.close().await;
@@ -225,7 +225,7 @@ pub async fn run(
         &publisher,
         grpc_task,
         http_task,
-        cfg.shutdown_grace_ms,
+        cfg.shutdown_grace,
     )
     .await;
     store.close().await;
@@ -260,9 +260,8 @@ async fn finish(
     publisher: &Publisher,
     grpc: JoinHandle<Result<(), LogicError>>,
     http: JoinHandle<Result<(), LogicError>>,
-    grace_ms: u64,
+    grace: Duration,
 ) {
-    let grace = Duration::from_millis(grace_ms);
     drain("gRPC", grpc, grace).await;
     drain("HTTP", http, grace).await;
     publisher.close().await;

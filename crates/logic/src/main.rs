@@ -4,9 +4,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use chatroom_common::config::{self, Load, QueueConfig};
-use chatroom_common::queue::MemoryQueue;
+use chatroom_common::config::{self, Load};
 use chatroom_logic::{Listeners, LogicConfig};
+use chatroom_queue::MemoryQueue;
+use chatroom_queue::QueueConfig;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]

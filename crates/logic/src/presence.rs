@@ -2,8 +2,8 @@
 //! conn node has per room (so `MEMBERS` can answer a cluster-wide count).
 //!
 //! Everything expires: a session not renewed by a heartbeat within
-//! `session_ttl_secs`, and a conn node's counts not reported again within
-//! `online_ttl_secs` — so a node that dies without saying goodbye drops out
+//! `session_ttl`, and a conn node's counts not reported again within
+//! `online_ttl` — so a node that dies without saying goodbye drops out
 //! of the totals on its own. In memory for one logic node (standalone), in
 //! Redis when several logic nodes must agree.
 //!
@@ -77,8 +77,8 @@ impl Presence {
     pub async fn connect(cfg: &PresenceConfig) -> Result<Self, PresenceError> {
         match cfg.kind {
             PresenceKind::Memory => Ok(Presence::Memory(Arc::new(MemoryPresence::new(
-                cfg.session_ttl(),
-                cfg.online_ttl(),
+                cfg.session_ttl,
+                cfg.online_ttl,
             )))),
             PresenceKind::Redis => Ok(Presence::Redis(RedisPresence::connect(cfg).await?)),
         }
@@ -345,8 +345,8 @@ impl RedisPresence {
         Ok(RedisPresence {
             conn,
             prefix: cfg.prefix.clone(),
-            session_ttl: cfg.session_ttl_secs as i64,
-            online_ttl: cfg.online_ttl_secs as i64,
+            session_ttl: i64::try_from(cfg.session_ttl.as_secs()).unwrap_or(i64::MAX),
+            online_ttl: i64::try_from(cfg.online_ttl.as_secs()).unwrap_or(i64::MAX),
         })
     }
 

@@ -3,7 +3,7 @@
 //! receiver sees the same offsets. An offset counts the room's messages from
 //! 1 within an **epoch**; the epoch changes when the sequence restarts (a
 //! standalone process restarts, Redis loses the room's keys, a room idle
-//! past `stream.idle_ttl_secs`), so a client can tell that offsets are not
+//! past `stream.idle_ttl`), so a client can tell that offsets are not
 //! comparable. Epochs are the wall-clock milliseconds of the restart, so a
 //! newer epoch is a larger number.
 //!
@@ -21,6 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::proto::logic::{RoomHistoryEntry, RoomHistoryReply};
@@ -57,7 +58,8 @@ pub struct StreamConfig {
     /// Bytes of payload kept per room (memory store; Redis counts messages).
     pub history_bytes: usize,
     /// A room idle this long starts a new epoch (Redis keys expire).
-    pub idle_ttl_secs: u64,
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub idle_ttl: Duration,
 }
 
 /// One message to number: its level and payload, kept in the history.
@@ -318,7 +320,7 @@ impl RedisStreams {
             .key(log)
             .arg(crate::id::now_ms())
             .arg(self.cfg.history_messages)
-            .arg(self.cfg.idle_ttl_secs.max(1));
+            .arg(self.cfg.idle_ttl.as_secs().max(1));
         for e in entries {
             let item = RoomHistoryEntry {
                 offset: 0,
@@ -392,7 +394,7 @@ mod tests {
         StreamConfig {
             history_messages: n,
             history_bytes: bytes,
-            idle_ttl_secs: 60,
+            idle_ttl: Duration::from_secs(60),
         }
     }
 

@@ -326,7 +326,7 @@ async fn report_online_sums_over_servers() {
 
 #[tokio::test]
 async fn report_online_forgets_servers_that_stop_reporting() {
-    let node = Node::start(&[("CHATROOM__PRESENCE__ONLINE_TTL_SECS", "2")], 16).await;
+    let node = Node::start(&[("CHATROOM__PRESENCE__ONLINE_TTL", "2s")], 16).await;
     let mut c = node.grpc().await;
     c.report_online(report("conn-a", &[("r1", 3), ("r2", 1)]))
         .await

@@ -181,8 +181,8 @@ async fn presence_backend_errors_are_counted() {
         kind: chatroom_logic::config::PresenceKind::Redis,
         url: url.clone(),
         prefix: prefix.clone(),
-        session_ttl_secs: 90,
-        online_ttl_secs: 10,
+        session_ttl: std::time::Duration::from_secs(90),
+        online_ttl: std::time::Duration::from_secs(10),
     };
     let presence = Presence::connect(&cfg).await.expect("redis presence");
     let Presence::Redis(r) = &presence else {

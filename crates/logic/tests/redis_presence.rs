@@ -37,8 +37,8 @@ fn presence_config(prefix: &str, online_ttl_secs: u64) -> PresenceConfig {
         kind: PresenceKind::Redis,
         url: redis_url(),
         prefix: prefix.to_string(),
-        session_ttl_secs: 90,
-        online_ttl_secs,
+        session_ttl: Duration::from_secs(90),
+        online_ttl: Duration::from_secs(online_ttl_secs),
     }
 }
 
@@ -338,7 +338,7 @@ async fn redis_streams_number_once_across_nodes_and_keep_history() {
     let sc = StreamConfig {
         history_messages: 5,
         history_bytes: 1 << 20,
-        idle_ttl_secs: 60,
+        idle_ttl: Duration::from_secs(60),
     };
     let a = Streams::connect(&p, &sc).await.unwrap();
     let b = Streams::connect(&p, &sc).await.unwrap();

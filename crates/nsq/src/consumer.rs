@@ -25,7 +25,7 @@ use super::conn::{self, Conn, Identity};
 use super::frame::{self, Command, Frame, RawMessage};
 use super::message::{Ack, Message};
 use super::{NsqError, lookup, valid_name};
-use crate::backoff::Backoff;
+use chatroom_backoff::Backoff;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {

@@ -6,7 +6,6 @@
 //! given or discovers, with RDY flow control, reconnects and a draining
 //! shutdown. Messages are at-least-once: anything not FINed is redelivered.
 
-pub mod backoff;
 mod conn;
 mod consumer;
 mod frame;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::conn::{self, Conn, FrameReader, Identity};
 use super::frame::{self, Command, Frame};
 use super::{NsqError, valid_name};
-use crate::backoff::Backoff;
+use chatroom_backoff::Backoff;
 
 /// Longest a `publish` may take end to end (queueing, write, answer).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,8 +1,6 @@
 //! The WebSocket upgrade of a new connection, and which endpoint it asked
 //! for (`/room`, or `/chat?id=&token=`).
 
-use std::time::Duration;
-
 use tokio::net::TcpStream;
 
 use crate::Ctx;
@@ -19,7 +17,7 @@ pub(super) async fn handshake(
     ctx: &Ctx,
 ) -> Result<(ws::Reader, ws::Writer, Endpoint), WsError> {
     let _ = stream.set_nodelay(true);
-    let timeout = Duration::from_millis(ctx.cfg.ws.sign_in_timeout_ms);
+    let timeout = ctx.cfg.ws.sign_in_timeout;
     let (up, leftover) =
         match tokio::time::timeout(timeout, ws::accept(&mut stream, &["/room", "/chat"])).await {
             Ok(r) => r?,

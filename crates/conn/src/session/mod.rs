@@ -119,10 +119,7 @@ fn run_session(
     async move {
         let id = tag.id;
         let tx = Arc::new(Outbox::with_depth(
-            Limits::new(
-                ctx.cfg.ws.send_queue_bytes,
-                Duration::from_millis(ctx.cfg.ws.slow_after_ms),
-            ),
+            Limits::new(ctx.cfg.ws.send_queue_bytes, ctx.cfg.ws.slow_after),
             ctx.stats.outbox_depth.clone(),
         ));
         let kill = shutdown.child_token();
@@ -138,7 +135,7 @@ fn run_session(
             enc,
             kill: kill.clone(),
             shutdown: shutdown.clone(),
-            ping: Duration::from_secs(ctx.cfg.ws.ping_secs),
+            ping: ctx.cfg.ws.ping,
             tag,
             ctx: ctx.clone(),
         }));

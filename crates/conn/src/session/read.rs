@@ -3,7 +3,6 @@
 //! messages — and every bad frame answered with an error.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::proto::logic::{HeartbeatReq, ReceiveReq, SignOutReq};
@@ -46,10 +45,7 @@ pub(super) fn read_loop<'a>(
 ) -> impl Future<Output = ()> + Send + 'a {
     async move {
         let mut st = Reading {
-            hb: Heartbeat::new(
-                Duration::from_secs(ctx.cfg.ws.heartbeat_secs),
-                ctx.cfg.ws.heartbeat_misses,
-            ),
+            hb: Heartbeat::new(ctx.cfg.ws.heartbeat, ctx.cfg.ws.heartbeat_misses),
             session: tag.id,
             in_flight: None,
         };

@@ -1,8 +1,6 @@
 //! Signing a session in: `/room` reads a `SIGN_IN` frame, `/chat` takes the
 //! credentials from its query; logic rules on the token either way.
 
-use std::time::Duration;
-
 use chatroom_common::proto::logic::SignInReq;
 use chatroom_common::proto::protocol::{PackageType, Req, SignIn};
 use prost::Message as _;
@@ -28,7 +26,7 @@ pub(super) async fn sign_in_room(
     ctx: &Ctx,
     kill: &CancellationToken,
 ) -> Option<(Identity, Vec<String>, Resume)> {
-    let limit = Duration::from_millis(ctx.cfg.ws.sign_in_timeout_ms);
+    let limit = ctx.cfg.ws.sign_in_timeout;
     let first = tokio::select! {
         _ = kill.cancelled() => return None,
         r = tokio::time::timeout(limit, next_data(stream, edge)) => r,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatroom_common::batch::decode;
-use chatroom_common::config::{DiscoveryConfig, Load, QueueConfig};
+use chatroom_common::config::Load;
 use chatroom_common::proto::conn::conn_server::{Conn, ConnServer};
 use chatroom_common::proto::conn::{
     JoinRoomReply, JoinRoomReq, PushAllReq, PushRoomReply, PushRoomReq, PushRoomsReply,
@@ -19,8 +19,10 @@ use chatroom_common::proto::conn::{
 use chatroom_common::proto::protocol::MsgLevel;
 use chatroom_common::proto::queue::queue_msg::Body;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg};
-use chatroom_common::queue::{MemoryQueue, Publisher};
+use chatroom_discovery::DiscoveryConfig;
 use chatroom_job::{JobConfig, JobError, Metrics, run_with_metrics};
+use chatroom_queue::QueueConfig;
+use chatroom_queue::{MemoryQueue, Publisher};
 use prost::Message as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -279,10 +281,10 @@ pub fn config(conn: Vec<String>) -> JobConfig {
         conn,
     };
     cfg.queue = QueueConfig::Memory { capacity: 1024 };
-    cfg.push.requeue_delay_ms = 20;
-    cfg.push.max_backoff_ms = 100;
-    cfg.push.timeout_ms = 1000;
-    cfg.shutdown_grace_ms = 2000;
+    cfg.push.requeue_delay = Duration::from_millis(20);
+    cfg.push.max_backoff = Duration::from_millis(100);
+    cfg.push.timeout = Duration::from_millis(1000);
+    cfg.shutdown_grace = Duration::from_millis(2000);
     cfg
 }
 

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use chatroom_common::config::Load;
 use chatroom_common::proto::logic::logic_client::LogicClient;
 use chatroom_common::proto::queue::{QueueMsg, RoomMsg, queue_msg};
-use chatroom_common::queue::{MemoryQueue, Subscriber};
 use chatroom_common::token::Tokens;
 use chatroom_logic::{Listeners, LogicConfig, LogicError};
+use chatroom_queue::{MemoryQueue, Subscriber};
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 use hyper_util::client::legacy::Client;
@@ -196,7 +196,7 @@ pub fn config(env: &[(&str, &str)]) -> LogicConfig {
         ("CHATROOM__LOG__DIR".into(), "".into()),
         ("CHATROOM__NODE__ID".into(), "logic-test".into()),
         ("CHATROOM__TOKEN__SECRET".into(), SECRET.into()),
-        ("CHATROOM__SHUTDOWN_GRACE_MS".into(), "2000".into()),
+        ("CHATROOM__SHUTDOWN_GRACE".into(), "2s".into()),
         // Cheap password hashes: argon2 is slow in debug builds.
         ("CHATROOM__IM__PASSWORD_MEMORY_KIB".into(), "256".into()),
         ("CHATROOM__IM__PASSWORD_ITERATIONS".into(), "1".into()),

@@ -2,6 +2,9 @@
 //! cluster, an in-process bounded queue standalone. Either way a message is
 //! acknowledged (`finish`) only after job has pushed it, and can be put back
 //! (`requeue`) when the push failed.
+//!
+//! Its own crate, so that conn, which never touches the queue, does not
+//! compile the NSQ client.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +14,14 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::QueueConfig;
-use crate::nsq;
+use chatroom_nsq as nsq;
+/// The NSQ client's error, inside [`QueueError::Nsq`].
+pub use chatroom_nsq::NsqError;
+
+pub mod config;
+pub mod metrics;
+
+pub use config::QueueConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -70,6 +79,7 @@ impl Publisher {
         cfg: &QueueConfig,
         memory: Option<&MemoryQueue>,
     ) -> Result<Self, QueueError> {
+        metrics::init();
         match cfg {
             QueueConfig::Memory { .. } => memory
                 .cloned()
@@ -204,6 +214,7 @@ impl Subscriber {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, QueueError> {
+        metrics::init();
         match cfg {
             QueueConfig::Memory { .. } => Ok(Subscriber::Memory {
                 queue: memory.cloned().ok_or(QueueError::NoMemoryQueue)?,
@@ -215,7 +226,7 @@ impl Subscriber {
                 nsqd_tcp_addresses,
                 lookupd_http_addresses,
                 max_in_flight,
-                lookupd_poll_interval_ms,
+                lookupd_poll_interval,
             } => {
                 let cfg = nsq::ConsumerConfig {
                     topic: topic.clone(),
@@ -223,7 +234,7 @@ impl Subscriber {
                     nsqd_tcp_addresses: nsqd_tcp_addresses.clone(),
                     lookupd_http_addresses: lookupd_http_addresses.clone(),
                     max_in_flight: *max_in_flight,
-                    lookupd_poll_interval: Duration::from_millis(*lookupd_poll_interval_ms),
+                    lookupd_poll_interval: *lookupd_poll_interval,
                     client_id: client_id.to_string(),
                     ..nsq::ConsumerConfig::default()
                 };

@@ -1,6 +1,8 @@
 //! The one retry policy of the workspace: exponential delay with jitter,
 //! capped, reset after a success. NSQ reconnects, etcd re-registration and
-//! re-listing, and job's IMPORTANT push retries all wait with it.
+//! re-listing, and job's IMPORTANT push retries all wait with it. A crate
+//! of its own so that the NSQ client, discovery and job share it without
+//! depending on each other.
 
 use std::time::Duration;
 

@@ -4,6 +4,9 @@
 //! keeps alive; when the process dies the lease ends and the key disappears,
 //! and every watcher drops the node. With static discovery the addresses come
 //! from config and never change (standalone).
+//!
+//! Its own crate, so that what needs only the wire types (bench, the
+//! cluster tests' clients) does not compile etcd-client.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,8 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
-use crate::config::DiscoveryConfig;
+use chatroom_backoff::Backoff;
+use chatroom_common::metrics::Gauge;
+
+pub mod config;
+pub mod metrics;
+
+pub use config::DiscoveryConfig;
 
 /// Retries of etcd registration and listing after a failure: the first
 /// within a second (as before), then slower while etcd stays away.
@@ -81,6 +89,7 @@ pub struct EtcdDiscovery {
 
 impl Discovery {
     pub async fn connect(cfg: &DiscoveryConfig) -> Result<Self, DiscoveryError> {
+        metrics::init();
         match cfg {
             DiscoveryConfig::Static { logic, conn } => Ok(Discovery::Static {
                 logic: logic.clone(),
@@ -89,7 +98,7 @@ impl Discovery {
             DiscoveryConfig::Etcd {
                 endpoints,
                 prefix,
-                lease_ttl_secs,
+                lease_ttl,
             } => {
                 let opts = etcd_client::ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(3))
@@ -110,7 +119,7 @@ impl Discovery {
                 Ok(Discovery::Etcd(Box::new(EtcdDiscovery {
                     client,
                     prefix: prefix.trim_end_matches('/').to_string(),
-                    ttl: *lease_ttl_secs as i64,
+                    ttl: i64::try_from(lease_ttl.as_secs()).unwrap_or(i64::MAX),
                 })))
             }
         }
@@ -416,7 +425,7 @@ impl View {
         self.gone.values().map(|(_, t)| *t).min()
     }
 
-    fn publish(&self, tx: &watch::Sender<Vec<Node>>, known: &crate::metrics::Gauge) {
+    fn publish(&self, tx: &watch::Sender<Vec<Node>>, known: &Gauge) {
         let mut all = self.nodes.clone();
         for (id, (uri, _)) in &self.gone {
             all.entry(id.clone()).or_insert_with(|| uri.clone());
@@ -434,7 +443,7 @@ async fn watch_loop(
     nodes: BTreeMap<String, String>,
     mut rev: i64,
     tx: watch::Sender<Vec<Node>>,
-    known: crate::metrics::Gauge,
+    known: Gauge,
     shutdown: CancellationToken,
 ) {
     let mut view = View {
