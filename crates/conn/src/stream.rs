@@ -106,17 +106,17 @@ pub enum Take {
     },
 }
 
-struct State {
+/// One epoch of a room's stream as this node holds it.
+struct Log {
     /// 0 until the first message.
     epoch: u64,
+    /// The offset this epoch starts at here: 1 when the stream saw the
+    /// epoch begin, else the first offset that arrived.
+    start: u64,
     /// The offset the next appended message must have.
     next: u64,
     entries: VecDeque<Entry>,
     bytes: usize,
-    /// Early messages by offset, waiting for the gap before them.
-    early: BTreeMap<u64, Entry>,
-    /// Since when the oldest gap has been waited for.
-    gap_since: Option<Instant>,
     /// The largest offset of an IMPORTANT message dropped by the bounds.
     evicted_important: u64,
     /// Offsets given up on in this epoch, `[from, to)`, oldest first
@@ -124,6 +124,54 @@ struct State {
     skipped: VecDeque<(u64, u64)>,
     /// Recently built frames: (from, to) -> frame.
     cache: VecDeque<(u64, u64, Bytes)>,
+}
+
+impl Log {
+    fn new(epoch: u64, next: u64) -> Self {
+        Log {
+            epoch,
+            start: next,
+            next,
+            entries: VecDeque::new(),
+            bytes: 0,
+            evicted_important: 0,
+            skipped: VecDeque::new(),
+            cache: VecDeque::new(),
+        }
+    }
+
+    fn first(&self) -> u64 {
+        self.entries.front().map_or(self.next, |e| e.offset)
+    }
+}
+
+struct State {
+    /// The current epoch.
+    log: Log,
+    /// The epoch before it, kept after a new one began so that writers
+    /// still in it take its last messages instead of jumping past them
+    /// (bounded like the current one; replaced at the next epoch).
+    prev: Option<Box<Log>>,
+    /// Early messages (of the current epoch) by offset, waiting for the
+    /// gap before them.
+    early: BTreeMap<u64, Entry>,
+    /// Since when the oldest gap has been waited for.
+    gap_since: Option<Instant>,
+}
+
+impl State {
+    /// Starts `epoch` at `next`. What the old epoch still waited for is
+    /// given up on, its early messages go into its log, and the log is
+    /// kept as `prev` for the writers still in it. Returns (appended,
+    /// skipped) of the old epoch.
+    fn begin_epoch(&mut self, cfg: &StreamConfig, epoch: u64, next: u64) -> (u32, u64) {
+        let done = give_up_gaps(self, cfg);
+        let old = std::mem::replace(&mut self.log, Log::new(epoch, next));
+        if old.epoch != 0 {
+            self.prev = Some(Box::new(old));
+        }
+        done
+    }
 }
 
 /// Frames kept for sharing between writers at the same cursor.
@@ -157,15 +205,10 @@ impl RoomStream {
         RoomStream {
             room,
             state: Mutex::new(State {
-                epoch: 0,
-                next: 1,
-                entries: VecDeque::new(),
-                bytes: 0,
+                log: Log::new(0, 1),
+                prev: None,
                 early: BTreeMap::new(),
                 gap_since: None,
-                evicted_important: 0,
-                skipped: VecDeque::new(),
-                cache: VecDeque::new(),
             }),
             wake: Notify::new(),
             members: AtomicUsize::new(0),
@@ -186,14 +229,13 @@ impl RoomStream {
     /// `(epoch, next offset)`: where a session joining now starts.
     pub fn position(&self) -> (u64, u64) {
         let st = self.lock();
-        (st.epoch, st.next)
+        (st.log.epoch, st.log.next)
     }
 
     /// `(epoch, oldest offset kept, next offset)`.
     pub fn span(&self) -> (u64, u64, u64) {
         let st = self.lock();
-        let first = st.entries.front().map_or(st.next, |e| e.offset);
-        (st.epoch, first, st.next)
+        (st.log.epoch, st.log.first(), st.log.next)
     }
 
     /// Appends messages of `epoch` (offsets from logic; 0 numbers the
@@ -212,7 +254,7 @@ impl RoomStream {
         let mut out = Appended::default();
         {
             let mut st = self.lock();
-            if epoch > st.epoch {
+            if epoch > st.log.epoch {
                 // A new epoch: logic numbers every epoch from 1. Where this
                 // stream has seen the epoch from its start — it followed an
                 // older one, or the epoch began after the stream was made
@@ -220,36 +262,42 @@ impl RoomStream {
                 // after a higher one (two job nodes) is put in order, not
                 // dropped. Joining an epoch midway, it starts where the
                 // first message to arrive starts.
-                let from_start = st.epoch != 0 || epoch >= self.created_ms;
-                st.epoch = epoch;
-                st.next = if from_start { 1 } else { 0 };
-                st.entries.clear();
-                st.bytes = 0;
-                st.early.clear();
-                st.gap_since = None;
-                st.evicted_important = 0;
-                st.skipped.clear();
-                st.cache.clear();
+                let from_start = st.log.epoch != 0 || epoch >= self.created_ms;
+                let (n, skipped) = st.begin_epoch(cfg, epoch, if from_start { 1 } else { 0 });
+                out.appended += n;
+                out.skipped += skipped;
             }
             for mut e in entries {
-                if epoch < st.epoch {
-                    out.stale += 1;
-                    stale.push(e);
+                if epoch < st.log.epoch {
+                    // The epoch before: a redelivery of what it holds is a
+                    // duplicate; the rest goes out as its own frames.
+                    let seen = st.prev.as_deref_mut().is_some_and(|p| {
+                        p.epoch == epoch
+                            && e.offset < p.next
+                            && !take_skipped(&mut p.skipped, e.offset)
+                    });
+                    if seen {
+                        out.duplicates += 1;
+                    } else {
+                        out.stale += 1;
+                        stale.push(e);
+                    }
                     continue;
                 }
                 if e.offset == 0 {
-                    e.offset = st.next.max(1);
+                    e.offset = st.log.next.max(1);
                 }
-                if st.next == 0 {
-                    st.next = e.offset;
+                if st.log.next == 0 {
+                    st.log.next = e.offset;
+                    st.log.start = e.offset;
                 }
-                if e.offset < st.next && take_skipped(&mut st.skipped, e.offset) {
+                if e.offset < st.log.next && take_skipped(&mut st.log.skipped, e.offset) {
                     out.late += 1;
                     stale.push(e);
-                } else if e.offset < st.next || st.early.contains_key(&e.offset) {
+                } else if e.offset < st.log.next || st.early.contains_key(&e.offset) {
                     out.duplicates += 1;
-                } else if e.offset == st.next {
-                    append(&mut st, cfg, e);
+                } else if e.offset == st.log.next {
+                    append(&mut st.log, cfg, e);
                     out.appended += 1;
                     out.appended += drain_early(&mut st, cfg);
                 } else {
@@ -277,18 +325,13 @@ impl RoomStream {
     /// Tells a stream that has not seen `epoch` yet where a session of it
     /// goes on (`next`): messages from there on are then kept in order even
     /// if the first to arrive is a later one (two job nodes).
-    pub fn expect(&self, epoch: u64, next: u64) {
-        let mut st = self.lock();
-        if epoch > st.epoch {
-            st.epoch = epoch;
-            st.next = next;
-            st.entries.clear();
-            st.bytes = 0;
-            st.early.clear();
-            st.gap_since = None;
-            st.evicted_important = 0;
-            st.skipped.clear();
-            st.cache.clear();
+    pub fn expect(&self, cfg: &StreamConfig, epoch: u64, next: u64) {
+        let appended = {
+            let mut st = self.lock();
+            epoch > st.log.epoch && st.begin_epoch(cfg, epoch, next).0 > 0
+        };
+        if appended {
+            self.wake.notify_waiters();
         }
     }
 
@@ -310,60 +353,73 @@ impl RoomStream {
     /// What a writer whose cursor is `(epoch, from)` should send next.
     pub fn take(&self, cfg: &StreamConfig, epoch: u64, from: u64) -> Take {
         let mut st = self.lock();
-        if st.epoch != epoch {
-            // An older stream here (this node has not seen the session's
-            // epoch yet) is waited out; a newer one restarts the cursor.
-            if st.epoch < epoch {
-                return Take::Nothing;
+        let st = &mut *st;
+        if st.log.epoch == epoch {
+            return take_from(&mut st.log, cfg, &self.room, from);
+        }
+        if let Some(p) = st.prev.as_deref_mut().filter(|p| p.epoch == epoch) {
+            // Still in the epoch before: its last messages first.
+            match take_from(p, cfg, &self.room, from) {
+                Take::Nothing => {}
+                t => return t,
             }
-            let first = st.entries.front().map_or(st.next, |e| e.offset);
-            return Take::Epoch {
-                epoch: st.epoch,
-                next: first,
-            };
-        }
-        if from >= st.next {
+        } else if st.log.epoch < epoch {
+            // An older stream here (this node has not seen the session's
+            // epoch yet) is waited out.
             return Take::Nothing;
         }
-        let first = st.entries.front().map_or(st.next, |e| e.offset);
-        if from < first {
-            return Take::Lost {
-                from,
-                next: first,
-                important: st.evicted_important >= from,
-            };
+        // On to the current epoch from its start here: what the bounds
+        // dropped of it meanwhile is then reported, not skipped.
+        Take::Epoch {
+            epoch: st.log.epoch,
+            next: st.log.start.max(1),
         }
-        // Entries are in offset order with rare gaps (skipped offsets):
-        // find `from`, or the first entry after it.
-        let start = match st.entries.binary_search_by_key(&from, |e| e.offset) {
-            Ok(i) | Err(i) => i,
+    }
+}
+
+/// What a writer at `from` in `log`'s epoch gets.
+fn take_from(log: &mut Log, cfg: &StreamConfig, room: &str, from: u64) -> Take {
+    if from >= log.next {
+        return Take::Nothing;
+    }
+    let first = log.first();
+    if from < first {
+        return Take::Lost {
+            from,
+            next: first,
+            important: log.evicted_important >= from,
         };
-        let Some(first_entry) = st.entries.get(start) else {
-            return Take::Nothing;
-        };
-        let from = first_entry.offset;
-        let n = run_len(cfg, st.entries.range(start..));
-        let to = from + n as u64;
-        let more = to < st.next;
-        if let Some((_, _, f)) = st.cache.iter().find(|(a, b, _)| *a == from && *b == to) {
-            return Take::Frame {
-                frame: f.clone(),
-                next: to,
-                messages: n as u32,
-                more,
-            };
-        }
-        let frame = merged_frame(&self.room, st.epoch, st.entries.range(start..start + n));
-        if st.cache.len() >= CACHE {
-            st.cache.pop_front();
-        }
-        st.cache.push_back((from, to, frame.clone()));
-        Take::Frame {
-            frame,
+    }
+    // Entries are in offset order with rare gaps (skipped offsets):
+    // find `from`, or the first entry after it.
+    let start = match log.entries.binary_search_by_key(&from, |e| e.offset) {
+        Ok(i) | Err(i) => i,
+    };
+    let Some(first_entry) = log.entries.get(start) else {
+        return Take::Nothing;
+    };
+    let from = first_entry.offset;
+    let n = run_len(cfg, log.entries.range(start..));
+    let to = from + n as u64;
+    let more = to < log.next;
+    if let Some((_, _, f)) = log.cache.iter().find(|(a, b, _)| *a == from && *b == to) {
+        return Take::Frame {
+            frame: f.clone(),
             next: to,
             messages: n as u32,
             more,
-        }
+        };
+    }
+    let frame = merged_frame(room, log.epoch, log.entries.range(start..start + n));
+    if log.cache.len() >= CACHE {
+        log.cache.pop_front();
+    }
+    log.cache.push_back((from, to, frame.clone()));
+    Take::Frame {
+        frame,
+        next: to,
+        messages: n as u32,
+        more,
     }
 }
 
@@ -429,7 +485,7 @@ pub fn frames_of(cfg: &StreamConfig, room: &str, epoch: u64, entries: &[Entry]) 
     out
 }
 
-fn append(st: &mut State, cfg: &StreamConfig, e: Entry) {
+fn append(st: &mut Log, cfg: &StreamConfig, e: Entry) {
     st.next = e.offset + 1;
     st.bytes += e.data.len();
     st.entries.push_back(e);
@@ -486,8 +542,8 @@ fn take_skipped(skipped: &mut VecDeque<(u64, u64)>, offset: u64) -> bool {
 /// Appends the early messages that now follow; returns how many.
 fn drain_early(st: &mut State, cfg: &StreamConfig) -> u32 {
     let mut n = 0;
-    while let Some(e) = st.early.remove(&st.next) {
-        append(st, cfg, e);
+    while let Some(e) = st.early.remove(&st.log.next) {
+        append(&mut st.log, cfg, e);
         n += 1;
     }
     if st.early.is_empty() {
@@ -505,23 +561,44 @@ fn resolve_gap(st: &mut State, cfg: &StreamConfig, now: Instant) -> (u32, u64) {
         if now.saturating_duration_since(since) < cfg.reorder_wait {
             break;
         }
-        let Some((&first, _)) = st.early.iter().next() else {
+        let Some((n, s)) = skip_to_early(st, cfg) else {
             st.gap_since = None;
             break;
         };
-        skipped += first - st.next;
-        if st.skipped.len() == SKIPPED_RANGES {
-            st.skipped.pop_front();
-        }
-        st.skipped.push_back((st.next, first));
-        st.next = first;
-        appended += drain_early(st, cfg);
+        appended += n;
+        skipped += s;
         if !st.early.is_empty() {
             // The next gap waits from now on.
             st.gap_since = Some(now);
             break;
         }
     }
+    (appended, skipped)
+}
+
+/// Skips the gap before the earliest waiting message and appends what then
+/// follows; `None` if nothing waits. Returns (appended, offsets skipped).
+fn skip_to_early(st: &mut State, cfg: &StreamConfig) -> Option<(u32, u64)> {
+    let (&first, _) = st.early.iter().next()?;
+    let skipped = first - st.log.next;
+    if st.log.skipped.len() == SKIPPED_RANGES {
+        st.log.skipped.pop_front();
+    }
+    let from = st.log.next;
+    st.log.skipped.push_back((from, first));
+    st.log.next = first;
+    Some((drain_early(st, cfg), skipped))
+}
+
+/// Gives up on every gap at once (the epoch is over): all that waits is
+/// appended. Returns (appended, offsets skipped).
+fn give_up_gaps(st: &mut State, cfg: &StreamConfig) -> (u32, u64) {
+    let (mut appended, mut skipped) = (0, 0);
+    while let Some((n, s)) = skip_to_early(st, cfg) {
+        appended += n;
+        skipped += s;
+    }
+    st.gap_since = None;
     (appended, skipped)
 }
 
@@ -934,12 +1011,55 @@ mod tests {
         assert_eq!(msgs, vec!["x".to_string()]);
     }
 
+    /// Redis restarts: logic starts a new epoch while messages of the old
+    /// one are still on their way through two job nodes. What waited for a
+    /// gap of the old epoch, and what a busy writer had not taken yet, still
+    /// reaches the writers in the old epoch, in order, before they move on.
+    #[test]
+    fn a_new_epoch_keeps_the_old_ones_tail_for_the_writers_still_in_it() {
+        let c = cfg();
+        let s = RoomStream::new("r".into());
+        let now = Instant::now();
+        push(&s, &c, 5, vec![e(1, "a"), e(2, "b")], now);
+        // 4 arrives before 3 (two jobs); then the new epoch's first message.
+        assert_eq!(push(&s, &c, 5, vec![e(4, "d")], now).early, 1);
+        let a = push(&s, &c, 9, vec![e(1, "x")], now);
+        assert_eq!(
+            (a.appended, a.skipped),
+            (2, 1),
+            "4 given up waiting for 3; x"
+        );
+        // A writer that had taken only "a" gets b, then d, then moves on.
+        let (msgs, next, _) = take_frame(&s, &c, 5, 2);
+        assert_eq!((msgs, next), (vec!["b".to_string()], 3));
+        let (msgs, next, _) = take_frame(&s, &c, 5, 3);
+        assert_eq!((msgs, next), (vec!["d".to_string()], 5));
+        assert!(matches!(
+            s.take(&c, 5, 5),
+            Take::Epoch { epoch: 9, next: 1 }
+        ));
+        let (msgs, _, _) = take_frame(&s, &c, 9, 1);
+        assert_eq!(msgs, vec!["x".to_string()]);
+        // The old epoch's late 3 goes out once, as its own frame; a second
+        // copy of anything it held is a duplicate.
+        let mut stale = vec![];
+        let a = s.push(
+            &c,
+            5,
+            vec![e(3, "c"), e(2, "b"), e(3, "c")],
+            now,
+            &mut stale,
+        );
+        assert_eq!((a.stale, a.duplicates), (1, 2));
+        assert_eq!(stale.iter().map(|e| e.offset).collect::<Vec<_>>(), [3]);
+    }
+
     #[test]
     fn a_stream_told_where_a_session_goes_on_keeps_earlier_late_arrivals() {
         let c = cfg();
         let s = RoomStream::new("r".into());
         let now = Instant::now();
-        s.expect(4, 10);
+        s.expect(&c, 4, 10);
         // 12 arrives first (another job node was quicker): it waits.
         assert_eq!(push(&s, &c, 4, vec![e(12, "c")], now).early, 1);
         assert_eq!(
@@ -949,7 +1069,7 @@ mod tests {
         let (msgs, next, _) = take_frame(&s, &c, 4, 10);
         assert_eq!((msgs.len(), next), (3, 13));
         // An older epoch never rewinds it.
-        s.expect(3, 1);
+        s.expect(&c, 3, 1);
         assert_eq!(s.position(), (4, 13));
     }
 

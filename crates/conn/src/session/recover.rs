@@ -180,7 +180,7 @@ async fn plan(ctx: &Ctx, stream: &Arc<RoomStream>, room: &str, resume: Resume) -
     } else {
         // This node's stream has not seen the epoch (a client moved here
         // from another node): what logic had, then the stream from there.
-        stream.expect(h.epoch, got_to + 1);
+        stream.expect(&ctx.streams.cfg, h.epoch, got_to + 1);
         Plan {
             epoch: h.epoch,
             offset: h.last_offset,
