@@ -346,7 +346,6 @@ async fn redis_dbsize(url: &str) -> anyhow::Result<u64> {
 // offset 1; a conn node that sees offset 2 of it first (two jobs) still puts
 // offset 1 before it (a stream that followed the old epoch starts the new
 // one at 1).
-#[ignore = "sometimes loses an IMPORTANT message at the epoch change (RELIABILITY.md, known failures)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_restart_redis() {
     let _one = SERIAL.lock().await;
