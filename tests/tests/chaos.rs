@@ -470,6 +470,12 @@ async fn chaos_restart_postgres() {
     // Both logic nodes answer 503 (not 500, not a hang) while it is down.
     or_dump(&c, im_routes_answer(&c, &tok, (503, 503)).await);
     let unavailable_after = fault.elapsed();
+    // Each node says so within its `store.acquire_timeout` (2 s) and a
+    // little: a request does not wait out a longer pool timeout first.
+    assert!(
+        unavailable_after < Duration::from_secs(8),
+        "503 from both nodes only after {unavailable_after:?}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     or_dump(&c, pg.up().await);
     let back = Instant::now();

@@ -72,6 +72,10 @@ pub struct StoreConfig {
     /// `sqlite://path?mode=rwc` (standalone) or `postgres://user@host:port/db`.
     pub url: String,
     pub max_connections: u32,
+    /// How long a request waits for a database connection before it is
+    /// answered 503: also how soon the IM routes say the database is gone.
+    #[serde(deserialize_with = "chatroom_common::config::duration")]
+    pub acquire_timeout: Duration,
 }
 
 /// IM rules.
@@ -299,6 +303,12 @@ impl Validate for LogicConfig {
         check_duration("presence.online_ttl", p.online_ttl, secs(1), secs(3600))?;
         check_whole_seconds("presence.online_ttl", p.online_ttl)?;
         check_duration(
+            "store.acquire_timeout",
+            self.store.acquire_timeout,
+            Duration::from_millis(100),
+            secs(60),
+        )?;
+        check_duration(
             "shutdown_grace",
             self.shutdown_grace,
             Duration::ZERO,
@@ -481,6 +491,10 @@ mod tests {
             ),
             (&[("CHATROOM__PRESENCE__PREFIX", "")], "presence.prefix"),
             (&[("CHATROOM__SHUTDOWN_GRACE", "11m")], "shutdown_grace"),
+            (
+                &[("CHATROOM__STORE__ACQUIRE_TIMEOUT", "10ms")],
+                "store.acquire_timeout",
+            ),
             (&[("CHATROOM__ID_NODE", "1024")], "id_node"),
             (&[("CHATROOM__TOKEN__SECRET", "short")], "token.secret"),
             (&[("CHATROOM__QUEUE__CAPACITY", "0")], "queue.capacity"),

@@ -11,7 +11,6 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
 use chatroom_common::proto::protocol::ChatMsg;
 use serde::Serialize;
@@ -208,7 +207,7 @@ impl Store {
         }
         let pool = AnyPoolOptions::new()
             .max_connections(cfg.max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(cfg.acquire_timeout)
             .connect(&cfg.url)
             .await?;
         if sqlite {

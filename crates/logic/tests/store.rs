@@ -324,6 +324,7 @@ async fn reopening_keeps_data(db: Db) {
     let again = Store::connect(&chatroom_logic::config::StoreConfig {
         url: t.url.clone(),
         max_connections: 2,
+        acquire_timeout: std::time::Duration::from_secs(5),
     })
     .await
     .expect("reopen");

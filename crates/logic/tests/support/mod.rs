@@ -154,6 +154,7 @@ impl TestStore {
         let store = chatroom_logic::store::Store::connect(&chatroom_logic::config::StoreConfig {
             url,
             max_connections: 4,
+            acquire_timeout: std::time::Duration::from_secs(5),
         })
         .await
         .expect("open the test store");
