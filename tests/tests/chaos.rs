@@ -134,9 +134,7 @@ async fn recovered(load: &Load, since: Instant) -> anyhow::Result<Duration> {
 
 // conn skips a stream gap after `stream.reorder_wait`; NSQ redelivers
 // the dead job's messages of that gap seconds later, and conn delivers them
-// late (out of order, once) instead of dropping them. Ignored in the test
-// command: one run in seven still lost the last IMPORTANT message at every
-// receiver, cause not found yet (RELIABILITY.md, known failures).
+// late (out of order, once) instead of dropping them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_sigkill_job() {
     let _one = SERIAL.lock().await;
