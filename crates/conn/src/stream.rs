@@ -485,19 +485,19 @@ pub fn frames_of(cfg: &StreamConfig, room: &str, epoch: u64, entries: &[Entry]) 
     out
 }
 
-fn append(st: &mut Log, cfg: &StreamConfig, e: Entry) {
-    st.next = e.offset + 1;
-    st.bytes += e.data.len();
-    st.entries.push_back(e);
-    while st.entries.len() > cfg.retain_messages.max(1)
-        || (st.bytes > cfg.retain_bytes && st.entries.len() > 1)
+fn append(log: &mut Log, cfg: &StreamConfig, e: Entry) {
+    log.next = e.offset + 1;
+    log.bytes += e.data.len();
+    log.entries.push_back(e);
+    while log.entries.len() > cfg.retain_messages.max(1)
+        || (log.bytes > cfg.retain_bytes && log.entries.len() > 1)
     {
-        let Some(old) = st.entries.pop_front() else {
+        let Some(old) = log.entries.pop_front() else {
             break;
         };
-        st.bytes -= old.data.len();
+        log.bytes -= old.data.len();
         if old.level == MsgLevel::Important {
-            st.evicted_important = old.offset;
+            log.evicted_important = old.offset;
         }
     }
 }
